@@ -1,0 +1,49 @@
+"""The only code that opens stores: OME-NGFF metadata, readers and the TensorStore writer."""
+
+from voxflow.io.location import Location, tensorstore_context
+from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale
+from voxflow.io.reader import (
+    SUPPORTED_DTYPES,
+    NotAnImageError,
+    PlainArrayWarning,
+    fingerprint,
+    open_image,
+    read_level,
+)
+from voxflow.io.ref import ImageRef, LevelRef
+from voxflow.io.writer import (
+    COMPRESSORS,
+    ArrayLayout,
+    check_output,
+    clear_output,
+    create_array,
+    derive_layout,
+    provenance,
+    write_blocks,
+    write_image_metadata,
+)
+
+__all__ = [
+    "COMPRESSORS",
+    "NGFF_VERSIONS",
+    "SUPPORTED_DTYPES",
+    "ArrayLayout",
+    "Dataset",
+    "ImageRef",
+    "LevelRef",
+    "Location",
+    "Multiscale",
+    "NotAnImageError",
+    "PlainArrayWarning",
+    "check_output",
+    "clear_output",
+    "create_array",
+    "derive_layout",
+    "fingerprint",
+    "open_image",
+    "provenance",
+    "read_level",
+    "tensorstore_context",
+    "write_blocks",
+    "write_image_metadata",
+]

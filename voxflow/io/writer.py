@@ -1,0 +1,421 @@
+"""Write OME-Zarr images with TensorStore: array layout, block writes, metadata last.
+
+The contract that makes writes safe to run in parallel and to interrupt:
+
+- every Dask block handed to :func:`write_blocks` covers whole write chunks (shards for zarr
+  v3, chunks for zarr v2), so no two tasks ever touch the same stored object;
+- the group metadata (:func:`write_image_metadata`) is written after every array, so an
+  interrupted write never looks like a complete image.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version as _pkg_version
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+import tensorstore as ts
+
+from voxflow.core.axes import spatial_mask
+from voxflow.io.location import Location, tensorstore_context
+from voxflow.io.ngff import NGFF_VERSIONS, Multiscale, group_attributes
+from voxflow.io.reader import open_store
+from voxflow.io.ref import ImageRef
+
+__all__ = [
+    "COMPRESSORS",
+    "ArrayLayout",
+    "check_output",
+    "clear_output",
+    "create_array",
+    "derive_layout",
+    "provenance",
+    "write_blocks",
+    "write_image_metadata",
+]
+
+Compressor = Literal["zstd", "lz4", "gzip", "none"]
+COMPRESSORS = ("zstd", "lz4", "gzip", "none")
+DEFAULT_CHUNK = {"0.5": 64, "0.4": 128}
+SHARD_PER_CHUNK = 4
+_GROUP_KEYS = ("zarr.json", ".zattrs", ".zgroup")
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """How an array is cut into stored objects.
+
+    Parameters
+    ----------
+    chunks : tuple of int
+        The unit of compression and reads (the inner chunk when sharded).
+    shards : tuple of int or None
+        Shard shape (zarr v3 only), a whole multiple of `chunks`; None when unsharded.
+    """
+
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+
+    @property
+    def write_chunks(self) -> tuple[int, ...]:
+        """The unit of independent writes: the shard, or the chunk when unsharded."""
+        return self.shards or self.chunks
+
+
+def _per_axis(value: int | Sequence[int], dims: Sequence[str], name: str) -> tuple[int, ...]:
+    """Expand a per-spatial-axis or per-axis value to every axis (1 on channel and time)."""
+    space = spatial_mask(dims)
+    if isinstance(value, int | np.integer):
+        value = [int(value)] * sum(space)
+    value = tuple(value)
+    if not all(isinstance(v, int | np.integer) for v in value):
+        raise TypeError(f"`{name}` needs integers, got {value!r}")
+    if len(value) == sum(space):
+        it = iter(value)
+        value = tuple(next(it) if s else 1 for s in space)
+    if len(value) != len(dims):
+        raise ValueError(
+            f"`{name}` needs one integer per spatial axis ({sum(space)}) or per axis "
+            f"({len(dims)}), got {value!r}"
+        )
+    if any(v < 1 for v in value):
+        raise ValueError(f"`{name}` must be >= 1 on every axis, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def derive_layout(
+    shape: Sequence[int],
+    dims: Sequence[str],
+    *,
+    ngff_version: str = "0.5",
+    chunks: int | Sequence[int] | None = None,
+    shards: int | Sequence[int] | None = None,
+) -> ArrayLayout:
+    """Chunk and shard shapes for an array, from the options or sensible defaults.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Array shape.
+    dims : sequence of str
+        Axis names; channel and time axes always get 1.
+    ngff_version : {"0.5", "0.4"}, optional
+        0.5 is sharded zarr v3, 0.4 is zarr v2 (no shards).
+    chunks : int or sequence of int, optional
+        Chunk edge per spatial axis (or per axis). None: 64 for 0.5, 128 for 0.4. Capped to
+        the shape.
+    shards : int or sequence of int, optional
+        Shard edge per spatial axis (or per axis), a multiple of `chunks`. None: 4 chunks per
+        axis, capped to the chunks that cover the shape. Not allowed for 0.4.
+
+    Returns
+    -------
+    ArrayLayout
+        Full-dimensional chunk and shard shapes.
+
+    Raises
+    ------
+    ValueError
+        For a shard that is not a multiple of the chunk, shards with NGFF 0.4, or values < 1.
+    """
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
+    space = spatial_mask(dims)
+    chunk = _per_axis(DEFAULT_CHUNK[ngff_version] if chunks is None else chunks, dims, "chunks")
+    chunk = tuple(
+        min(c, max(n, 1)) if s else 1 for c, n, s in zip(chunk, shape, space, strict=True)
+    )
+    if ngff_version == "0.4":
+        if shards is not None:
+            raise ValueError("`shards` needs NGFF 0.5 (zarr v3); NGFF 0.4 (zarr v2) has none")
+        return ArrayLayout(chunk)
+    if shards is None:
+        shard = tuple(c * SHARD_PER_CHUNK if s else 1 for c, s in zip(chunk, space, strict=True))
+    else:
+        shard = _per_axis(shards, dims, "shards")
+        bad = [(s, c) for s, c in zip(shard, chunk, strict=True) if s % c]
+        if bad and chunks is not None:
+            raise ValueError(f"`shards` {shard} must be a whole multiple of `chunks` {chunk}")
+        # A chunk capped to a small shape may not divide the shard: shrink the shard to fit.
+        shard = tuple(s - s % c if s % c else s for s, c in zip(shard, chunk, strict=True))
+    shard = tuple(min(s, math.ceil(n / c) * c) for s, c, n in zip(shard, chunk, shape, strict=True))
+    return ArrayLayout(chunk, shard)
+
+
+def _codecs_v3(dtype: np.dtype, compressor: str, clevel: int) -> list[dict[str, Any]]:
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compressor in ("zstd", "lz4"):
+        codecs.append({"name": "blosc", "configuration": {
+            "cname": compressor, "clevel": clevel, "shuffle": "shuffle",
+            "typesize": dtype.itemsize, "blocksize": 0}})  # fmt: skip
+    elif compressor == "gzip":
+        codecs.append({"name": "gzip", "configuration": {"level": clevel}})
+    return codecs
+
+
+def _compressor_v2(compressor: str, clevel: int) -> dict[str, Any] | None:
+    if compressor in ("zstd", "lz4"):
+        return {"id": "blosc", "cname": compressor, "clevel": clevel, "shuffle": 1}
+    if compressor == "gzip":
+        return {"id": "gzip", "level": clevel}
+    return None
+
+
+def create_array(
+    location: str | Location,
+    path: str,
+    *,
+    shape: Sequence[int],
+    dtype: str | np.dtype,
+    dims: Sequence[str],
+    layout: ArrayLayout,
+    zarr_format: int = 3,
+    compressor: Compressor = "zstd",
+    clevel: int = 3,
+) -> dict[str, Any]:
+    """Create (or replace) an empty array and return the spec that writes into it.
+
+    Parameters
+    ----------
+    location : str or Location
+        The image group.
+    path : str
+        Array path below the group (``"0"``, ``"1"``, ...).
+    shape : sequence of int
+        Array shape.
+    dtype : str or numpy.dtype
+        Voxel type.
+    dims : sequence of str
+        Axis names (stored as zarr v3 ``dimension_names``).
+    layout : ArrayLayout
+        Chunks and shards; shards need `zarr_format` 3.
+    zarr_format : {3, 2}, optional
+        Zarr format.
+    compressor : {"zstd", "lz4", "gzip", "none"}, optional
+        Blosc-zstd, blosc-lz4 (both byte-shuffled), gzip, or none.
+    clevel : int, optional
+        Compression level.
+
+    Returns
+    -------
+    dict
+        A JSON TensorStore spec for :func:`write_blocks` (includes a token that tells a
+        re-created array from an earlier one at the same path).
+
+    Raises
+    ------
+    ValueError
+        For an unknown compressor, or shards requested with zarr v2.
+    """
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"`compressor` must be one of {COMPRESSORS}, got {compressor!r}")
+    dt = np.dtype(dtype)
+    loc = Location.parse(location)
+    kv = loc.kvstore_spec(path)
+    if zarr_format == 3:
+        inner = _codecs_v3(dt, compressor, clevel)
+        codecs = inner
+        grid = layout.chunks
+        if layout.shards is not None:
+            grid = layout.shards
+            codecs = [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(layout.chunks), "codecs": inner,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end"}}]  # fmt: skip
+        metadata = {
+            "shape": list(shape), "data_type": dt.name, "dimension_names": list(dims),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(grid)}},
+            "chunk_key_encoding": {"name": "default"}, "codecs": codecs,
+            "fill_value": False if dt.kind == "b" else 0,
+        }  # fmt: skip
+        driver = "zarr3"
+    else:
+        if layout.shards is not None:
+            raise ValueError("shards need zarr v3 (NGFF 0.5)")
+        metadata = {
+            "shape": list(shape), "chunks": list(layout.chunks), "dtype": dt.str,
+            "compressor": _compressor_v2(compressor, clevel), "dimension_separator": "/",
+            "fill_value": False if dt.kind == "b" else 0, "order": "C", "filters": None,
+        }  # fmt: skip
+        driver = "zarr"
+    spec = {"driver": driver, "kvstore": kv, "metadata": metadata}
+    ts.open(
+        {**spec, "create": True, "delete_existing": True}, context=tensorstore_context()
+    ).result()
+    return {"driver": driver, "kvstore": kv, "open": True, "token": uuid.uuid4().hex}
+
+
+def _store_for(spec: dict[str, Any]) -> ts.TensorStore:
+    token = spec.get("token", "")
+    body = {k: v for k, v in spec.items() if k != "token"}
+    return open_store(json.dumps(body, sort_keys=True), token)
+
+
+def _check_alignment(arr: da.Array, write_chunks: Sequence[int]) -> None:
+    for axis, (sizes, unit) in enumerate(zip(arr.chunks, write_chunks, strict=True)):
+        edges = np.cumsum(sizes)[:-1]
+        if np.any(edges % unit):
+            raise ValueError(
+                f"Dask blocks along axis {axis} ({sizes}) do not cover whole write chunks of "
+                f"{unit}: two tasks would write the same stored object"
+            )
+
+
+def _write_one(block: np.ndarray, spec: dict[str, Any], block_info=None) -> np.ndarray:
+    loc = block_info[0]["array-location"]
+    region = tuple(slice(a, b) for a, b in loc)
+    _store_for(spec)[region].write(block).result()
+    return np.full((1,) * block.ndim, block.size, dtype=np.int64)
+
+
+def write_blocks(arr: da.Array, spec: dict[str, Any], write_chunks: Sequence[int]) -> da.Array:
+    """Lazily write every block of `arr` into the array of `spec`.
+
+    Parameters
+    ----------
+    arr : dask.array.Array
+        Data, blocked so every block covers whole write chunks (the last block along an axis
+        may end at the array edge).
+    spec : dict
+        What :func:`create_array` returned.
+    write_chunks : sequence of int
+        The array's write unit (:attr:`ArrayLayout.write_chunks`).
+
+    Returns
+    -------
+    dask.array.Array
+        One int64 per block (voxels written); computing it performs the writes.
+
+    Raises
+    ------
+    ValueError
+        When a block boundary does not fall on a write-chunk boundary.
+    """
+    _check_alignment(arr, write_chunks)
+    return arr.map_blocks(
+        _write_one,
+        spec=spec,
+        dtype=np.int64,
+        chunks=tuple((1,) * len(c) for c in arr.chunks),
+        name=f"write-{spec.get('token', uuid.uuid4().hex)}",
+    )
+
+
+def provenance(
+    stage: str,
+    method: str | None,
+    parameters: dict[str, Any],
+    source: ImageRef | None,
+) -> dict[str, Any]:
+    """The provenance record voxflow stores in every output's attributes.
+
+    Parameters
+    ----------
+    stage : str
+        Pipeline stage (``"pyramid"``, ...).
+    method : str or None
+        Method of the stage.
+    parameters : dict
+        JSON-serialisable parameters.
+    source : ImageRef or None
+        The input image.
+
+    Returns
+    -------
+    dict
+        Version, stage, method, parameters, input location and fingerprint, and time.
+    """
+    return {
+        "version": _pkg_version("voxflow"),
+        "stage": stage,
+        "method": method,
+        "parameters": json.loads(json.dumps(parameters, default=str)),
+        "input": None if source is None else {"url": source.url, "fingerprint": source.fingerprint},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_image_metadata(
+    location: str | Location,
+    multiscale: Multiscale,
+    *,
+    ngff_version: str = "0.5",
+    omero: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Write the group metadata that makes the arrays an OME-Zarr image; call it last.
+
+    Parameters
+    ----------
+    location : str or Location
+        The image group.
+    multiscale : Multiscale
+        Axes and levels.
+    ngff_version : {"0.5", "0.4"}, optional
+        0.5 writes ``zarr.json`` (zarr v3), 0.4 writes ``.zattrs`` and then ``.zgroup``.
+    omero : dict, optional
+        Channel metadata.
+    provenance : dict, optional
+        Stored under the ``"voxflow"`` attribute.
+    """
+    loc = Location.parse(location)
+    extra = {"voxflow": provenance} if provenance else None
+    attrs = group_attributes(multiscale, ngff_version=ngff_version, omero=omero, extra=extra)
+    if ngff_version == "0.5":
+        loc.write_json("zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    else:
+        loc.write_json(".zattrs", attrs)
+        loc.write_json(".zgroup", {"zarr_format": 2})
+
+
+def check_output(
+    output: str | Location, inputs: Sequence[str | Location], *, overwrite: bool = False
+) -> Location:
+    """Refuse an output that would touch an input or replace data without permission.
+
+    Parameters
+    ----------
+    output : str or Location
+        Where the result would go.
+    inputs : sequence of str or Location
+        Locations that must stay untouched.
+    overwrite : bool, optional
+        Whether an existing output may be replaced.
+
+    Returns
+    -------
+    Location
+        The parsed output location. Nothing is written.
+
+    Raises
+    ------
+    ValueError
+        When the output is an input, lies inside one, or contains one.
+    FileExistsError
+        When the output exists and `overwrite` is false.
+    """
+    out = Location.parse(output)
+    for item in inputs:
+        src = Location.parse(item)
+        if src.contains(out) or out.contains(src):
+            where = "is" if src == out else "lies inside" if src.contains(out) else "contains"
+            raise ValueError(f"output {out.url} {where} the input {src.url}; choose another path")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out.url} already exists; pass --overwrite to replace it")
+    return out
+
+
+def clear_output(output: str | Location) -> None:
+    """Remove an earlier output, group metadata first so it never looks complete meanwhile."""
+    out = Location.parse(output)
+    for key in _GROUP_KEYS:
+        out.delete(key)
+    out.delete()
