@@ -20,6 +20,7 @@ from voxflow.io.writer import (
     derive_layout,
     provenance,
     write_blocks,
+    write_image,
     write_image_metadata,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "read_level",
     "tensorstore_context",
     "write_blocks",
+    "write_image",
     "write_image_metadata",
 ]

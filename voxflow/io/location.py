@@ -152,7 +152,10 @@ class Location:
 
     def write_json(self, key: str, doc: dict[str, Any]) -> None:
         """Write `doc` as the JSON object `key`, replacing it atomically where the store can."""
-        data = json.dumps(doc, indent=2, sort_keys=False).encode()
+        self.write_bytes(key, json.dumps(doc, indent=2, sort_keys=False).encode())
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write the object `key`, replacing it atomically where the store can."""
         _backend(self).write(self.child(key).path, data)
 
     def delete(self, key: str = "") -> None:

@@ -165,6 +165,7 @@ def group_attributes(
     *,
     ngff_version: str = "0.5",
     omero: dict[str, Any] | None = None,
+    image_label: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Group attributes of a multiscale image in the layout of `ngff_version`.
@@ -178,6 +179,8 @@ def group_attributes(
         level with a version inside (zarr v2).
     omero : dict, optional
         Channel rendering metadata.
+    image_label : dict, optional
+        The ``image-label`` block that marks a label image (e.g. its source image).
     extra : dict, optional
         Other top-level attributes (voxflow's provenance goes under ``"voxflow"``).
 
@@ -216,5 +219,9 @@ def group_attributes(
     body: dict[str, Any] = {"multiscales": [ms]}
     if omero:
         body["omero"] = omero
+    if image_label is not None:
+        body["image-label"] = (
+            {"version": "0.4", **image_label} if ngff_version == "0.4" else image_label
+        )
     attrs = {"ome": {"version": "0.5", **body}} if ngff_version == "0.5" else body
     return {**attrs, **(extra or {})}

@@ -23,9 +23,9 @@ import dask.array as da
 import numpy as np
 import tensorstore as ts
 
-from voxflow.core.axes import spatial_mask
+from voxflow.core.axes import axis_from_name, spatial_mask, validate_dims
 from voxflow.io.location import Location, tensorstore_context
-from voxflow.io.ngff import NGFF_VERSIONS, Multiscale, group_attributes
+from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale, group_attributes
 from voxflow.io.reader import open_store
 from voxflow.io.ref import ImageRef
 
@@ -38,6 +38,7 @@ __all__ = [
     "derive_layout",
     "provenance",
     "write_blocks",
+    "write_image",
     "write_image_metadata",
 ]
 
@@ -350,6 +351,7 @@ def write_image_metadata(
     ngff_version: str = "0.5",
     omero: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    image_label: dict[str, Any] | None = None,
 ) -> None:
     """Write the group metadata that makes the arrays an OME-Zarr image; call it last.
 
@@ -365,15 +367,95 @@ def write_image_metadata(
         Channel metadata.
     provenance : dict, optional
         Stored under the ``"voxflow"`` attribute.
+    image_label : dict, optional
+        Marks a label image (``{"source": {"image": "../../"}}``).
     """
     loc = Location.parse(location)
     extra = {"voxflow": provenance} if provenance else None
-    attrs = group_attributes(multiscale, ngff_version=ngff_version, omero=omero, extra=extra)
+    attrs = group_attributes(
+        multiscale, ngff_version=ngff_version, omero=omero, image_label=image_label, extra=extra
+    )
     if ngff_version == "0.5":
         loc.write_json("zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
     else:
         loc.write_json(".zattrs", attrs)
         loc.write_json(".zgroup", {"zarr_format": 2})
+
+
+def write_image(
+    location: str | Location,
+    data: np.ndarray | da.Array,
+    dims: Sequence[str],
+    scale: Sequence[float],
+    *,
+    translation: Sequence[float] | None = None,
+    units: Sequence[str | None] | None = None,
+    name: str | None = None,
+    omero: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    image_label: dict[str, Any] | None = None,
+    ngff_version: str = "0.5",
+    chunks: int | Sequence[int] | None = None,
+    shards: int | Sequence[int] | None = None,
+    compressor: Compressor = "zstd",
+    clevel: int = 3,
+) -> None:
+    """Write an array as a single-level OME-Zarr image (arrays first, metadata last).
+
+    Parameters
+    ----------
+    location : str or Location
+        The new image group. Its level array is replaced; anything else below it (label
+        images, say) is kept, so clear an old output first (:func:`check_output`,
+        :func:`clear_output`).
+    data : numpy.ndarray or dask.array.Array
+        Voxels, shape matching `dims`.
+    dims : sequence of str
+        Axis names in OME-NGFF order.
+    scale : sequence of float
+        Voxel size per axis.
+    translation : sequence of float, optional
+        Physical centre of voxel 0 (zeros by default).
+    units : sequence of str or None, optional
+        Unit per axis (micrometre for space, second for time by default).
+    name : str, optional
+        Image name.
+    omero, provenance, image_label : dict, optional
+        Metadata blocks, see :func:`write_image_metadata`.
+    ngff_version : {"0.5", "0.4"}, optional
+        Output version.
+    chunks, shards : int or sequence of int, optional
+        Storage layout, see :func:`derive_layout`.
+    compressor : {"zstd", "lz4", "gzip", "none"}, optional
+        Codec.
+    clevel : int, optional
+        Compression level.
+    """
+    dims = validate_dims(dims)
+    if len(dims) != data.ndim or len(scale) != data.ndim:
+        raise ValueError(
+            f"`dims` {''.join(dims)!r} and `scale` {tuple(scale)} need one entry per axis of "
+            f"the data ({data.ndim})"
+        )
+    loc = Location.parse(location)
+    layout = derive_layout(
+        data.shape, dims, ngff_version=ngff_version, chunks=chunks, shards=shards
+    )
+    spec = create_array(
+        loc, "0", shape=data.shape, dtype=data.dtype, dims=dims, layout=layout,
+        zarr_format=3 if ngff_version == "0.5" else 2, compressor=compressor, clevel=clevel,
+    )  # fmt: skip
+    arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=layout.write_chunks)
+    write_blocks(arr.rechunk(layout.write_chunks), spec, layout.write_chunks).compute()
+    units = units or [None] * len(dims)
+    axes = tuple(axis_from_name(n, u) for n, u in zip(dims, units, strict=True))
+    dataset = Dataset(
+        "0", tuple(map(float, scale)), tuple(map(float, translation or [0] * len(dims)))
+    )
+    write_image_metadata(
+        loc, Multiscale(axes, (dataset,), name=name), ngff_version=ngff_version, omero=omero,
+        provenance=provenance, image_label=image_label,
+    )  # fmt: skip
 
 
 def check_output(

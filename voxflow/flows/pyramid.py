@@ -1,0 +1,79 @@
+"""The pyramid flow: level 0 in, a validated multiscale OME-Zarr out."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxflow.runtime import make_task_runner, prefect_context
+from voxflow.settings import VoxflowSettings
+from voxflow.tasks import (
+    ImageRef,
+    LevelPlan,
+    PyramidParams,
+    build_pyramid,
+    check_pyramid,
+    is_complete,
+    open_input,
+    resolve_target,
+)
+
+__all__ = ["PyramidConfig", "pyramid_flow", "run_pyramid", "validate_pyramid"]
+
+
+class PyramidConfig(BaseModel):
+    """Everything a pyramid run needs; the form the Prefect UI shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: str = Field(description="Level-0 OME-Zarr image or plain zarr array (path or URL).")
+    output: str | None = Field(
+        None,
+        description="New OME-Zarr to write; None: '<input>.pyramid.ome.zarr' beside the input.",
+    )
+    in_place: bool = Field(False, description="Add levels to the input itself (never level 0).")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+    pyramid: PyramidParams = Field(default_factory=PyramidParams, description="Levels, storage.")
+
+    @property
+    def target(self) -> str:
+        """Where the result goes: the input in place, else the (default) output."""
+        return resolve_target(self.input, self.output, in_place=self.in_place)
+
+
+def validate_pyramid(config: PyramidConfig) -> tuple[ImageRef, list[LevelPlan]]:
+    """Check `config` before a run; see :func:`voxflow.tasks.check_pyramid`."""
+    return check_pyramid(
+        config.input, config.target, config.pyramid, in_place=config.in_place,
+        overwrite=config.overwrite,
+    )  # fmt: skip
+
+
+@flow(
+    name="pyramid",
+    task_runner=make_task_runner(VoxflowSettings()),
+    validate_parameters=True,
+    log_prints=True,
+)
+def pyramid_flow(config: PyramidConfig, progress_key: str | None = None) -> ImageRef:
+    """Build a multiscale pyramid from level 0 of `config.input`."""
+    source = open_input.submit(config.input).result()
+    args = (source, config.target, config.pyramid, config.in_place, config.overwrite, progress_key)
+    ref = build_pyramid.submit(*args).result()
+    if not is_complete(ref):
+        # A cached result whose output was since removed or changed: build it again.
+        ref = build_pyramid.with_options(refresh_cache=True).submit(*args).result()
+    return ref
+
+
+def run_pyramid(
+    config: PyramidConfig,
+    settings: VoxflowSettings | None = None,
+    *,
+    progress_key: str | None = None,
+) -> ImageRef:
+    """Run :func:`pyramid_flow` with the cluster and Prefect settings of `settings`."""
+    settings = settings or VoxflowSettings()
+    with prefect_context(settings.prefect):
+        runner = make_task_runner(settings)
+        return pyramid_flow.with_options(task_runner=runner)(config, progress_key)

@@ -1,0 +1,73 @@
+"""Run chunk-level Dask work from inside a task, on the flow's cluster when there is one."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+
+ProgressFn = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def flow_client() -> Iterator[Any]:
+    """The flow's Dask client inside a task on a Dask worker, else None (local threads)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        yield None
+        return
+    from prefect_dask import get_dask_client
+
+    with get_dask_client() as client:
+        yield client
+
+
+def publish_progress(key: str | None) -> ProgressFn | None:
+    """A progress callback that posts ``(done, total)`` to the scheduler under `key`.
+
+    The ``voxflow`` command polls the same key to draw its progress bar; outside a Dask
+    cluster there is nobody to tell and None is returned.
+    """
+    if key is None:
+        return None
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return None
+
+    def post(done: int, total: int) -> None:
+        client.set_metadata(["voxflow-progress", key], [done, total])
+
+    return post
+
+
+def compute_blocks(arrays: Sequence[da.Array], progress: ProgressFn | None = None) -> int:
+    """Compute every block of `arrays` (typically block writes) and return how many ran.
+
+    Blocks are submitted one future each so progress is reported per block; on the flow's
+    cluster they run there, otherwise on local threads.
+    """
+    blocks = [d for arr in arrays for d in arr.to_delayed().ravel()]
+    total = len(blocks)
+    with flow_client() as client:
+        if client is None:
+            dask.compute(*blocks)
+            if progress:
+                progress(total, total)
+            return total
+        from distributed import as_completed
+
+        futures = client.compute(blocks)
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()
+            if progress and (done == total or done % max(1, total // 100) == 0):
+                progress(done, total)
+    return total

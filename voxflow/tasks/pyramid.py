@@ -1,0 +1,389 @@
+"""Pyramid tasks: plan the levels of an image, build them blockwise, write them via io."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Annotated, Literal
+
+import dask.array as da
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from voxflow.core.axes import spatial_mask
+from voxflow.core.levels import plan_levels
+from voxflow.core.pyramid import Method, downsample, level_transform
+from voxflow.io import (
+    ArrayLayout,
+    Dataset,
+    ImageRef,
+    Location,
+    Multiscale,
+    check_output,
+    clear_output,
+    create_array,
+    derive_layout,
+    open_image,
+    provenance,
+    read_level,
+    write_blocks,
+    write_image_metadata,
+)
+from voxflow.tasks._cache import content_key
+from voxflow.tasks._compute import ProgressFn, compute_blocks, publish_progress
+
+__all__ = [
+    "ImageRef",
+    "LevelPlan",
+    "PyramidParams",
+    "build_pyramid",
+    "check_pyramid",
+    "default_output",
+    "is_complete",
+    "make_pyramid",
+    "open_input",
+    "plan_pyramid",
+    "resolve_target",
+]
+
+Shape = tuple[PositiveInt, ...]
+
+
+class PyramidParams(BaseModel):
+    """How the levels of a pyramid are made and stored."""
+
+    model_config = ConfigDict(frozen=True, use_enum_values=False)
+
+    method: Method = Field(
+        Method.MEAN,
+        description="mean for images, mode for label images; also min, max, stride, gaussian.",
+    )
+    levels: int | None = Field(
+        None, ge=1, le=32, description="Number of levels including level 0; None: down to min_size."
+    )
+    min_size: int = Field(64, ge=1, le=65536, description="Stop reducing an axis at this size.")
+    factors: Annotated[Shape, Field(min_length=2, max_length=3)] | None = Field(
+        None,
+        description="Fixed factor per spatial axis at every level; None: anisotropy-aware plan.",
+    )
+    ngff_version: Literal["0.4", "0.5"] | None = Field(
+        None, description="NGFF version of a new output (None: 0.5; in place: the input's)."
+    )
+    chunks: Annotated[Shape, Field(min_length=1, max_length=5)] | None = Field(
+        None, description="Chunk edge per spatial axis (inner chunk when sharded)."
+    )
+    shards: Annotated[Shape, Field(min_length=1, max_length=5)] | None = Field(
+        None, description="Shard edge per spatial axis (NGFF 0.5 only)."
+    )
+    compressor: Literal["zstd", "lz4", "gzip", "none"] = Field("zstd", description="Codec.")
+    clevel: int = Field(3, ge=0, le=9, description="Compression level.")
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """One level to be written: where, how large, where in space, how stored."""
+
+    path: str
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+    factors: tuple[int, ...]
+    layout: ArrayLayout
+
+
+def _validate_method(method: Method, dtype: str) -> Method:
+    if dtype == "bool" and method in (Method.MEAN, Method.GAUSSIAN):
+        raise ValueError(f"`method` {method.value} needs numeric voxels; for bool use mode")
+    return method
+
+
+def _level_paths(source: ImageRef, n: int, in_place: bool) -> list[str]:
+    if not in_place:
+        return [str(i) for i in range(n)]
+    first = source.levels[0].path
+    names = (str(i) for i in range(1, n + 64) if str(i) != first)
+    return [first] + [next(names) for _ in range(n - 1)]
+
+
+def plan_pyramid(
+    source: ImageRef, params: PyramidParams, *, in_place: bool = False
+) -> tuple[str, list[LevelPlan]]:
+    """Validate the parameters against the image and lay out every level.
+
+    Parameters
+    ----------
+    source : ImageRef
+        Level 0 comes from here.
+    params : PyramidParams
+        Method, level plan and storage options.
+    in_place : bool, optional
+        Add levels to `source` itself (level 0 is kept as it is).
+
+    Returns
+    -------
+    ngff_version : str
+        Version of the output.
+    levels : list of LevelPlan
+        Level 0 first.
+
+    Raises
+    ------
+    ValueError
+        For factors of the wrong length, a method the dtype cannot take, in-place on a plain
+        array, or a version that differs from the in-place image's.
+    """
+    _validate_method(params.method, source.dtype)
+    if in_place and source.is_plain:
+        raise ValueError(
+            "--in-place needs an OME-Zarr image; a plain zarr array cannot hold levels"
+        )
+    if in_place and params.ngff_version not in (None, source.ngff_version):
+        raise ValueError(
+            f"in place, the output keeps the input's NGFF version {source.ngff_version}; "
+            f"got `ngff_version` {params.ngff_version}"
+        )
+    version_ = (source.ngff_version if in_place else params.ngff_version) or "0.5"
+    space = spatial_mask(source.dims)
+    if params.factors is not None and len(params.factors) != sum(space):
+        raise ValueError(
+            f"`factors` needs one integer per spatial axis ({sum(space)}), got {params.factors}"
+        )
+    factors = plan_levels(
+        source.shape, source.scale, space, levels=params.levels, min_size=params.min_size,
+        factors=params.factors,
+    )  # fmt: skip
+    paths = _level_paths(source, len(factors) + 1, in_place)
+    shape, scale, trans = source.shape, source.scale, source.translation
+    first = source.levels[0]
+    layout0 = (
+        ArrayLayout(first.chunks, first.shards) if in_place else
+        derive_layout(shape, source.dims, ngff_version=version_, chunks=params.chunks,
+                      shards=params.shards)
+    )  # fmt: skip
+    plan = [LevelPlan(paths[0], shape, scale, trans, (1,) * len(shape), layout0)]
+    for path, f in zip(paths[1:], factors, strict=True):
+        shape = tuple(-(-n // k) for n, k in zip(shape, f, strict=True))
+        scale, trans = level_transform(scale, trans, f, params.method)
+        layout = derive_layout(shape, source.dims, ngff_version=version_, chunks=params.chunks,
+                               shards=params.shards)  # fmt: skip
+        plan.append(LevelPlan(path, shape, tuple(scale), tuple(trans), tuple(f), layout))
+    return version_, plan
+
+
+def _read_chunks(plan: list[LevelPlan], write_level0: bool) -> tuple[int, ...]:
+    """Level-0 read blocks that feed level 1 (and level 0's own writes) without re-slicing."""
+    if write_level0 or len(plan) == 1:
+        return plan[0].layout.write_chunks
+    nxt = plan[1]
+    return tuple(
+        min(c * f, n)
+        for c, f, n in zip(nxt.layout.write_chunks, nxt.factors, plan[0].shape, strict=True)
+    )
+
+
+def pyramid_writes(
+    source: ImageRef, output: Location, plan: list[LevelPlan], method: Method, *,
+    ngff_version: str, write_level0: bool, compressor: str = "zstd", clevel: int = 3,
+) -> list[da.Array]:  # fmt: skip
+    """Create the level arrays and return the lazy block writes of every level.
+
+    Level 0 is read once; each level is reduced from the previous one in the same graph, so a
+    region of level 0 feeds every level without being read again.
+    """
+    fmt = 3 if ngff_version == "0.5" else 2
+    level = read_level(source, 0, chunks=_read_chunks(plan, write_level0))
+    writes = []
+    for i, lv in enumerate(plan):
+        if i:
+            level = downsample(level, lv.factors, method, chunks=lv.layout.write_chunks)
+        elif not write_level0:
+            continue
+        else:
+            level = level.rechunk(lv.layout.write_chunks)
+        spec = create_array(
+            output, lv.path, shape=lv.shape, dtype=source.dtype, dims=source.dims,
+            layout=lv.layout, zarr_format=fmt, compressor=compressor, clevel=clevel,
+        )  # fmt: skip
+        writes.append(write_blocks(level, spec, lv.layout.write_chunks))
+    return writes
+
+
+def _multiscale(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:
+    return Multiscale(
+        axes=source.axes,
+        datasets=tuple(Dataset(lv.path, lv.scale, lv.translation) for lv in plan),
+        name=source.name,
+        type=method.value,
+        metadata={
+            "method": "voxflow.core.pyramid.downsample",
+            "version": version("voxflow"),
+            "kwargs": {"method": method.value, "factors": [list(lv.factors) for lv in plan[1:]]},
+        },
+    )
+
+
+def make_pyramid(
+    source: ImageRef,
+    output: str | None,
+    params: PyramidParams,
+    *,
+    in_place: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> ImageRef:
+    """Build a multiscale pyramid of `source` and write it; the array work of the task.
+
+    Parameters
+    ----------
+    source : ImageRef
+        Input image; only its level 0 is read.
+    output : str or None
+        Where the new OME-Zarr goes (ignored in place).
+    params : PyramidParams
+        Method, level plan and storage options.
+    in_place : bool, optional
+        Add levels ≥ 1 to `source` itself, never touching level 0.
+    overwrite : bool, optional
+        Replace an existing `output`.
+    progress : callable, optional
+        Called with ``(blocks_done, blocks_total)``.
+
+    Returns
+    -------
+    ImageRef
+        The written image.
+
+    Raises
+    ------
+    ValueError, FileExistsError
+        From validation, before anything is written.
+    """
+    version_, plan = plan_pyramid(source, params, in_place=in_place)
+    src_loc = Location.parse(source.url)
+    if in_place:
+        out = src_loc
+    else:
+        if output is None:
+            raise ValueError("`output` is required unless in place")
+        out = check_output(output, [src_loc], overwrite=overwrite)
+    multiscale = _multiscale(source, plan, params.method)
+    record = provenance("pyramid", params.method.value, {**params.model_dump(mode="json"),
+                        "in_place": in_place}, source)  # fmt: skip
+    if in_place:
+        _drop_old_levels(source, version_)
+    else:
+        clear_output(out)
+    writes = pyramid_writes(
+        source, out, plan, params.method, ngff_version=version_, write_level0=not in_place,
+        compressor=params.compressor, clevel=params.clevel,
+    )  # fmt: skip
+    compute_blocks(writes, progress)
+    write_image_metadata(out, multiscale, ngff_version=version_, omero=source.omero,
+                         provenance=record)  # fmt: skip
+    return open_image(out)
+
+
+def _drop_old_levels(source: ImageRef, ngff_version: str) -> None:
+    """List only level 0 in the metadata, then delete the old levels ≥ 1."""
+    loc = Location.parse(source.url)
+    first = source.levels[0]
+    only0 = Multiscale(source.axes, (Dataset(first.path, first.scale, first.translation),),
+                       source.name, source.method)  # fmt: skip
+    write_image_metadata(loc, only0, ngff_version=ngff_version, omero=source.omero,
+                         provenance=source.provenance)  # fmt: skip
+    keep = loc.child(first.path)
+    for lv in source.levels[1:]:
+        node = loc.child(lv.path)
+        if not (node.contains(keep) or keep.contains(node)):
+            node.delete()
+
+
+def default_output(url: str) -> str:
+    """``brain.ome.zarr`` → ``brain.pyramid.ome.zarr``; ``x.zarr`` → ``x.pyramid.zarr``."""
+    base = url.rstrip("/")
+    for suffix in (".ome.zarr", ".zarr"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)] + ".pyramid" + suffix
+    return base + ".pyramid.ome.zarr"
+
+
+def resolve_target(input: str, output: str | None, *, in_place: bool) -> str:
+    """Where a pyramid goes: the input in place, else `output` or the default beside it."""
+    if in_place:
+        return Location.parse(input).url
+    return Location.parse(output or default_output(input)).url
+
+
+def check_pyramid(
+    input: str, output: str, params: PyramidParams, *, in_place: bool, overwrite: bool
+) -> tuple[ImageRef, list[LevelPlan]]:
+    """Check a run before it starts: the input opens, the plan is valid, the output is free.
+
+    Returns
+    -------
+    source : ImageRef
+        The input image.
+    plan : list of LevelPlan
+        The levels that will be written.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, FileExistsError
+        For a missing input, something that is not an image, bad parameters, or an output that
+        exists (without `overwrite`) or overlaps the input. Nothing is written.
+    """
+    source = open_image(input)
+    _, plan = plan_pyramid(source, params, in_place=in_place)
+    if not in_place:
+        check_output(output, [source.url], overwrite=overwrite)
+    return source, plan
+
+
+def is_complete(ref: ImageRef) -> bool:
+    """Whether the image `ref` describes is still there, with its levels and level-0 content."""
+    try:
+        now = open_image(ref.url)
+    except (FileNotFoundError, ValueError):
+        return False
+    return len(now.levels) == len(ref.levels) and now.fingerprint == ref.fingerprint
+
+
+# -- Prefect tasks -----------------------------------------------------------------------------
+
+
+@task(retries=2, retry_delay_seconds=1, task_run_name="open {url}")
+def open_input(url: str) -> ImageRef:
+    """Open an image and describe it (I/O only, so it retries)."""
+    return open_image(url)
+
+
+def _pyramid_cache_key(context, parameters) -> str:
+    src: ImageRef = parameters["source"]
+    params = PyramidParams.model_validate(parameters["params"])
+    where = src.url if parameters.get("in_place") else Location.parse(parameters["output"]).url
+    return content_key("pyramid", src.fingerprint, {
+        "params": params.model_dump(mode="json"), "in_place": bool(parameters.get("in_place")),
+        "output": where,
+    })  # fmt: skip
+
+
+@task(
+    cache_key_fn=_pyramid_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    task_run_name="pyramid {source.url}",
+)
+def build_pyramid(
+    source: ImageRef,
+    output: str | None,
+    params: PyramidParams,
+    in_place: bool = False,
+    overwrite: bool = False,
+    progress_key: str | None = None,
+) -> ImageRef:
+    """Build and write the pyramid of `source` (cached on content, not retried)."""
+    return make_pyramid(
+        source, output, params, in_place=in_place, overwrite=overwrite,
+        progress=publish_progress(progress_key),
+    )  # fmt: skip

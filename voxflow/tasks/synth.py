@@ -1,0 +1,162 @@
+"""Write the synthetic datasets of :mod:`voxflow.core.synth` as OME-Zarr with ground truth."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from voxflow.core import synth
+from voxflow.io import Location, check_output, clear_output, provenance, write_image
+from voxflow.io.ngff import NGFF_VERSIONS
+
+__all__ = ["write_em_stack", "write_lightsheet"]
+
+
+def _omero(image: np.ndarray, names: Sequence[str]) -> dict:
+    colours = ("00FF00", "FF00FF", "00FFFF", "FFFF00")
+    channels = []
+    for i, name in enumerate(names):
+        lo, hi = (float(v) for v in np.percentile(image[i], (0.5, 99.8)))
+        channels.append({
+            "label": name, "color": colours[i % len(colours)], "active": True,
+            "window": {"min": 0.0, "max": float(np.iinfo(image.dtype).max), "start": lo,
+                       "end": hi},
+        })  # fmt: skip
+    return {"channels": channels, "rdefs": {"model": "color"}}
+
+
+def _labels_group(image: Location, names: Sequence[str], ngff_version: str) -> None:
+    labels = image.child("labels")
+    if ngff_version == "0.5":
+        attrs = {"ome": {"version": "0.5", "labels": list(names)}}
+        labels.write_json(
+            "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        )
+    else:
+        labels.write_json(".zattrs", {"labels": list(names)})
+        labels.write_json(".zgroup", {"zarr_format": 2})
+
+
+def _regions_csv(rows: list[dict]) -> bytes:
+    buf = _io.StringIO()
+    fields = ["id", "acronym", "name", "parent_id", "is_leaf", "cell_count", "volume_voxels",
+              "volume_um3", "density_per_mm3"]  # fmt: skip
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def write_lightsheet(
+    output: str,
+    *,
+    shape: Sequence[int] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    ngff_version: str = "0.5",
+) -> dict[str, str]:
+    """Write a synthetic lightsheet dataset.
+
+    Layout below `output`: ``image.ome.zarr`` (czyx uint16, with NGFF label images
+    ``labels/cells`` and ``labels/atlas``), ``ground_truth.json`` and ``regions.csv``.
+
+    Parameters
+    ----------
+    output : str
+        Dataset directory (path or URL).
+    shape : sequence of int, optional
+        (C, Z, Y, X); the generator's default when None.
+    seed : int, optional
+        Random seed.
+    overwrite : bool, optional
+        Replace an existing `output`.
+    ngff_version : {"0.5", "0.4"}, optional
+        Format of the images.
+
+    Returns
+    -------
+    dict
+        Name → location of everything written.
+    """
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
+    out = check_output(output, [], overwrite=overwrite)
+    vol = synth.lightsheet(shape, seed=seed) if shape else synth.lightsheet(seed=seed)
+    clear_output(out)
+    image = out.child("image.ome.zarr")
+    record = provenance("synth", "lightsheet", {"shape": list(vol.image.shape), "seed": seed}, None)
+    zscale = tuple(vol.spacing)
+    for name, data in (("cells", vol.cell_labels), ("atlas", vol.atlas)):
+        write_image(
+            image.child(f"labels/{name}"), data, "zyx", zscale, name=name, provenance=record,
+            image_label={"source": {"image": "../../"}}, ngff_version=ngff_version,
+        )  # fmt: skip
+    _labels_group(image, ["cells", "atlas"], ngff_version)
+    write_image(
+        image, vol.image, "czyx", (1.0, *zscale), name="synthetic lightsheet",
+        omero=_omero(vol.image, vol.channel_names), provenance=record, ngff_version=ngff_version,
+    )  # fmt: skip
+    out.write_json("ground_truth.json", json.loads(json.dumps(vol.ground_truth())))
+    out.write_bytes("regions.csv", _regions_csv(vol.region_table()))
+    return {
+        "image": image.url,
+        "cells": image.child("labels/cells").url,
+        "atlas": image.child("labels/atlas").url,
+        "ground truth": out.child("ground_truth.json").url,
+        "regions": out.child("regions.csv").url,
+    }
+
+
+def write_em_stack(
+    output: str,
+    *,
+    shape: Sequence[int] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    ngff_version: str = "0.5",
+) -> dict[str, str]:
+    """Write a synthetic serial-section EM stack.
+
+    Layout below `output`: ``image.ome.zarr`` (zyx uint8, the misaligned slices),
+    ``aligned.ome.zarr`` (the reference slices) and ``ground_truth.json`` (per-slice affines,
+    pairwise transforms, valid box).
+
+    Parameters
+    ----------
+    output : str
+        Dataset directory (path or URL).
+    shape : sequence of int, optional
+        (Z, Y, X); the generator's default when None.
+    seed : int, optional
+        Random seed.
+    overwrite : bool, optional
+        Replace an existing `output`.
+    ngff_version : {"0.5", "0.4"}, optional
+        Format of the images.
+
+    Returns
+    -------
+    dict
+        Name → location of everything written.
+    """
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
+    out = check_output(output, [], overwrite=overwrite)
+    stack = synth.em_stack(shape, seed=seed) if shape else synth.em_stack(seed=seed)
+    clear_output(out)
+    record = provenance("synth", "em-stack", {"shape": list(stack.image.shape), "seed": seed}, None)
+    for name, data in (("aligned.ome.zarr", stack.aligned), ("image.ome.zarr", stack.image)):
+        write_image(
+            out.child(name), data, "zyx", stack.spacing, name=name.split(".")[0],
+            provenance=record, ngff_version=ngff_version,
+        )  # fmt: skip
+    out.write_json("ground_truth.json", json.loads(json.dumps(stack.ground_truth())))
+    return {
+        "image": out.child("image.ome.zarr").url,
+        "aligned": out.child("aligned.ome.zarr").url,
+        "ground truth": out.child("ground_truth.json").url,
+    }
