@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
+import os
 import sys
 import time
 import uuid
@@ -39,6 +41,22 @@ app.add_typer(synth_app, name="synth")
 
 out = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _quiet(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Prefect and Dask logs.")] = False,
+) -> None:
+    """The command draws its own progress; library logs stay below warnings unless asked for."""
+    if verbose:
+        return
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # worker processes
+    for name in ("distributed", "prefect"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect's embedded API logs a cancelled SQLite rollback as it shuts down; it is harmless.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
+
 
 _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError)
 
@@ -136,25 +154,35 @@ def pyramid(
     ] = None,
     chunks: Annotated[str | None, typer.Option(help="Chunk edge per spatial axis.")] = None,
     shards: Annotated[str | None, typer.Option(help="Shard edge per spatial axis (0.5).")] = None,
-    compressor: Annotated[str, typer.Option(help="zstd | lz4 | gzip | none.")] = "zstd",
-    clevel: Annotated[int, typer.Option(help="Compression level 0-9.")] = 3,
+    compressor: Annotated[
+        str | None, typer.Option(help="zstd | lz4 | gzip | none (default: settings).")
+    ] = None,
+    clevel: Annotated[int | None, typer.Option(help="Compression level 0-9.")] = None,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Add levels to INPUT itself (level 0 untouched).")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
 ) -> None:
-    """Build a multiscale OME-Zarr pyramid from level 0."""
+    """Build a multiscale OME-Zarr pyramid from level 0.
+
+    Storage options left out come from the settings (VOXFLOW_STORAGE__*); in place, the
+    input's NGFF version is kept.
+    """
+    settings = VoxflowSettings()
+    store = settings.storage
     config = PyramidConfig.model_validate({
         "input": input, "output": output, "in_place": in_place, "overwrite": overwrite,
         "pyramid": {
             "method": method, "levels": levels, "min_size": min_size,
-            "factors": _ints(factors, "factors"), "ngff_version": ngff_version,
-            "chunks": _ints(chunks, "chunks"), "shards": _ints(shards, "shards"),
-            "compressor": compressor, "clevel": clevel,
+            "factors": _ints(factors, "factors"),
+            "ngff_version": ngff_version or (None if in_place else store.ngff_version),
+            "chunks": _ints(chunks, "chunks") or store.chunks,
+            "shards": _ints(shards, "shards") or store.shards,
+            "compressor": compressor or store.compressor,
+            "clevel": store.clevel if clevel is None else clevel,
         },
     })  # fmt: skip
     _, plan = validate_pyramid(config)
-    settings = VoxflowSettings()
     start = time.perf_counter()
     ref = run_with_progress(
         lambda s, key: run_pyramid(config, s, progress_key=key), settings, "pyramid"

@@ -85,7 +85,7 @@ class Location:
                 f"unsupported location scheme {scheme!r} in {text!r}; use a local path, file://, "
                 "gs:// or memory://"
             )
-        if scheme == "file":
+        if scheme == "file" and rest:
             rest = str(Path(rest).expanduser().resolve())
         else:
             rest = posixpath.normpath(rest).strip("/")
@@ -122,7 +122,7 @@ class Location:
             return {"driver": "file", "path": path + "/"}
         if self.scheme == "gs":
             bucket, _, prefix = path.partition("/")
-            return {"driver": "gcs", "bucket": bucket, "path": prefix + "/"}
+            return {"driver": "gcs", "bucket": bucket, "path": f"{prefix}/" if prefix else ""}
         return {"driver": "memory", "path": path + "/"}
 
     # -- documents -----------------------------------------------------------------------------

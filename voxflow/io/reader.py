@@ -109,7 +109,8 @@ def open_image(url: str | os.PathLike[str] | Location) -> ImageRef:
         attrs, fmt = root.get("attributes") or {}, 3
     else:
         attrs, fmt = loc.read_json(".zattrs"), 2
-        if attrs is None and loc.read_json(".zgroup") is None:
+        # .zgroup is written last: without it a v2 image is incomplete.
+        if loc.read_json(".zgroup") is None:
             if not loc.exists():
                 raise FileNotFoundError(f"no such image: {loc.url}")
             raise NotAnImageError(f"{loc.url} is not a zarr array or group")

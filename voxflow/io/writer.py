@@ -75,7 +75,7 @@ def _per_axis(value: int | Sequence[int], dims: Sequence[str], name: str) -> tup
     space = spatial_mask(dims)
     if isinstance(value, int | np.integer):
         value = [int(value)] * sum(space)
-    value = tuple(value)
+    value = tuple(value) if isinstance(value, Sequence | np.ndarray) else (value,)
     if not all(isinstance(v, int | np.integer) for v in value):
         raise TypeError(f"`{name}` needs integers, got {value!r}")
     if len(value) == sum(space):
@@ -129,9 +129,11 @@ def derive_layout(
     if ngff_version not in NGFF_VERSIONS:
         raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
     space = spatial_mask(dims)
-    chunk = _per_axis(DEFAULT_CHUNK[ngff_version] if chunks is None else chunks, dims, "chunks")
+    if len(shape) != len(dims):
+        raise ValueError(f"`shape` {tuple(shape)} needs one entry per axis of `dims` {dims!r}")
+    requested = _per_axis(DEFAULT_CHUNK[ngff_version] if chunks is None else chunks, dims, "chunks")
     chunk = tuple(
-        min(c, max(n, 1)) if s else 1 for c, n, s in zip(chunk, shape, space, strict=True)
+        min(r, max(n, 1)) if s else 1 for r, n, s in zip(requested, shape, space, strict=True)
     )
     if ngff_version == "0.4":
         if shards is not None:
@@ -140,13 +142,17 @@ def derive_layout(
     if shards is None:
         shard = tuple(c * SHARD_PER_CHUNK if s else 1 for c, s in zip(chunk, space, strict=True))
     else:
-        shard = _per_axis(shards, dims, "shards")
-        bad = [(s, c) for s, c in zip(shard, chunk, strict=True) if s % c]
-        if bad and chunks is not None:
-            raise ValueError(f"`shards` {shard} must be a whole multiple of `chunks` {chunk}")
-        # A chunk capped to a small shape may not divide the shard: shrink the shard to fit.
-        shard = tuple(s - s % c if s % c else s for s, c in zip(shard, chunk, strict=True))
-    shard = tuple(min(s, math.ceil(n / c) * c) for s, c, n in zip(shard, chunk, shape, strict=True))
+        asked = _per_axis(shards, dims, "shards")
+        if any(a % r for a, r, s in zip(asked, requested, space, strict=True) if s):
+            raise ValueError(
+                f"`shards` {asked} must be a whole multiple of `chunks` {requested} per axis"
+            )
+        shard = tuple(a if s else 1 for a, s in zip(asked, space, strict=True))
+    # No larger than the chunks that cover the shape, and a whole number of (capped) chunks.
+    shard = tuple(
+        max(c, min(s, max(math.ceil(n / c), 1) * c) // c * c)
+        for s, c, n in zip(shard, chunk, shape, strict=True)
+    )
     return ArrayLayout(chunk, shard)
 
 

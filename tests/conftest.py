@@ -1,0 +1,50 @@
+import os
+
+import numpy as np
+import pytest
+
+# Library logs stay quiet in test output; telemetry cannot leave the machine anyway.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throwaway Prefect API and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def results_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefect-results")
+
+
+@pytest.fixture
+def settings(results_dir):
+    """A small threaded local cluster and results in a temporary directory."""
+    from voxflow.settings import VoxflowSettings
+
+    return VoxflowSettings(
+        cluster={"mode": "local", "n_workers": 1, "threads_per_worker": 2, "processes": False},
+        prefect={"result_storage": str(results_dir)},
+    )
+
+
+def block_reduce_reference(image, factors, func):
+    """Independent reference: apply `func` to every (possibly partial) block, by loops."""
+    out_shape = tuple(-(-n // f) for n, f in zip(image.shape, factors, strict=True))
+    out = np.empty(out_shape, dtype=np.float64)
+    for index in np.ndindex(*out_shape):
+        block = image[tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factors, strict=True))]
+        out[index] = func(block)
+    return out
+
+
+def mean_reference(image, factors):
+    means = block_reduce_reference(image.astype(np.float64), factors, np.mean)
+    if image.dtype.kind in "iu":
+        return np.floor(means + 0.5).astype(image.dtype)
+    return means.astype(image.dtype)
