@@ -1,0 +1,137 @@
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from voxflow.cli import app
+from voxflow.io import open_image, read_level, write_image
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_env(monkeypatch, results_dir, prefect_harness):
+    monkeypatch.setenv("VOXFLOW_CLUSTER__PROCESSES", "false")
+    monkeypatch.setenv("VOXFLOW_CLUSTER__N_WORKERS", "1")
+    monkeypatch.setenv("VOXFLOW_CLUSTER__THREADS_PER_WORKER", "2")
+    monkeypatch.setenv("VOXFLOW_PREFECT__RESULT_STORAGE", str(results_dir))
+
+
+def _snapshot(root):
+    """Every file below `root` with its content digest and modification time."""
+    found = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as fh:
+                found[full] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(full).st_mtime_ns)
+    return found
+
+
+@pytest.fixture
+def image(tmp_path):
+    data = np.random.default_rng(0).integers(0, 1000, (18, 33, 40), dtype=np.uint16)
+    path = str(tmp_path / "in.ome.zarr")
+    write_image(path, data, "zyx", (2.0, 1.0, 1.0), chunks=8, shards=16)
+    return path, data
+
+
+def test_pyramid_command_writes_a_valid_image(cli_env, image, tmp_path):
+    path, data = image
+    out = str(tmp_path / "out.ome.zarr")
+    result = runner.invoke(
+        app, ["pyramid", path, "-o", out, "--levels", "3", "--ngff-version", "0.4",
+              "--chunks", "8,8,8"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ref = open_image(out)
+    assert ref.ngff_version == "0.4" and len(ref.levels) == 3
+    assert ref.levels[1].chunks == (8, 8, 8)
+    from ome_zarr_models.v04.image import Image
+
+    Image.from_zarr(zarr.open_group(out, mode="r"))
+    np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
+    # scale (2, 1, 1): level 1 halves y and x only
+    assert ref.levels[1].shape == (18, 17, 20)
+    assert ref.levels[1].scale == (2.0, 2.0, 2.0)
+
+    shown = runner.invoke(app, ["info", out])
+    assert shown.exit_code == 0, shown.output
+    assert "OME-NGFF 0.4" in shown.output
+    assert "18 × 17 × 20" in shown.output
+    assert "pyramid" in shown.output and path in shown.output
+
+
+def test_info_of_a_plain_array(tmp_path):
+    path = str(tmp_path / "plain.zarr")
+    zarr.create_array(path, shape=(4, 6), chunks=(2, 3), dtype="uint8")
+    result = runner.invoke(app, ["info", path])
+    assert result.exit_code == 0, result.output
+    assert "plain zarr array" in result.output
+
+
+def test_synth_em_stack_writes_images_and_ground_truth(tmp_path):
+    out = tmp_path / "em"
+    result = runner.invoke(app, ["synth", "em-stack", str(out), "--shape", "4,64,64"])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((out / "ground_truth.json").read_text())
+    assert np.allclose(truth["transforms"][0], np.eye(3))
+    assert open_image(str(out / "image.ome.zarr")).shape == (4, 64, 64)
+    again = runner.invoke(app, ["synth", "em-stack", str(out), "--shape", "4,64,64"])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def _bad_inputs(tmp_path, image_path):
+    not_zarr = tmp_path / "notes"
+    not_zarr.mkdir()
+    (not_zarr / "readme.txt").write_text("hello")
+    six_d = str(tmp_path / "six.zarr")
+    zarr.create_array(six_d, shape=(1, 1, 2, 2, 2, 2), chunks=(1, 1, 2, 2, 2, 2), dtype="uint8")
+    cplx = str(tmp_path / "complex.zarr")
+    zarr.create_array(cplx, shape=(4, 4, 4), chunks=(2, 2, 2), dtype="complex64")
+    existing = tmp_path / "existing.ome.zarr"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    out = str(tmp_path / "new.ome.zarr")
+    return [
+        (["pyramid", str(tmp_path / "missing.zarr"), "-o", out], "no such image"),
+        (["pyramid", str(not_zarr), "-o", out], "not a zarr"),
+        (["pyramid", six_d, "-o", out], "2 to 5 dimensions"),
+        (["pyramid", cplx, "-o", out], "dtype complex64"),
+        (["pyramid", image_path, "-o", out, "--factors", "2,2"], "one integer per spatial axis"),
+        (["pyramid", image_path, "-o", out, "--factors", "0,2,2"], "greater than 0"),
+        (["pyramid", image_path, "-o", out, "--method", "median"], "method"),
+        (["pyramid", image_path, "-o", out, "--levels", "0"], "levels"),
+        (["pyramid", image_path, "-o", image_path + "/inner"], "lies inside the input"),
+        (["pyramid", image_path, "-o", image_path], "is the input"),
+        (["pyramid", image_path, "-o", str(existing)], "already exists"),
+        (["pyramid", image_path, "-o", out, "--ngff-version", "0.4", "--shards", "16"], "shards"),
+        (["pyramid", image_path, "-o", out, "--chunks", "a,b"], "comma-separated integers"),
+    ]
+
+
+def test_bad_input_gives_one_line_error_and_writes_nothing(cli_env, image, tmp_path):
+    path, _ = image
+    cases = _bad_inputs(tmp_path, path)
+    before = _snapshot(tmp_path)
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert lines and lines[0].startswith("error:"), (args, result.output)
+        assert message in " ".join(lines), (args, result.output)
+        assert _snapshot(tmp_path) == before, f"{args} changed files"
+    assert not os.path.exists(tmp_path / "new.ome.zarr")
+
+
+def test_in_place_on_a_plain_array_is_refused(cli_env, tmp_path):
+    plain = str(tmp_path / "plain.zarr")
+    zarr.create_array(plain, shape=(8, 8, 8), chunks=(4, 4, 4), dtype="uint8")
+    before = _snapshot(tmp_path)
+    result = runner.invoke(app, ["pyramid", plain, "--in-place"])
+    assert result.exit_code == 2 and "plain zarr array cannot hold levels" in result.output
+    assert _snapshot(tmp_path) == before

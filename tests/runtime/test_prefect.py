@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+from prefect.filesystems import LocalFileSystem
+from prefect.settings import get_current_settings, temporary_settings
+
+from voxflow.runtime import (
+    make_task_runner,
+    prefect_context,
+    prefect_setting_updates,
+    result_storage_block,
+)
+from voxflow.settings import ClusterSettings, PrefectSettings
+
+SERVER = "http://prefect.example:4200/api"
+
+
+def _snapshot():
+    current = get_current_settings()
+    return (
+        current.results.local_storage_path,
+        current.results.persist_by_default,
+        current.tasks.default_persist_result,
+        current.results.default_serializer,
+        current.api.url,
+        current.server.ephemeral.enabled,
+    )
+
+
+def test_updates_with_api_url(tmp_path):
+    settings = PrefectSettings(result_storage=tmp_path, api_url=SERVER)
+    assert prefect_setting_updates(settings) == {
+        "results.local_storage_path": tmp_path,
+        "results.persist_by_default": True,
+        "tasks.default_persist_result": True,
+        "results.default_serializer": "json",
+        "api.url": SERVER,
+    }
+
+
+@pytest.mark.parametrize("persist", [True, False])
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_context_sets_and_restores(tmp_path, persist, serializer):
+    before = _snapshot()
+    settings = PrefectSettings(
+        result_storage=tmp_path / "results",
+        persist_results=persist,
+        result_serializer=serializer,
+        api_url=SERVER,
+    )
+    with prefect_context(settings) as yielded:
+        current = get_current_settings()
+        assert yielded is current
+        assert current.results.local_storage_path == tmp_path / "results"
+        assert current.results.persist_by_default is persist
+        assert current.tasks.default_persist_result is persist
+        assert current.results.default_serializer == serializer
+        assert current.api.url == SERVER
+    assert _snapshot() == before
+
+
+def test_context_restores_after_an_error(tmp_path):
+    before = _snapshot()
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with prefect_context(PrefectSettings(result_storage=tmp_path, api_url=SERVER)):
+            raise RuntimeError("stage failed")
+    assert _snapshot() == before
+
+
+def test_context_keeps_the_users_api_url(tmp_path):
+    with temporary_settings(updates={"api.url": SERVER, "server.ephemeral.enabled": False}):
+        settings = PrefectSettings(result_storage=tmp_path)
+        assert "api.url" not in prefect_setting_updates(settings)
+        with prefect_context(settings):
+            assert get_current_settings().api.url == SERVER
+            assert get_current_settings().server.ephemeral.enabled is False
+            assert get_current_settings().results.local_storage_path == tmp_path
+        assert get_current_settings().results.local_storage_path != tmp_path
+
+
+def test_context_enables_the_ephemeral_api_without_a_url(tmp_path):
+    with temporary_settings(
+        updates={"server.ephemeral.enabled": False}, restore_defaults={"api.url"}
+    ):
+        assert get_current_settings().api.url is None
+        with prefect_context(PrefectSettings(result_storage=tmp_path)):
+            assert get_current_settings().api.url is None
+            assert get_current_settings().server.ephemeral.enabled is True
+        assert get_current_settings().server.ephemeral.enabled is False
+
+
+def test_result_storage_block(tmp_path):
+    block = result_storage_block(PrefectSettings(result_storage=tmp_path / "r"))
+    assert isinstance(block, LocalFileSystem)
+    assert Path(block.basepath) == tmp_path / "r"
+
+
+@pytest.mark.parametrize(
+    "function", [prefect_context, prefect_setting_updates, result_storage_block]
+)
+def test_settings_type_is_checked(function):
+    with pytest.raises(TypeError, match="`settings` needs a PrefectSettings, got dict"):
+        function({"result_storage": "/tmp"})
+
+
+@task
+def _measure(n: int) -> dict:
+    return {"n": n, "square": n * n}
+
+
+@flow(task_runner=make_task_runner(ClusterSettings(n_workers=1, processes=False)))
+def _measure_flow(n: int) -> dict:
+    return _measure.submit(n).result()
+
+
+def test_flow_persists_json_results_where_the_settings_say(tmp_path):
+    # Imported here: it imports the Prefect server, which the other tests do not need.
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path / "results"
+    with prefect_test_harness(), prefect_context(PrefectSettings(result_storage=storage)):
+        assert _measure_flow(7) == {"n": 7, "square": 49}
+    # The task's result and the flow's, each as JSON; a record wraps the payload and
+    # names the serializer.
+    payloads = [json.loads(path.read_text()) for path in storage.iterdir()]
+    records = [payload for payload in payloads if "metadata" in payload]
+    assert {record["metadata"]["serializer"]["type"] for record in records} == {"json"}
+    values = [json.loads(p["result"]) if "metadata" in p else p for p in payloads]
+    assert values == [{"n": 7, "square": 49}] * 2

@@ -1,0 +1,130 @@
+"""Prefect settings for voxflow flows: where results persist, how, and which API records runs.
+
+Prefect reads its settings from a settings context; :func:`prefect_context` enters one that
+differs from the current one only in what :class:`~voxflow.settings.PrefectSettings` decides,
+and restores the previous settings on exit. Task runs on Dask workers receive the context
+with the task, so the settings hold there as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from prefect.filesystems import LocalFileSystem
+from prefect.settings import Settings, get_current_settings, temporary_settings
+
+from voxflow.settings import PrefectSettings
+
+__all__ = ["prefect_context", "prefect_setting_updates", "result_storage_block"]
+
+
+def _validate_settings(settings: PrefectSettings) -> PrefectSettings:
+    if not isinstance(settings, PrefectSettings):
+        raise TypeError(f"`settings` needs a PrefectSettings, got {type(settings).__name__}")
+    return settings
+
+
+def prefect_setting_updates(settings: PrefectSettings) -> dict[str, Any]:
+    """The Prefect settings that voxflow's settings decide, against the current ones.
+
+    Parameters
+    ----------
+    settings : PrefectSettings
+        Result storage, persistence, serializer and API URL.
+
+    Returns
+    -------
+    dict
+        Prefect setting accessors and values:
+
+        - ``results.local_storage_path``: ``result_storage``, where persisted results go
+          unless a default storage block is configured in Prefect;
+        - ``results.persist_by_default`` and ``tasks.default_persist_result``:
+          ``persist_results``, for flows and tasks alike;
+        - ``results.default_serializer``: ``result_serializer``;
+        - ``server.analytics_enabled``: off;
+        - ``api.url``: ``api_url`` when it is set. Otherwise the current API URL
+          (``PREFECT_API_URL``) is kept, and when there is none,
+          ``server.ephemeral.enabled`` is set so that Prefect starts its ephemeral API.
+
+    Raises
+    ------
+    TypeError
+        If `settings` is not a ``PrefectSettings``.
+    """
+    settings = _validate_settings(settings)
+    updates: dict[str, Any] = {
+        "results.local_storage_path": settings.result_storage,
+        "results.persist_by_default": settings.persist_results,
+        "tasks.default_persist_result": settings.persist_results,
+        "results.default_serializer": settings.result_serializer,
+        # Clusters and laptops alike may have no way out; telemetry would only log failures.
+        "server.analytics_enabled": False,
+    }
+    if settings.api_url is not None:
+        updates["api.url"] = settings.api_url
+    elif get_current_settings().api.url is None:
+        updates["server.ephemeral.enabled"] = True
+    return updates
+
+
+def prefect_context(settings: PrefectSettings) -> AbstractContextManager[Settings]:
+    """Apply voxflow's Prefect settings for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    settings : PrefectSettings
+        The settings to apply; see :func:`prefect_setting_updates` for what changes.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager of prefect.settings.Settings
+        Entering it applies the settings, read against the settings current at entry, and
+        yields Prefect's resulting settings; leaving it restores the previous ones.
+
+    Raises
+    ------
+    TypeError
+        If `settings` is not a ``PrefectSettings``.
+
+    Examples
+    --------
+    >>> from voxflow.settings import PrefectSettings
+    >>> with prefect_context(PrefectSettings(result_storage="/tmp/results")) as current:
+    ...     str(current.results.local_storage_path)
+    '/tmp/results'
+    """
+    return _prefect_context(_validate_settings(settings))
+
+
+@contextmanager
+def _prefect_context(settings: PrefectSettings) -> Iterator[Settings]:
+    with temporary_settings(updates=prefect_setting_updates(settings)) as current:
+        yield current
+
+
+def result_storage_block(settings: PrefectSettings) -> LocalFileSystem:
+    """The result storage of ``settings`` as a block for ``result_storage=`` of flows and tasks.
+
+    ``result_storage=`` takes a block, a block slug (a ``str``) or a ``pathlib.Path``; the
+    block states the location explicitly, whatever the settings context.
+
+    Parameters
+    ----------
+    settings : PrefectSettings
+        ``result_storage`` is used.
+
+    Returns
+    -------
+    prefect.filesystems.LocalFileSystem
+        A file system block rooted at ``result_storage``; not saved to the API.
+
+    Raises
+    ------
+    TypeError
+        If `settings` is not a ``PrefectSettings``.
+    """
+    settings = _validate_settings(settings)
+    return LocalFileSystem(basepath=str(settings.result_storage))
