@@ -36,6 +36,7 @@ def test_updates_with_api_url(tmp_path):
         "results.persist_by_default": True,
         "tasks.default_persist_result": True,
         "results.default_serializer": "json",
+        "server.analytics_enabled": False,
         "api.url": SERVER,
     }
 
