@@ -171,14 +171,26 @@ def plan_pyramid(
     return version_, plan
 
 
-def _read_chunks(plan: list[LevelPlan], write_level0: bool) -> tuple[int, ...]:
-    """Level-0 read blocks that feed level 1 (and level 0's own writes) without re-slicing."""
-    if write_level0 or len(plan) == 1:
+def _compute_chunks(layout: ArrayLayout) -> tuple[int, ...]:
+    """Compute blocks inside one write unit: half a shard per axis where chunks allow.
+
+    So a level that fits in a single shard is still reduced in parallel.
+    """
+    out = []
+    for w, c in zip(layout.write_chunks, layout.chunks, strict=True):
+        half = (w // 2) // c * c
+        out.append(half if half and w % half == 0 else w)
+    return tuple(out)
+
+
+def _read_chunks(plan: list[LevelPlan]) -> tuple[int, ...]:
+    """Level-0 read blocks that feed level 1's compute blocks without re-slicing."""
+    if len(plan) == 1:
         return plan[0].layout.write_chunks
     nxt = plan[1]
     return tuple(
         min(c * f, n)
-        for c, f, n in zip(nxt.layout.write_chunks, nxt.factors, plan[0].shape, strict=True)
+        for c, f, n in zip(_compute_chunks(nxt.layout), nxt.factors, plan[0].shape, strict=True)
     )
 
 
@@ -189,23 +201,23 @@ def pyramid_writes(
     """Create the level arrays and return the lazy block writes of every level.
 
     Level 0 is read once; each level is reduced from the previous one in the same graph, so a
-    region of level 0 feeds every level without being read again.
+    region of level 0 feeds every level without being read again. Levels are computed in
+    blocks of half a shard and gathered into whole shards only to be written.
     """
     fmt = 3 if ngff_version == "0.5" else 2
-    level = read_level(source, 0, chunks=_read_chunks(plan, write_level0))
+    level = read_level(source, 0, chunks=_read_chunks(plan))
     writes = []
     for i, lv in enumerate(plan):
         if i:
-            level = downsample(level, lv.factors, method, chunks=lv.layout.write_chunks)
+            level = downsample(level, lv.factors, method, chunks=_compute_chunks(lv.layout))
         elif not write_level0:
             continue
-        else:
-            level = level.rechunk(lv.layout.write_chunks)
         spec = create_array(
             output, lv.path, shape=lv.shape, dtype=source.dtype, dims=source.dims,
             layout=lv.layout, zarr_format=fmt, compressor=compressor, clevel=clevel,
         )  # fmt: skip
-        writes.append(write_blocks(level, spec, lv.layout.write_chunks))
+        unit = lv.layout.write_chunks
+        writes.append(write_blocks(level.rechunk(unit), spec, unit))
     return writes
 
 
