@@ -55,7 +55,9 @@ def compute_blocks(arrays: Sequence[da.Array], progress: ProgressFn | None = Non
     Blocks are submitted one future each so progress is reported per block; on the flow's
     cluster they run there, otherwise on local threads.
     """
-    blocks = [d for arr in arrays for d in arr.to_delayed().ravel()]
+    # Unoptimised, so work shared between arrays (level 0 read once for every level) keeps
+    # one key; fusing each array's graph on its own would repeat the shared reads.
+    blocks = [d for arr in arrays for d in arr.to_delayed(optimize_graph=False).ravel()]
     total = len(blocks)
     with flow_client() as client:
         if client is None:

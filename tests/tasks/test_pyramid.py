@@ -1,0 +1,109 @@
+import uuid
+
+import numpy as np
+import pytest
+
+from tests.conftest import block_reduce_reference, mean_reference
+from voxflow.io import ArrayLayout, open_image, read_level, reader, write_image
+from voxflow.tasks import PyramidParams, make_pyramid, plan_pyramid
+from voxflow.tasks.pyramid import _compute_chunks, default_output
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Voxels read from stores, per call."""
+    calls = []
+    original = reader.TensorStoreSource.__getitem__
+
+    def counting(self, index):
+        calls.append(int(np.prod([s.stop - s.start for s in index])))
+        return original(self, index)
+
+    monkeypatch.setattr(reader.TensorStoreSource, "__getitem__", counting)
+    return calls
+
+
+def _image(url, shape=(40, 70, 66), seed=0, dtype=np.uint16):
+    data = np.random.default_rng(seed).integers(0, 3000, shape).astype(dtype)
+    write_image(url, data, "zyx", (1.0, 1.0, 1.0), chunks=8, shards=16)
+    return data
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_level0_is_read_once_for_all_levels(tmp_path, counted_reads, in_place):
+    src = str(tmp_path / "in.ome.zarr")
+    data = _image(src)
+    params = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), min_size=4)
+    ref = make_pyramid(
+        open_image(src), None if in_place else str(tmp_path / "out.ome.zarr"), params,
+        in_place=in_place,
+    )  # fmt: skip
+    assert len(ref.levels) >= 4
+    assert sum(counted_reads) == data.size
+    cur = data
+    for i in range(1, len(ref.levels)):
+        prev, lv = ref.levels[i - 1], ref.levels[i]
+        factors = tuple(round(b / a) for a, b in zip(prev.scale, lv.scale, strict=True))
+        cur = mean_reference(cur, factors)
+        np.testing.assert_array_equal(read_level(ref, i).compute(), cur)
+
+
+def test_memory_location_round_trip():
+    url = f"memory://{uuid.uuid4().hex}/in.ome.zarr"
+    data = _image(url, shape=(9, 30, 17), dtype=np.int32)
+    out = url.replace("in.ome", "out.ome")
+    ref = make_pyramid(open_image(url), out, PyramidParams(method="mode", levels=2))
+    mode = block_reduce_reference(
+        data, (2, 2, 2), lambda b: np.unique(b, return_counts=True)[0][
+            np.argmax(np.unique(b, return_counts=True)[1])]
+    )  # fmt: skip
+    np.testing.assert_array_equal(read_level(ref, 1).compute(), mode.astype(np.int32))
+
+
+def test_ngff_04_output(tmp_path):
+    src = str(tmp_path / "in.ome.zarr")
+    data = _image(src, shape=(12, 20, 20))
+    ref = make_pyramid(
+        open_image(src), str(tmp_path / "o.zarr"),
+        PyramidParams(ngff_version="0.4", levels=2, method="min"),
+    )  # fmt: skip
+    assert ref.ngff_version == "0.4" and ref.zarr_format == 2
+    want = block_reduce_reference(data, (2, 2, 2), np.min).astype(data.dtype)
+    np.testing.assert_array_equal(read_level(ref, 1).compute(), want)
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        (ArrayLayout((1, 64, 64, 64), (1, 256, 256, 256)), (1, 128, 128, 128)),
+        (ArrayLayout((64, 64, 64), (192, 64, 64)), (64, 64, 64)),
+        (ArrayLayout((128, 128, 128)), (128, 128, 128)),
+        (ArrayLayout((3, 8, 8), (3, 16, 8)), (3, 8, 8)),
+    ],
+)
+def test_compute_chunks_divide_the_write_unit(layout, expected):
+    got = _compute_chunks(layout)
+    assert got == expected
+    assert all(w % g == 0 for w, g in zip(layout.write_chunks, got, strict=True))
+
+
+def test_plan_validation(tmp_path):
+    src = str(tmp_path / "in.ome.zarr")
+    _image(src, shape=(8, 8, 8))
+    ref = open_image(src)
+    with pytest.raises(ValueError, match="one integer per spatial axis"):
+        plan_pyramid(ref, PyramidParams(factors=(2, 2)))
+    with pytest.raises(ValueError, match=r"keeps the input's NGFF version 0\.5"):
+        plan_pyramid(ref, PyramidParams(ngff_version="0.4"), in_place=True)
+    bools = str(tmp_path / "b.ome.zarr")
+    write_image(bools, np.ones((4, 4), bool), "yx", (1.0, 1.0))
+    with pytest.raises(ValueError, match="needs numeric voxels"):
+        plan_pyramid(open_image(bools), PyramidParams(method="mean"))
+    with pytest.raises(ValueError, match="`output` is required"):
+        make_pyramid(ref, None, PyramidParams())
+
+
+def test_default_output_names():
+    assert default_output("/d/brain.ome.zarr") == "/d/brain.pyramid.ome.zarr"
+    assert default_output("/d/x.zarr/") == "/d/x.pyramid.zarr"
+    assert default_output("/d/raw") == "/d/raw.pyramid.ome.zarr"
