@@ -52,6 +52,9 @@ def test_flow_writes_levels_equal_to_reference_and_reruns_from_cache(tmp_path, s
     expected = _expected_levels(data, factors)
     assert [lv.shape for lv in ref.levels] == [e.shape for e in expected]
     group = zarr.open_group(ref.url, mode="r")
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(group)
     for i, (lv, want) in enumerate(zip(ref.levels, expected, strict=True)):
         np.testing.assert_array_equal(read_level(ref, i).compute(), want)
         np.testing.assert_array_equal(group[lv.path][...], want)
