@@ -492,3 +492,19 @@ def test_level_transform_validation(args, error, match):
         level_transform(*args, "mean")
     with pytest.raises(ValueError, match="`method` must be one of"):
         level_transform((1, 1), (0, 0), (2, 2), "bilinear")
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 2)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.uint32])
+@pytest.mark.parametrize("shape", [(6, 8, 10), (7, 9, 11), (1, 1, 3), (5, 2, 1)])
+def test_integer_mean_fast_path_equals_exact_rounding(factors, dtype, shape):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    image = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+    out_shape = tuple(-(-n // f) for n, f in zip(shape, factors, strict=True))
+    expected = np.empty(out_shape, dtype=dtype)
+    for index in np.ndindex(*out_shape):
+        block = image[tuple(slice(i * f, i * f + f) for i, f in zip(index, factors, strict=True))]
+        total, count = int(block.astype(object).sum()), block.size
+        expected[index] = (2 * total + count) // (2 * count)  # floor(mean + 1/2), exactly
+    np.testing.assert_array_equal(downsample_array(image, factors, "mean"), expected)

@@ -27,6 +27,14 @@ def _mean_exact(a, fz, fy, fx, out):
     nb, nz, ny, nx = a.shape
     _, oz, oy, ox = out.shape
     acc = np.empty(nx, np.int64)
+    # A whole block of 2**k voxels divides by an arithmetic shift (a floor, also below zero):
+    # several times faster than an int64 division per output voxel, and bit-identical.
+    full = np.int64(fz * fy * fx)
+    shift = np.int64(-1)
+    if full & (full - 1) == 0:
+        shift = np.int64(0)
+        while (np.int64(1) << shift) < full:
+            shift += 1
     for b in range(nb):
         for k in range(oz):
             z0, z1 = k * fz, min(k * fz + fz, nz)
@@ -45,8 +53,11 @@ def _mean_exact(a, fz, fy, fx, out):
                     for x in range(x0, x1):
                         s += acc[x]
                     c = np.int64(rows * (x1 - x0))
-                    # floor((2 s + c) / (2 c)) == floor(s / c + 1/2), floor division on int64.
-                    out[b, k, j, i] = (2 * s + c) // (2 * c)
+                    if c == full and shift >= 0:
+                        out[b, k, j, i] = (s + (full >> 1)) >> shift
+                    else:
+                        # floor((2 s + c) / (2 c)) == floor(s / c + 1/2), on int64.
+                        out[b, k, j, i] = (2 * s + c) // (2 * c)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -270,6 +281,66 @@ def _mode_large(a, fz, fy, fx, out):
                     out[b, k, j, i] = _mode_by_sorting(buf, n)
 
 
+@numba.njit(nogil=True, cache=True)
+def _mean_222(a, out):
+    """Integer mean of whole 2×2×2 blocks: an unrolled sum and a shift."""
+    for b in range(a.shape[0]):
+        for k in range(a.shape[1] // 2):
+            for j in range(a.shape[2] // 2):
+                r0, r1 = a[b, 2 * k, 2 * j], a[b, 2 * k, 2 * j + 1]
+                r2, r3 = a[b, 2 * k + 1, 2 * j], a[b, 2 * k + 1, 2 * j + 1]
+                row = out[b, k, j]
+                for i in range(a.shape[3] // 2):
+                    x = 2 * i
+                    s = (np.int64(r0[x]) + np.int64(r0[x + 1]) + np.int64(r1[x])
+                         + np.int64(r1[x + 1]) + np.int64(r2[x]) + np.int64(r2[x + 1])
+                         + np.int64(r3[x]) + np.int64(r3[x + 1]))  # fmt: skip
+                    row[i] = (s + 4) >> 3
+
+
+@numba.njit(nogil=True, cache=True)
+def _mean_122(a, out):
+    """Integer mean of whole 1×2×2 blocks: an unrolled sum and a shift."""
+    for b in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            for j in range(a.shape[2] // 2):
+                r0, r1 = a[b, k, 2 * j], a[b, k, 2 * j + 1]
+                row = out[b, k, j]
+                for i in range(a.shape[3] // 2):
+                    x = 2 * i
+                    s = (
+                        np.int64(r0[x])
+                        + np.int64(r0[x + 1])
+                        + np.int64(r1[x])
+                        + np.int64(r1[x + 1])
+                    )
+                    row[i] = (s + 2) >> 2
+
+
+# The factor sets of nearly every pyramid step; a shift is a floor division, also below zero.
+_HALVING = {(2, 2, 2): _mean_222, (1, 2, 2): _mean_122}
+
+
+def _mean_integer(a: np.ndarray, factors: tuple[int, int, int], out: np.ndarray) -> None:
+    """Integer block mean into `out`: the fast kernel on whole blocks, the exact one on edges."""
+    fast = _HALVING.get(tuple(factors))
+    if fast is None:
+        _mean_exact(a, *factors, out)
+        return
+    whole = tuple(n // f for n, f in zip(a.shape[1:], factors, strict=True))
+    fast(a, out)
+    # Partial edge blocks (odd sizes), one slab per axis, reduced over the voxels they have.
+    for axis in range(3):
+        if whole[axis] == out.shape[axis + 1]:
+            continue
+        lead = tuple(slice(0, w * f) for w, f in zip(whole[:axis], factors[:axis], strict=True))
+        src = a[(slice(None), *lead, slice(whole[axis] * factors[axis], None))]
+        dst = out[(slice(None), *(slice(0, w) for w in whole[:axis]), slice(whole[axis], None))]
+        part = np.empty_like(dst)
+        _mean_exact(np.ascontiguousarray(src), *factors, part)
+        dst[...] = part
+
+
 def reduced_shape(shape: tuple[int, ...], factors: tuple[int, ...]) -> tuple[int, ...]:
     """Shape after block reduction: ``ceil(n / f)`` per axis."""
     return tuple(-(-n // f) for n, f in zip(shape, factors, strict=True))
@@ -290,7 +361,9 @@ def block_mean(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
         _mean_float(a, *factors, out, False, 0.0, 0.0)
         return out
     if a.dtype.itemsize < 8:
-        return _run(_mean_exact, a, factors)
+        out = np.empty(reduced_shape(a.shape, (1, *factors)), dtype=a.dtype)
+        _mean_integer(a, factors, out)
+        return out
     # The largest float64 not above the dtype's maximum, so the cast back cannot overflow.
     info = np.iinfo(a.dtype)
     hi = float(np.nextafter(np.float64(info.max), -np.inf))

@@ -131,6 +131,10 @@ class Location:
         """Bytes of the object `key`, or None when it does not exist."""
         return _backend(self).read(self.child(key).path)
 
+    def read_ends(self, key: str, n: int) -> bytes | None:
+        """The first and last `n` bytes of `key` (all of it when shorter), None when absent."""
+        return _backend(self).read_ends(self.child(key).path, n)
+
     def read_json(self, key: str) -> dict[str, Any] | None:
         """The JSON document `key`, or None when it does not exist.
 
@@ -183,6 +187,18 @@ class _LocalBackend:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def read_ends(self, path: str, n: int) -> bytes | None:
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size <= 2 * n:
+                    return fh.read()
+                head = fh.read(n)
+                fh.seek(-n, os.SEEK_END)
+                return head + fh.read(n)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
     def write(self, path: str, data: bytes) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +245,15 @@ class _FsspecBackend:
         except FileNotFoundError:
             return None
 
+    def read_ends(self, path: str, n: int) -> bytes | None:
+        try:
+            size = self.fs.size(path)
+            if size <= 2 * n:
+                return self.fs.cat_file(path)
+            return self.fs.cat_file(path, 0, n) + self.fs.cat_file(path, size - n, size)
+        except FileNotFoundError:
+            return None
+
     def write(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)
 
@@ -253,6 +278,10 @@ class _MemoryBackend:
     def read(self, path: str) -> bytes | None:
         got = self.kv.read(path).result()
         return bytes(got.value) if got.state == "value" else None
+
+    def read_ends(self, path: str, n: int) -> bytes | None:
+        data = self.read(path)
+        return data if data is None or len(data) <= 2 * n else data[:n] + data[-n:]
 
     def write(self, path: str, data: bytes) -> None:
         self.kv.write(path, data).result()

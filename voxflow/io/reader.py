@@ -35,6 +35,9 @@ SUPPORTED_DTYPES = (
 )  # fmt: skip
 
 
+_SAMPLE_BYTES = 64 * 1024
+
+
 class NotAnImageError(ValueError):
     """The location exists but holds no zarr image."""
 
@@ -177,8 +180,10 @@ def fingerprint(url: str | Location, paths: list[str], *, samples: int = 3) -> s
     """Content fingerprint of the arrays at `paths` below `url`.
 
     The digest covers each array's metadata document, the name and byte size of every stored
-    chunk (or shard), and the full bytes of up to `samples` stored chunks (first, middle,
-    last), so it is cheap on hundreds of GB yet changes when data are rewritten. It does not
+    chunk (or shard), and the first and last 64 KiB of up to `samples` stored objects
+    (first, middle, last; for a shard the tail is its index of chunk offsets and sizes), so
+    it is cheap on hundreds of GB yet changes when data are rewritten (a same-size rewrite
+    of an unsampled region is the blind spot). It does not
     depend on the location, so copies of the same data share it.
 
     Parameters
@@ -206,8 +211,10 @@ def fingerprint(url: str | Location, paths: list[str], *, samples: int = 3) -> s
         data_keys = sorted(k for k in sizes if not os.path.basename(k).startswith("."))
         data_keys = [k for k in data_keys if k not in meta_keys]
         picks = {0, len(data_keys) // 2, len(data_keys) - 1} if data_keys else set()
-        for key in meta_keys + [data_keys[i] for i in sorted(picks)][:samples]:
+        for key in meta_keys:
             h.update(node.read_bytes(key) or b"")
+        for key in [data_keys[i] for i in sorted(picks)][:samples]:
+            h.update(node.read_ends(key, _SAMPLE_BYTES) or b"")
     return h.hexdigest()
 
 
