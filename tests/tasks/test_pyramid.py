@@ -107,3 +107,37 @@ def test_default_output_names():
     assert default_output("/d/brain.ome.zarr") == "/d/brain.pyramid.ome.zarr"
     assert default_output("/d/x.zarr/") == "/d/x.pyramid.zarr"
     assert default_output("/d/raw") == "/d/raw.pyramid.ome.zarr"
+
+
+def _stored(root):
+    import os
+
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, root)] = fh.read()
+    return out
+
+
+def test_level0_encoded_alike_is_copied_byte_for_byte(tmp_path):
+    src = str(tmp_path / "in.ome.zarr")
+    data = _image(src, shape=(20, 34, 40))
+    out = str(tmp_path / "out.ome.zarr")
+    same = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), levels=2)
+    ref = make_pyramid(open_image(src), out, same)
+    assert _stored(f"{src}/0") == _stored(f"{out}/0")
+    np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
+
+
+def test_level0_encoded_differently_is_rewritten(tmp_path):
+    src = str(tmp_path / "in.ome.zarr")
+    data = _image(src, shape=(20, 34, 40))
+    out = str(tmp_path / "out.ome.zarr")
+    other = PyramidParams(chunks=(4, 4, 4), shards=(8, 8, 8), levels=2, compressor="lz4")
+    ref = make_pyramid(open_image(src), out, other)
+    assert ref.levels[0].chunks == (4, 4, 4) and ref.levels[0].shards == (8, 8, 8)
+    assert set(_stored(f"{src}/0")) != set(_stored(f"{out}/0"))
+    np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
+    np.testing.assert_array_equal(read_level(ref, 1).compute(), mean_reference(data, (2, 2, 2)))

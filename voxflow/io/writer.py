@@ -13,15 +13,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
 from typing import Any, Literal
 
+import dask
 import dask.array as da
 import numpy as np
 import tensorstore as ts
+from dask.delayed import Delayed
 
 from voxflow.core.axes import axis_from_name, spatial_mask, validate_dims
 from voxflow.io.location import Location, tensorstore_context
@@ -34,6 +38,7 @@ __all__ = [
     "ArrayLayout",
     "check_output",
     "clear_output",
+    "copy_stored_chunks",
     "create_array",
     "derive_layout",
     "provenance",
@@ -314,6 +319,54 @@ def write_blocks(arr: da.Array, spec: dict[str, Any], write_chunks: Sequence[int
         chunks=tuple((1,) * len(c) for c in arr.chunks),
         name=f"write-{spec.get('token', uuid.uuid4().hex)}",
     )
+
+
+_ENCODING_FREE = ("attributes", "dimension_names", "storage_transformers")
+
+
+def _array_document(loc: Location) -> dict[str, Any] | None:
+    doc = loc.read_json("zarr.json") or loc.read_json(".zarray")
+    if doc is None:
+        return None
+    return {k: v for k, v in doc.items() if k not in _ENCODING_FREE or v not in ([], None)}
+
+
+def _copy_object(source: Location, target: Location, key: str) -> int:
+    src, dst = source.child(key), target.child(key)
+    if src.scheme == dst.scheme == "file":
+        os.makedirs(os.path.dirname(dst.path), exist_ok=True)
+        shutil.copyfile(src.path, dst.path)
+        return os.path.getsize(dst.path)
+    data = source.read_bytes(key) or b""
+    target.write_bytes(key, data)
+    return len(data)
+
+
+def copy_stored_chunks(source: str | Location, target: str | Location) -> list[Delayed] | None:
+    """Byte copies of every stored chunk of one array into another encoded the same way.
+
+    When two arrays have the same shape, data type, chunk grid, chunk keys, codecs and fill
+    value, their stored objects are interchangeable: copying them is exact and much cheaper
+    than decoding and encoding again.
+
+    Parameters
+    ----------
+    source, target : str or Location
+        Array locations; `target` must already exist (:func:`create_array`).
+
+    Returns
+    -------
+    list of dask.delayed.Delayed or None
+        One copy per stored object (bytes copied), or None when the encodings differ (or
+        either array is missing) and the data must be rewritten.
+    """
+    src, dst = Location.parse(source), Location.parse(target)
+    src_doc = _array_document(src)
+    if src_doc is None or src_doc != _array_document(dst):
+        return None
+    keys = [k for k in src.list_sizes() if os.path.basename(k) not in ("zarr.json", ".zarray",
+            ".zattrs")]  # fmt: skip
+    return [dask.delayed(_copy_object, pure=True)(src, dst, key) for key in sorted(keys)]
 
 
 def provenance(

@@ -8,6 +8,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+from dask.delayed import Delayed
 
 ProgressFn = Callable[[int, int], None]
 
@@ -49,8 +50,12 @@ def publish_progress(key: str | None) -> ProgressFn | None:
     return post
 
 
-def compute_blocks(arrays: Sequence[da.Array], progress: ProgressFn | None = None) -> int:
-    """Compute every block of `arrays` (typically block writes) and return how many ran.
+def compute_blocks(
+    arrays: Sequence[da.Array],
+    progress: ProgressFn | None = None,
+    extra: Sequence[Delayed] = (),
+) -> int:
+    """Compute every block of `arrays` (block writes) and the `extra` tasks; return the count.
 
     Blocks are submitted one future each so progress is reported per block; on the flow's
     cluster they run there, otherwise on local threads.
@@ -58,6 +63,7 @@ def compute_blocks(arrays: Sequence[da.Array], progress: ProgressFn | None = Non
     # Unoptimised, so work shared between arrays (level 0 read once for every level) keeps
     # one key; fusing each array's graph on its own would repeat the shared reads.
     blocks = [d for arr in arrays for d in arr.to_delayed(optimize_graph=False).ravel()]
+    blocks += list(extra)
     total = len(blocks)
     with flow_client() as client:
         if client is None:

@@ -8,6 +8,7 @@ from importlib.metadata import version
 from typing import Annotated, Literal
 
 import dask.array as da
+from dask.delayed import Delayed
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -22,6 +23,7 @@ from voxflow.io import (
     Multiscale,
     check_output,
     clear_output,
+    copy_stored_chunks,
     create_array,
     derive_layout,
     open_image,
@@ -197,16 +199,24 @@ def _read_chunks(plan: list[LevelPlan]) -> tuple[int, ...]:
 def pyramid_writes(
     source: ImageRef, output: Location, plan: list[LevelPlan], method: Method, *,
     ngff_version: str, write_level0: bool, compressor: str = "zstd", clevel: int = 3,
-) -> list[da.Array]:  # fmt: skip
-    """Create the level arrays and return the lazy block writes of every level.
+) -> tuple[list[da.Array], list[Delayed]]:  # fmt: skip
+    """Create the level arrays and return the lazy work that fills them.
 
     Level 0 is read once; each level is reduced from the previous one in the same graph, so a
     region of level 0 feeds every level without being read again. Levels are computed in
-    blocks of half a shard and gathered into whole shards only to be written.
+    blocks of half a shard and gathered into whole shards only to be written. A new level 0
+    encoded exactly like the input's is filled by copying the stored shards byte for byte.
+
+    Returns
+    -------
+    writes : list of dask.array.Array
+        Block writes, one array per level written.
+    copies : list of dask.delayed.Delayed
+        Byte copies of level 0's stored objects (empty when level 0 is re-encoded or kept).
     """
     fmt = 3 if ngff_version == "0.5" else 2
     level = read_level(source, 0, chunks=_read_chunks(plan))
-    writes = []
+    writes, copies = [], []
     for i, lv in enumerate(plan):
         if i:
             level = downsample(level, lv.factors, method, chunks=_compute_chunks(lv.layout))
@@ -216,9 +226,14 @@ def pyramid_writes(
             output, lv.path, shape=lv.shape, dtype=source.dtype, dims=source.dims,
             layout=lv.layout, zarr_format=fmt, compressor=compressor, clevel=clevel,
         )  # fmt: skip
+        if i == 0:
+            src0 = Location.parse(source.url).child(source.levels[0].path)
+            copies = copy_stored_chunks(src0, output.child(lv.path)) or []
+            if copies:
+                continue
         unit = lv.layout.write_chunks
         writes.append(write_blocks(level.rechunk(unit), spec, unit))
-    return writes
+    return writes, copies
 
 
 def _multiscale(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:
@@ -286,11 +301,11 @@ def make_pyramid(
         _drop_old_levels(source, version_)
     else:
         clear_output(out)
-    writes = pyramid_writes(
+    writes, copies = pyramid_writes(
         source, out, plan, params.method, ngff_version=version_, write_level0=not in_place,
         compressor=params.compressor, clevel=params.clevel,
     )  # fmt: skip
-    compute_blocks(writes, progress)
+    compute_blocks(writes, progress, extra=copies)
     write_image_metadata(out, multiscale, ngff_version=version_, omero=source.omero,
                          provenance=record)  # fmt: skip
     return open_image(out)
