@@ -73,16 +73,20 @@ def test_ngff_04_output(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("layout", "expected"),
+    ("layout", "factors", "itemsize", "expected"),
     [
-        (ArrayLayout((1, 64, 64, 64), (1, 256, 256, 256)), (1, 128, 128, 128)),
-        (ArrayLayout((64, 64, 64), (192, 64, 64)), (64, 64, 64)),
-        (ArrayLayout((128, 128, 128)), (128, 128, 128)),
-        (ArrayLayout((3, 8, 8), (3, 16, 8)), (3, 8, 8)),
+        # a 256³ shard of uint16 from 2×2×2: 128³ source blocks of 4 MiB
+        (ArrayLayout((64, 64, 64), (256, 256, 256)), (2, 2, 2), 2, (64, 64, 64)),
+        (ArrayLayout((1, 64, 64, 64), (1, 256, 256, 256)), (1, 2, 2, 2), 2, (1, 64, 64, 64)),
+        # a small level stays one block
+        (ArrayLayout((8, 8, 8), (16, 16, 16)), (2, 2, 2), 2, (16, 16, 16)),
+        # unsharded zarr v2 chunks are split too, never below 16 voxels an axis
+        (ArrayLayout((128, 128, 128)), (2, 2, 2), 1, (64, 64, 128)),
+        (ArrayLayout((16, 16, 16), (16, 16, 16)), (8, 8, 8), 8, (16, 16, 16)),
     ],
 )
-def test_compute_chunks_divide_the_write_unit(layout, expected):
-    got = _compute_chunks(layout)
+def test_compute_chunks_divide_the_write_unit(layout, factors, itemsize, expected):
+    got = _compute_chunks(layout, factors, itemsize)
     assert got == expected
     assert all(w % g == 0 for w, g in zip(layout.write_chunks, got, strict=True))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Annotated, Literal
 
 import dask.array as da
+import numpy as np
 from dask.delayed import Delayed
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
@@ -173,26 +175,44 @@ def plan_pyramid(
     return version_, plan
 
 
-def _compute_chunks(layout: ArrayLayout) -> tuple[int, ...]:
-    """Compute blocks inside one write unit: half a shard per axis where chunks allow.
+_BLOCK_BYTES = 4 * 2**20
+_MIN_EDGE = 16
 
-    So a level that fits in a single shard is still reduced in parallel.
+
+def _compute_chunks(layout: ArrayLayout, factors: Sequence[int], itemsize: int) -> tuple[int, ...]:
+    """Compute blocks inside one write unit, so the previous level's block is about 4 MiB.
+
+    Blocks of that size keep every core busy even when a level fits in one shard, and reuse
+    the allocator's memory: 32 MiB blocks cost a fresh, page-faulted allocation each and read
+    about 1.5× slower.
     """
-    out = []
-    for w, c in zip(layout.write_chunks, layout.chunks, strict=True):
-        half = (w // 2) // c * c
-        out.append(half if half and w % half == 0 else w)
-    return tuple(out)
+    block = list(layout.write_chunks)
+
+    def source_bytes() -> int:
+        return math.prod(b * f for b, f in zip(block, factors, strict=True)) * itemsize
+
+    while source_bytes() > _BLOCK_BYTES:
+        halvable = [i for i, b in enumerate(block) if b % 2 == 0 and b // 2 >= _MIN_EDGE]
+        if not halvable:
+            break
+        largest = max(halvable, key=lambda i: block[i])
+        block[largest] //= 2
+    return tuple(block)
 
 
-def _read_chunks(plan: list[LevelPlan]) -> tuple[int, ...]:
+def _read_chunks(plan: list[LevelPlan], itemsize: int) -> tuple[int, ...]:
     """Level-0 read blocks that feed level 1's compute blocks without re-slicing."""
     if len(plan) == 1:
         return plan[0].layout.write_chunks
     nxt = plan[1]
     return tuple(
         min(c * f, n)
-        for c, f, n in zip(_compute_chunks(nxt.layout), nxt.factors, plan[0].shape, strict=True)
+        for c, f, n in zip(
+            _compute_chunks(nxt.layout, nxt.factors, itemsize),
+            nxt.factors,
+            plan[0].shape,
+            strict=True,
+        )
     )
 
 
@@ -215,11 +235,13 @@ def pyramid_writes(
         Byte copies of level 0's stored objects (empty when level 0 is re-encoded or kept).
     """
     fmt = 3 if ngff_version == "0.5" else 2
-    level = read_level(source, 0, chunks=_read_chunks(plan))
+    itemsize = np.dtype(source.dtype).itemsize
+    level = read_level(source, 0, chunks=_read_chunks(plan, itemsize))
     writes, copies = [], []
     for i, lv in enumerate(plan):
         if i:
-            level = downsample(level, lv.factors, method, chunks=_compute_chunks(lv.layout))
+            blocks = _compute_chunks(lv.layout, lv.factors, itemsize)
+            level = downsample(level, lv.factors, method, chunks=blocks)
         elif not write_level0:
             continue
         spec = create_array(
