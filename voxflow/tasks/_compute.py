@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -67,7 +68,8 @@ def compute_blocks(
     total = len(blocks)
     with flow_client() as client:
         if client is None:
-            dask.compute(*blocks)
+            # Twice the cores: a thread waiting on TensorStore's disk I/O leaves its core idle.
+            dask.compute(*blocks, num_workers=max(4, 2 * (os.cpu_count() or 1)))
             if progress:
                 progress(total, total)
             return total
