@@ -1,0 +1,200 @@
+"""Measurement helpers for the benchmarks: page cache, one subprocess per step, tables.
+
+Every measured step runs in a process of its own, so its peak resident memory is its own (read
+from ``wait4``'s resource usage, which covers the whole life of that process) and no step
+inherits another's caches, thread pools or heap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MiB",
+    "StepResult",
+    "bounded",
+    "cpu_seconds",
+    "drop_page_cache",
+    "format_table",
+    "machine_busy_seconds",
+    "peak_rss_mib",
+    "run_step",
+    "write_result",
+]
+
+MiB = 2**20
+_DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> bool:
+    """Flush dirty pages and drop the OS page cache; False when not allowed (not root).
+
+    Returns
+    -------
+    bool
+        Whether the cache was dropped.
+    """
+    os.sync()
+    try:
+        _DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by every process of the machine since boot (Linux ``/proc/stat``).
+
+    Its growth over a timed step minus :func:`cpu_seconds`' growth is what other processes
+    used meanwhile: a step that shared the cores with them was slowed down.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB
+
+
+def bounded(start: Callable[[Any], Any], items: Iterable[Any], in_flight: int) -> int:
+    """Start an asynchronous operation per item, with at most `in_flight` pending at once.
+
+    Parameters
+    ----------
+    start : callable
+        Takes an item and returns a future with ``.result()`` (a TensorStore read or write).
+    items : iterable
+        What to start operations on, in order.
+    in_flight : int
+        Most operations pending at a time; bounds the memory the operations hold.
+
+    Returns
+    -------
+    int
+        Number of operations run.
+    """
+    pending: list[Any] = []
+    done = 0
+    for item in items:
+        if len(pending) >= in_flight:
+            pending.pop(0).result()
+            done += 1
+        pending.append(start(item))
+    for future in pending:
+        future.result()
+        done += 1
+    return done
+
+
+@dataclass
+class StepResult:
+    """What one measured step reported, plus the peak memory of its process.
+
+    Parameters
+    ----------
+    name : str
+        Step name.
+    seconds : float
+        Wall time of the timed part (set-up, imports and untimed preparation excluded).
+    peak_rss_mib : float
+        Peak resident memory of the step's process over its whole life.
+    start_rss_mib : float
+        Peak resident memory before the timed part (interpreter, imports, preparation).
+    cache_dropped : bool
+        Whether the page cache was dropped right before the timed part.
+    info : dict
+        Anything else the step reported.
+    """
+
+    name: str
+    seconds: float
+    peak_rss_mib: float
+    start_rss_mib: float
+    cache_dropped: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def write_result(path: str, seconds: float, start_rss_mib: float, cache_dropped: bool,
+                 **info: Any) -> None:  # fmt: skip
+    """Write a step's report where the parent process reads it (called in the step process)."""
+    doc = {"seconds": seconds, "start_rss_mib": start_rss_mib, "cache_dropped": cache_dropped,
+           "info": info}  # fmt: skip
+    Path(path).write_text(json.dumps(doc))
+
+
+def run_step(name: str, argv: Sequence[str]) -> StepResult:
+    """Run one step as ``python argv... --_result FILE`` and collect its report and peak RSS.
+
+    Parameters
+    ----------
+    name : str
+        Step name (for the result and error messages).
+    argv : sequence of str
+        Arguments after the interpreter.
+
+    Returns
+    -------
+    StepResult
+        The step's report with the peak RSS of its process.
+
+    Raises
+    ------
+    RuntimeError
+        When the step process fails.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = handle.name
+    try:
+        proc = subprocess.Popen([sys.executable, *argv, "--_result", result_path])
+        start = time.perf_counter()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"step {name!r} failed with exit status {proc.returncode}")
+        doc = json.loads(Path(result_path).read_text())
+    finally:
+        os.unlink(result_path)
+    doc["info"]["process_seconds"] = time.perf_counter() - start
+    return StepResult(
+        name=name,
+        seconds=doc["seconds"],
+        peak_rss_mib=usage.ru_maxrss * 1024 / MiB,
+        start_rss_mib=doc["start_rss_mib"],
+        cache_dropped=doc["cache_dropped"],
+        info=doc["info"],
+    )
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
