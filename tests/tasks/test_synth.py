@@ -1,0 +1,57 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from voxflow.core import synth
+from voxflow.io import open_image, read_level
+from voxflow.tasks import write_em_stack, write_lightsheet
+
+
+@pytest.mark.parametrize("ngff_version", ["0.5", "0.4"])
+def test_lightsheet_dataset_on_disk(tmp_path, ngff_version):
+    out = tmp_path / "ls"
+    written = write_lightsheet(str(out), shape=(2, 24, 80, 80), seed=1, ngff_version=ngff_version)
+    expected = synth.lightsheet((2, 24, 80, 80), seed=1)
+    image = open_image(written["image"])
+    assert image.dims == ("c", "z", "y", "x") and image.ngff_version == ngff_version
+    assert image.scale == (1.0, *expected.spacing)
+    assert [c["label"] for c in image.omero["channels"]] == list(expected.channel_names)
+    np.testing.assert_array_equal(read_level(image).compute(), expected.image)
+    np.testing.assert_array_equal(read_level(open_image(written["cells"])).compute(),
+                                  expected.cell_labels)  # fmt: skip
+    np.testing.assert_array_equal(read_level(open_image(written["atlas"])).compute(),
+                                  expected.atlas)  # fmt: skip
+    if ngff_version == "0.5":
+        from ome_zarr_models.v05.image import Image
+    else:
+        from ome_zarr_models.v04.image import Image
+    Image.from_zarr(zarr.open_group(written["image"], mode="r"))
+    Image.from_zarr(zarr.open_group(written["atlas"], mode="r"))
+    truth = json.loads((out / "ground_truth.json").read_text())
+    assert truth["n_cells"] == expected.n_cells
+    rows = list(csv.DictReader((out / "regions.csv").open()))
+    assert {int(r["id"]) for r in rows} == {r.id for r in expected.regions}
+
+
+def test_em_dataset_on_disk(tmp_path):
+    written = write_em_stack(str(tmp_path / "em"), shape=(3, 64, 64), seed=2)
+    expected = synth.em_stack((3, 64, 64), seed=2)
+    np.testing.assert_array_equal(read_level(open_image(written["image"])).compute(),
+                                  expected.image)  # fmt: skip
+    np.testing.assert_array_equal(read_level(open_image(written["aligned"])).compute(),
+                                  expected.aligned)  # fmt: skip
+    truth = json.loads((tmp_path / "em" / "ground_truth.json").read_text())
+    np.testing.assert_allclose(truth["transforms"], expected.transforms)
+
+
+def test_existing_dataset_needs_overwrite(tmp_path):
+    out = tmp_path / "em"
+    write_em_stack(str(out), shape=(2, 32, 32))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_em_stack(str(out), shape=(2, 32, 32))
+    write_em_stack(str(out), shape=(2, 32, 32), overwrite=True, seed=5)
+    with pytest.raises(ValueError, match="ngff_version"):
+        write_em_stack(str(tmp_path / "x"), ngff_version="0.3")
