@@ -26,6 +26,7 @@ _RADIUS_JITTER = 0.2  # each cell radius is radius × U(1 − j, 1 + j)
 _TOUCH_FACTOR = (1.6, 1.9)  # centre distance of a touching pair, in mean radii
 _PAIR_EVERY = 16  # one touching pair per this many cells
 _ATTEMPTS_PER_CELL = 40
+_MAX_MISSES = 1000  # consecutive rejected placements before giving up
 _TISSUE_FRACTION = 0.45  # tissue semi-axis / volume extent
 _CORTEX_RHO = 0.72  # normalised tissue radius where the cortex starts
 _SUPERFICIAL_RHO = 0.87  # normalised tissue radius of the superficial layers
@@ -480,7 +481,7 @@ def _validate_em(shape, seed, max_rotation_deg, max_shift_px, max_scale, max_she
     shape = _validate_shape(shape, axes="zyx", minimum=(2, 32, 32))
     limits = (
         _validate_range(max_rotation_deg, "max_rotation_deg", 0.0, 45.0),
-        _validate_range(max_shift_px, "max_shift_px", 0.0, min(shape[1:]) / 4),
+        _validate_range(max_shift_px, "max_shift_px", 0.0, min(shape[1:]) / 2),
         _validate_range(max_scale, "max_scale", 0.0, 0.25),
         _validate_range(max_shear, "max_shear", 0.0, 0.25),
     )
@@ -582,6 +583,10 @@ class _Placer:
         b = a + u * self.rng.uniform(*_TOUCH_FACTOR) * (r_a + r_b) / 2
         if not (self._fits(a, r_a) and self._fits(b, r_b)):
             return False
+        # Coarse voxels can slip between two overlapping spheres; keep only pairs whose
+        # labels really share a face.
+        if not _faces_touch(self.tissue, a, b, r_a, r_b):
+            return False
         self.pairs.append((self._accept(a, r_a), self._accept(b, r_b)))
         return True
 
@@ -591,15 +596,17 @@ def _place_cells(rng, tissue: _Tissue, n_target: int, radius: float, strict: boo
     radii = radius * rng.uniform(1 - _RADIUS_JITTER, 1 + _RADIUS_JITTER, size=n_target)
     n_pairs = n_target // _PAIR_EVERY
     placer = _Placer(rng, tissue, n_target, gap=math.hypot(*tissue.spacing))
-    budget = _ATTEMPTS_PER_CELL * n_target + 100
-    for _ in range(budget):
+    misses = 0
+    for _ in range(_ATTEMPTS_PER_CELL * n_target + 100):
         k = placer.count
-        if k == n_target:
+        # A long run of rejections means the tissue is as full as random placement gets.
+        if k == n_target or misses > _MAX_MISSES:
             break
         if len(placer.pairs) < n_pairs:
-            placer.try_pair(radii[k], radii[k + 1])
+            placed = placer.try_pair(radii[k], radii[k + 1])
         else:
-            placer.try_single(radii[k])
+            placed = placer.try_single(radii[k])
+        misses = 0 if placed else misses + 1
     if strict and placer.count < n_target:
         raise ValueError(
             f"`n_cells`={n_target} cells of radius {radius} µm do not fit in the tissue without "
@@ -615,23 +622,55 @@ def _place_cells(rng, tissue: _Tissue, n_target: int, radius: float, strict: boo
     return placer.centres[:k][order], placer.radii[:k][order], pairs
 
 
+def _sphere_box(centre, radius, spacing, shape, reach=None):
+    """Voxel box around a sphere and squared distances (µm²) of its voxels to `centre`.
+
+    The box covers the sphere of radius `reach` (default `radius`), clipped to the grid.
+    """
+    s = np.asarray(spacing)
+    reach = radius if reach is None else reach
+    lo = np.maximum(np.floor((centre - reach) / s).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / s).astype(int) + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    return box, _squared_distances(box, centre, s)
+
+
+def _squared_distances(box, centre, spacing) -> np.ndarray:
+    axes = [(np.arange(b.start, b.stop) * spacing[d] - centre[d]) ** 2 for d, b in enumerate(box)]
+    return axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+
+
 def _draw_cells(shape, spacing, centres_um, radii, intensities):
     """Instance labels and clean cell signal; overlaps go to the nearer centre."""
     labels = np.zeros(shape, np.int32)
     signal = np.zeros(shape, np.float32)
-    best = np.full(shape, np.inf, np.float32)
-    s = np.asarray(spacing)
+    best = np.full(shape, np.inf)
     for i, (c, r, level) in enumerate(zip(centres_um, radii, intensities, strict=True)):
-        lo = np.maximum(np.floor((c - r) / s).astype(int), 0)
-        hi = np.minimum(np.ceil((c + r) / s).astype(int) + 1, shape)
-        axes = [(np.arange(lo[d], hi[d]) * s[d] - c[d]) ** 2 for d in range(3)]
-        d2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        box, d2 = _sphere_box(c, r, spacing, shape)
         take = (d2 < r * r) & (d2 < best[box])
         best[box][take] = d2[take]
         labels[box][take] = i + 1
         signal[box][take] = level * (1 - _CELL_FALLOFF * d2[take] / (r * r))
     return labels, signal
+
+
+def _faces_touch(tissue: _Tissue, a, b, r_a: float, r_b: float) -> bool:
+    """Whether two overlapping spheres, split by nearest centre, share a voxel face."""
+    mid = (a + b) / 2
+    box, _ = _sphere_box(mid, 0.0, tissue.spacing, tissue.shape, reach=r_a + r_b)
+    s = np.asarray(tissue.spacing)
+    d2a, d2b = _squared_distances(box, a, s), _squared_distances(box, b, s)
+    in_a, in_b = d2a < r_a * r_a, d2b < r_b * r_b
+    owner_a = in_a & ~(in_b & (d2b < d2a))
+    owner_b = in_b & ~owner_a
+    for axis in range(3):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        lo, hi = tuple(lo), tuple(hi)
+        if np.any(owner_a[lo] & owner_b[hi]) or np.any(owner_b[lo] & owner_a[hi]):
+            return True
+    return False
 
 
 def _smooth_noise(rng, shape, spacing) -> np.ndarray:
@@ -675,10 +714,12 @@ def lightsheet(
     atlas of leaf regions (left/right superficial and deep cortex as shells, hippocampus,
     striatum and thalamus as nearest-seed cells of the core). Nuclei are spheres in
     micrometres (ellipsoids in voxels), radius jittered by ±20 %, placed at random inside
-    the tissue at least one voxel diagonal apart, except for touching pairs whose centres
-    are 1.6–1.9 mean radii apart; a voxel in both spheres of a pair goes to the nearer
-    centre. The clean nuclear signal (tissue texture plus nuclei) and the autofluorescence
-    channel (tissue texture, no nuclei) are multiplied by a bias field
+    the tissue with surfaces at least one voxel diagonal apart, except for touching pairs
+    (one per 16 cells) whose centres are 1.6–1.9 mean radii apart; a voxel in both spheres
+    of a pair goes to the nearer centre, and a pair is kept only when its two labels share
+    a voxel face. Labels are in random order. The clean nuclear signal (tissue texture
+    plus nuclei) and the autofluorescence channel (tissue texture, no nuclei) are
+    multiplied by a bias field
     ``exp(-x_um / length_x) * exp(-z_um / length_z)`` (1 at the first voxel, 0.42–0.64 at the
     last), then get Poisson shot noise, a background of 100 and Gaussian read noise
     (σ = 5), and are rounded into uint16.
@@ -693,8 +734,8 @@ def lightsheet(
         Number of nuclei. None derives it from the tissue volume (one per 6000 µm³), capped
         at what random placement fits without overlaps beyond the touching pairs.
     cell_radius_um : float, optional
-        Mean nucleus radius in micrometres; at least 0.625 × the voxel diagonal, at most a
-        fifth of the tissue's smallest semi-axis.
+        Mean nucleus radius in micrometres; at least 0.625 × the voxel diagonal, and the
+        largest radius (1.2 × this) at most a quarter of the tissue's smallest semi-axis.
     seed : int, optional
         Seed of the random generator; equal seeds give identical volumes.
 
@@ -910,7 +951,7 @@ def em_stack(
     max_rotation_deg : float, optional
         Largest rotation in degrees, in [0, 45].
     max_shift_px : float, optional
-        Largest shift per axis in pixels, in [0, min(Y, X) / 4].
+        Largest shift per axis in pixels, in [0, min(Y, X) / 2].
     max_scale : float, optional
         Largest relative scale change per axis, in [0, 0.25].
     max_shear : float, optional
