@@ -128,10 +128,10 @@ def run_with_progress(
                 if posted:
                     update(*posted)
                 time.sleep(0.25)
-            posted = client.get_metadata(["voxflow-progress", key], default=None)
-            if posted:
-                update(*posted)
-            return future.result()
+            result = future.result()
+            # Nothing posted: every task was served from the cache.
+            update(*(client.get_metadata(["voxflow-progress", key], default=None) or (0, 0)))
+            return result
 
 
 @app.command()

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,6 +49,8 @@ def test_pyramid_command_writes_a_valid_image(cli_env, image, tmp_path):
               "--chunks", "8,8,8"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert re.search(r"(\d+)/\1 blocks", result.output), result.output  # a finished bar
+    assert "wrote 3 levels" in result.output
     ref = open_image(out)
     assert ref.ngff_version == "0.4" and len(ref.levels) == 3
     assert ref.levels[1].chunks == (8, 8, 8)
