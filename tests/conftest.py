@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import numpy as np
@@ -48,3 +49,15 @@ def mean_reference(image, factors):
     if image.dtype.kind in "iu":
         return np.floor(means + 0.5).astype(image.dtype)
     return means.astype(image.dtype)
+
+
+def snapshot(root):
+    """Every file below `root`, as relative path → (content digest, modification time)."""
+    found = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+            found[os.path.relpath(full, root)] = (digest, os.stat(full).st_mtime_ns)
+    return found

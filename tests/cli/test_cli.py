@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import re
@@ -8,6 +7,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from tests.conftest import snapshot
 from voxflow.cli import app
 from voxflow.io import open_image, read_level, write_image
 
@@ -20,17 +20,6 @@ def cli_env(monkeypatch, results_dir, prefect_harness):
     monkeypatch.setenv("VOXFLOW_CLUSTER__N_WORKERS", "1")
     monkeypatch.setenv("VOXFLOW_CLUSTER__THREADS_PER_WORKER", "2")
     monkeypatch.setenv("VOXFLOW_PREFECT__RESULT_STORAGE", str(results_dir))
-
-
-def _snapshot(root):
-    """Every file below `root` with its content digest and modification time."""
-    found = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as fh:
-                found[full] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(full).st_mtime_ns)
-    return found
 
 
 @pytest.fixture
@@ -120,21 +109,21 @@ def _bad_inputs(tmp_path, image_path):
 def test_bad_input_gives_one_line_error_and_writes_nothing(cli_env, image, tmp_path):
     path, _ = image
     cases = _bad_inputs(tmp_path, path)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
         assert lines and lines[0].startswith("error:"), (args, result.output)
         assert message in " ".join(lines), (args, result.output)
-        assert _snapshot(tmp_path) == before, f"{args} changed files"
+        assert snapshot(tmp_path) == before, f"{args} changed files"
     assert not os.path.exists(tmp_path / "new.ome.zarr")
 
 
 def test_in_place_on_a_plain_array_is_refused(cli_env, tmp_path):
     plain = str(tmp_path / "plain.zarr")
     zarr.create_array(plain, shape=(8, 8, 8), chunks=(4, 4, 4), dtype="uint8")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     result = runner.invoke(app, ["pyramid", plain, "--in-place"])
     assert result.exit_code == 2 and "plain zarr array cannot hold levels" in result.output
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before

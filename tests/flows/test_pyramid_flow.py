@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import block_reduce_reference, mean_reference
+from tests.conftest import block_reduce_reference, mean_reference, snapshot
 from voxflow.flows import PyramidConfig, run_pyramid
 from voxflow.io import open_image, read_level, write_image
 from voxflow.tasks import PyramidParams
@@ -20,15 +20,6 @@ def _volume(shape=(2, 20, 45, 38), seed=0):
 def _write_input(path, data, scale=(1.0, 4.0, 1.0, 1.0)):
     write_image(str(path), data, "czyx", scale, name="input", chunks=16, shards=32)
     return str(path)
-
-
-def _mtimes(root):
-    found = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            found[full] = os.stat(full).st_mtime_ns
-    return found
 
 
 def _expected_levels(data, plan_factors):
@@ -63,10 +54,10 @@ def test_flow_writes_levels_equal_to_reference_and_reruns_from_cache(tmp_path, s
     assert ref.provenance["stage"] == "pyramid"
     assert ref.provenance["input"]["fingerprint"] == open_image(src).fingerprint
 
-    before = _mtimes(ref.url)
+    before = snapshot(ref.url)
     again = run_pyramid(config, settings)
     assert again == ref
-    assert _mtimes(ref.url) == before, "a cache hit must not write anything"
+    assert snapshot(ref.url) == before, "a cache hit must not write anything"
 
 
 def test_changed_parameter_recomputes(tmp_path, settings):
@@ -103,12 +94,12 @@ def test_in_place_keeps_level0_untouched(tmp_path, settings):
     data = _volume(seed=3)
     src = _write_input(tmp_path / "in.ome.zarr", data)
     level0 = os.path.join(src, "0")
-    before = _mtimes(level0)
+    before = snapshot(level0)
     ref = run_pyramid(
         PyramidConfig(input=src, in_place=True, pyramid=PyramidParams(levels=3)), settings
     )
     assert ref.url == src and len(ref.levels) == 3
-    assert _mtimes(level0) == before
+    assert snapshot(level0) == before
     np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
     np.testing.assert_array_equal(read_level(ref, 1).compute(), mean_reference(data, (1, 1, 2, 2)))
 

@@ -3,7 +3,7 @@ import uuid
 import numpy as np
 import pytest
 
-from tests.conftest import block_reduce_reference, mean_reference
+from tests.conftest import block_reduce_reference, mean_reference, snapshot
 from voxflow.io import ArrayLayout, open_image, read_level, reader, write_image
 from voxflow.tasks import PyramidParams, make_pyramid, plan_pyramid
 from voxflow.tasks.pyramid import _compute_chunks, default_output
@@ -113,25 +113,14 @@ def test_default_output_names():
     assert default_output("/d/raw") == "/d/raw.pyramid.ome.zarr"
 
 
-def _stored(root):
-    import os
-
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, root)] = fh.read()
-    return out
-
-
 def test_level0_encoded_alike_is_copied_byte_for_byte(tmp_path):
     src = str(tmp_path / "in.ome.zarr")
     data = _image(src, shape=(20, 34, 40))
     out = str(tmp_path / "out.ome.zarr")
     same = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), levels=2)
     ref = make_pyramid(open_image(src), out, same)
-    assert _stored(f"{src}/0") == _stored(f"{out}/0")
+    contents = {k: v[0] for k, v in snapshot(f"{src}/0").items()}
+    assert contents == {k: v[0] for k, v in snapshot(f"{out}/0").items()}
     np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
 
 
@@ -142,6 +131,6 @@ def test_level0_encoded_differently_is_rewritten(tmp_path):
     other = PyramidParams(chunks=(4, 4, 4), shards=(8, 8, 8), levels=2, compressor="lz4")
     ref = make_pyramid(open_image(src), out, other)
     assert ref.levels[0].chunks == (4, 4, 4) and ref.levels[0].shards == (8, 8, 8)
-    assert set(_stored(f"{src}/0")) != set(_stored(f"{out}/0"))
+    assert set(snapshot(f"{src}/0")) != set(snapshot(f"{out}/0"))
     np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
     np.testing.assert_array_equal(read_level(ref, 1).compute(), mean_reference(data, (2, 2, 2)))

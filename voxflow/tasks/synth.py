@@ -51,6 +51,13 @@ def _regions_csv(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
+def _validate_output(output: str, overwrite: bool, ngff_version: str) -> Location:
+    """The dataset's location, refused before any work if it exists or the version is bad."""
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
+    return check_output(output, [], overwrite=overwrite)
+
+
 def write_lightsheet(
     output: str,
     *,
@@ -82,9 +89,7 @@ def write_lightsheet(
     dict
         Name → location of everything written.
     """
-    if ngff_version not in NGFF_VERSIONS:
-        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
-    out = check_output(output, [], overwrite=overwrite)
+    out = _validate_output(output, overwrite, ngff_version)
     vol = synth.lightsheet(shape, seed=seed) if shape else synth.lightsheet(seed=seed)
     clear_output(out)
     image = out.child("image.ome.zarr")
@@ -143,9 +148,7 @@ def write_em_stack(
     dict
         Name → location of everything written.
     """
-    if ngff_version not in NGFF_VERSIONS:
-        raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
-    out = check_output(output, [], overwrite=overwrite)
+    out = _validate_output(output, overwrite, ngff_version)
     stack = synth.em_stack(shape, seed=seed) if shape else synth.em_stack(seed=seed)
     clear_output(out)
     record = provenance("synth", "em-stack", {"shape": list(stack.image.shape), "seed": seed}, None)
