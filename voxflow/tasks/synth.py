@@ -51,11 +51,18 @@ def _regions_csv(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _validate_output(output: str, overwrite: bool, ngff_version: str) -> Location:
-    """The dataset's location, refused before any work if it exists or the version is bad."""
+def _start(kind: str, output: str, overwrite: bool, ngff_version: str, generate, shape, seed):
+    """Check the output (before any work), generate the data, clear the output.
+
+    Returns the output location, the generated dataset and its provenance record.
+    """
     if ngff_version not in NGFF_VERSIONS:
         raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
-    return check_output(output, [], overwrite=overwrite)
+    out = check_output(output, [], overwrite=overwrite)
+    data = generate(shape, seed=seed) if shape else generate(seed=seed)
+    clear_output(out)
+    record = provenance("synth", kind, {"shape": list(data.image.shape), "seed": seed}, None)
+    return out, data, record
 
 
 def write_lightsheet(
@@ -89,11 +96,10 @@ def write_lightsheet(
     dict
         Name → location of everything written.
     """
-    out = _validate_output(output, overwrite, ngff_version)
-    vol = synth.lightsheet(shape, seed=seed) if shape else synth.lightsheet(seed=seed)
-    clear_output(out)
+    out, vol, record = _start(
+        "lightsheet", output, overwrite, ngff_version, synth.lightsheet, shape, seed
+    )
     image = out.child("image.ome.zarr")
-    record = provenance("synth", "lightsheet", {"shape": list(vol.image.shape), "seed": seed}, None)
     zscale = tuple(vol.spacing)
     for name, data in (("cells", vol.cell_labels), ("atlas", vol.atlas)):
         write_image(
@@ -148,10 +154,9 @@ def write_em_stack(
     dict
         Name → location of everything written.
     """
-    out = _validate_output(output, overwrite, ngff_version)
-    stack = synth.em_stack(shape, seed=seed) if shape else synth.em_stack(seed=seed)
-    clear_output(out)
-    record = provenance("synth", "em-stack", {"shape": list(stack.image.shape), "seed": seed}, None)
+    out, stack, record = _start(
+        "em-stack", output, overwrite, ngff_version, synth.em_stack, shape, seed
+    )
     for name, data in (("aligned.ome.zarr", stack.aligned), ("image.ome.zarr", stack.image)):
         write_image(
             out.child(name), data, "zyx", stack.spacing, name=name.split(".")[0],
