@@ -1,6 +1,6 @@
-"""The layers import one way: core → nothing of ours but core; io → core; tasks → core, io; flows
-→ tasks, runtime; cli → flows, io. Third-party rules: core imports no prefect, zarr,
-tensorstore or fsspec."""
+"""The layers import one way: core → nothing of ours but core; io → core; plugins → core; tasks
+→ core, io, plugins; flows → tasks, runtime; cli → flows, io, plugins. Third-party rules: core
+imports no prefect, zarr, tensorstore or fsspec."""
 
 import ast
 from pathlib import Path
@@ -12,11 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "voxflow"
 ALLOWED = {
     "core": {"core"},
     "io": {"io", "core"},
-    "tasks": {"tasks", "core", "io"},
+    "plugins": {"plugins", "core"},
+    "tasks": {"tasks", "core", "io", "plugins"},
     "runtime": {"runtime", "settings"},
     "flows": {"flows", "tasks", "runtime", "settings"},
     "settings": {"settings"},
-    "cli": {"cli", "flows", "io", "runtime", "settings"},
+    "cli": {"cli", "flows", "io", "plugins", "runtime", "settings"},
 }
 FORBIDDEN_IN_CORE = {"prefect", "prefect_dask", "zarr", "tensorstore", "fsspec", "gcsfs"}
 

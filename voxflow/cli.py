@@ -20,10 +20,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from voxflow.flows import PyramidConfig, run_pyramid, validate_pyramid
+from voxflow.flows import (
+    PyramidConfig,
+    ScaledConfig,
+    field_path,
+    run_pyramid,
+    run_scaled,
+    validate_pyramid,
+    validate_scaled,
+)
 from voxflow.flows.demo import run_demo
 from voxflow.flows.synth import SYNTH_DEFAULTS, synthesize
 from voxflow.io import ImageRef, open_image
+from voxflow.plugins import describe_plugins, parse_params
 from voxflow.runtime import open_client
 from voxflow.settings import VoxflowSettings
 
@@ -265,6 +274,80 @@ def synth_em_stack(
 ) -> None:
     """Serial-section EM-like slice stack with known per-slice affine transforms."""
     _synth("em-stack", output, shape, seed, overwrite)
+
+
+@app.command()
+@_user_errors
+def correct(
+    input: Annotated[str, typer.Argument(help="OME-Zarr image (or plain zarr array).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="New OME-Zarr for the result.")],
+    plugin: Annotated[
+        str, typer.Option(help="Registered plugin name (see `voxflow plugins`).")
+    ] = "gaussian",
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="Plugin parameter KEY=VALUE (VALUE as JSON when it parses)."),
+    ] = None,
+    factor: Annotated[
+        str, typer.Option(help="Downsampling factor: N for every spatial axis, or Z,Y,X.")
+    ] = "4",
+    channel: Annotated[
+        list[int] | None, typer.Option("--channel", help="Channel to process (repeatable).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="keep (input dtype, rounded) | float32.")] = "keep",
+    no_field: Annotated[
+        bool, typer.Option("--no-field", help="Do not keep the low-resolution field.")
+    ] = False,
+    ngff_version: Annotated[
+        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+) -> None:
+    """Estimate a smooth field at low resolution and apply it at full resolution.
+
+    The corrected image gets a pyramid; the low-resolution field lands at
+    OUTPUT/fields/<plugin> unless --no-field.
+    """
+    settings = VoxflowSettings()
+    store = settings.storage
+    factors = _ints(factor, "factor")
+    config = ScaledConfig.model_validate({
+        "input": input, "output": output, "overwrite": overwrite,
+        "processing": {
+            "plugin": plugin, "params": parse_params(param or []),
+            "factor": factors[0] if len(factors) == 1 else factors,
+            "channels": tuple(channel) if channel else None, "dtype": dtype,
+            "keep_field": not no_field,
+            "max_lowres_mib": settings.processing.max_lowres_mib,
+            "pyramid": {
+                "ngff_version": ngff_version or store.ngff_version, "chunks": store.chunks,
+                "shards": store.shards, "compressor": store.compressor, "clevel": store.clevel,
+            },
+        },
+    })  # fmt: skip
+    validate_scaled(config)
+    start = time.perf_counter()
+    ref = run_with_progress(
+        lambda s, key: run_scaled(config, s, progress_key=key), settings, f"correct ({plugin})"
+    )
+    seconds = time.perf_counter() - start
+    out.print(f"wrote [bold]{ref.url}[/] in {seconds:.1f} s")
+    _print_levels(ref)
+    if not no_field:
+        name = (ref.provenance or {}).get("method") or plugin
+        out.print(f"field: {ref.url.rstrip('/')}/{field_path(name)}")
+
+
+@app.command("plugins")
+@_user_errors
+def plugins_() -> None:
+    """List the scaled-processing plugins: built-in and installed ones."""
+    table = Table(title="scaled-processing plugins", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in describe_plugins():
+        table.add_row(name, description)
+    out.print(table)
 
 
 @app.command()

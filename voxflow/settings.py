@@ -47,6 +47,7 @@ __all__ = [
     "ClusterSettings",
     "KubernetesSettings",
     "PrefectSettings",
+    "ProcessingSettings",
     "StorageSettings",
     "VoxflowSettings",
 ]
@@ -242,6 +243,21 @@ class StorageSettings(BaseModel):
         return self
 
 
+class ProcessingSettings(BaseModel):
+    """Limits of the processing stages."""
+
+    model_config = _FROZEN
+
+    max_lowres_mib: PositiveInt = Field(
+        4096,
+        description=(
+            "Largest low-resolution image (float32, all processed channels) that multi-"
+            "resolution processing holds in memory, in MiB; a larger one is refused with a "
+            "suggested downsample factor."
+        ),
+    )
+
+
 class PrefectSettings(BaseModel):
     """How Prefect persists the results of voxflow tasks and which API it talks to."""
 
@@ -296,6 +312,9 @@ class VoxflowSettings(BaseSettings):
     )
     prefect: PrefectSettings = Field(
         default_factory=PrefectSettings, description="Prefect result persistence and API."
+    )
+    processing: ProcessingSettings = Field(
+        default_factory=ProcessingSettings, description="Limits of the processing stages."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Level of voxflow's log messages."

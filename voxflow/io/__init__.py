@@ -21,6 +21,7 @@ from voxflow.io.writer import (
     derive_layout,
     provenance,
     write_blocks,
+    write_group,
     write_image,
     write_image_metadata,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "read_level",
     "tensorstore_context",
     "write_blocks",
+    "write_group",
     "write_image",
     "write_image_metadata",
 ]

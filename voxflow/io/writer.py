@@ -517,6 +517,30 @@ def write_image(
     )  # fmt: skip
 
 
+def write_group(
+    location: str | Location, ngff_version: str = "0.5", ome: dict[str, Any] | None = None
+) -> None:
+    """Write the metadata of a plain group (one that holds images, such as ``labels``).
+
+    Parameters
+    ----------
+    location : str or Location
+        The group.
+    ngff_version : {"0.5", "0.4"}, optional
+        Zarr v3 ``zarr.json`` for 0.5, ``.zgroup``/``.zattrs`` for 0.4.
+    ome : dict, optional
+        NGFF attributes of the group (``{"labels": [...]}``, say); under ``ome`` for 0.5.
+    """
+    loc = Location.parse(location)
+    if ngff_version == "0.5":
+        attrs = {"ome": {"version": "0.5", **ome}} if ome else {}
+        loc.write_json("zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    else:
+        if ome:
+            loc.write_json(".zattrs", dict(ome))
+        loc.write_json(".zgroup", {"zarr_format": 2})
+
+
 def check_output(
     output: str | Location, inputs: Sequence[str | Location], *, overwrite: bool = False
 ) -> Location:

@@ -13,20 +13,34 @@ from voxflow.tasks.pyramid import (
     plan_pyramid,
     resolve_target,
 )
+from voxflow.tasks.scaled import (
+    ScaledParams,
+    check_scaled,
+    correct_image,
+    field_path,
+    is_scaled_complete,
+    scaled_processing,
+)
 from voxflow.tasks.synth import write_em_stack, write_lightsheet
 
 __all__ = [
     "ImageRef",
     "LevelPlan",
     "PyramidParams",
+    "ScaledParams",
     "build_pyramid",
     "check_pyramid",
+    "check_scaled",
+    "correct_image",
     "default_output",
+    "field_path",
     "is_complete",
+    "is_scaled_complete",
     "make_pyramid",
     "open_input",
     "plan_pyramid",
     "resolve_target",
+    "scaled_processing",
     "write_em_stack",
     "write_lightsheet",
 ]

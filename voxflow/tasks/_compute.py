@@ -9,6 +9,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numpy as np
 from dask.delayed import Delayed
 
 ProgressFn = Callable[[int, int], None]
@@ -81,3 +82,11 @@ def compute_blocks(
             if progress and (done == total or done % max(1, total // 100) == 0):
                 progress(done, total)
     return total
+
+
+def compute_array(arr: da.Array) -> np.ndarray:
+    """Compute a (small) Dask array into memory, on the flow's cluster when there is one."""
+    with flow_client() as client:
+        if client is None:
+            return np.asarray(arr.compute(num_workers=max(4, 2 * (os.cpu_count() or 1))))
+        return np.asarray(client.compute(arr).result())

@@ -45,6 +45,8 @@ __all__ = [
     "check_pyramid",
     "default_output",
     "is_complete",
+    "level0_chunks",
+    "level_writes",
     "make_pyramid",
     "open_input",
     "plan_pyramid",
@@ -200,7 +202,7 @@ def _compute_chunks(layout: ArrayLayout, factors: Sequence[int], itemsize: int) 
     return tuple(block)
 
 
-def _read_chunks(plan: list[LevelPlan], itemsize: int) -> tuple[int, ...]:
+def level0_chunks(plan: list[LevelPlan], itemsize: int) -> tuple[int, ...]:
     """Level-0 read blocks that feed level 1's compute blocks without re-slicing."""
     if len(plan) == 1:
         return plan[0].layout.write_chunks
@@ -223,9 +225,8 @@ def pyramid_writes(
     """Create the level arrays and return the lazy work that fills them.
 
     Level 0 is read once; each level is reduced from the previous one in the same graph, so a
-    region of level 0 feeds every level without being read again. Levels are computed in
-    blocks of half a shard and gathered into whole shards only to be written. A new level 0
-    encoded exactly like the input's is filled by copying the stored shards byte for byte.
+    region of level 0 feeds every level without being read again. A new level 0 encoded
+    exactly like the input's is filled by copying the stored shards byte for byte.
 
     Returns
     -------
@@ -234,10 +235,48 @@ def pyramid_writes(
     copies : list of dask.delayed.Delayed
         Byte copies of level 0's stored objects (empty when level 0 is re-encoded or kept).
     """
+    level0 = read_level(source, 0, chunks=level0_chunks(plan, np.dtype(source.dtype).itemsize))
+    copies: list[Delayed] = []
+    if write_level0:
+        spec0 = create_array(
+            output, plan[0].path, shape=plan[0].shape, dtype=source.dtype, dims=source.dims,
+            layout=plan[0].layout, zarr_format=3 if ngff_version == "0.5" else 2,
+            compressor=compressor, clevel=clevel,
+        )  # fmt: skip
+        src0 = Location.parse(source.url).child(source.levels[0].path)
+        copies = copy_stored_chunks(src0, output.child(plan[0].path)) or []
+        if not copies:
+            unit = plan[0].layout.write_chunks
+            first = write_blocks(level0.rechunk(unit), spec0, unit)
+    writes = level_writes(
+        level0, output, plan, method, dims=source.dims, ngff_version=ngff_version,
+        write_level0=False, compressor=compressor, clevel=clevel,
+    )  # fmt: skip
+    if write_level0 and not copies:
+        writes.insert(0, first)
+    return writes, copies
+
+
+def level_writes(
+    level0: da.Array, output: Location, plan: list[LevelPlan], method: Method, *,
+    dims: Sequence[str], ngff_version: str, write_level0: bool = True, compressor: str = "zstd",
+    clevel: int = 3,
+) -> list[da.Array]:  # fmt: skip
+    """Create the level arrays of `plan` and return the lazy block writes that fill them.
+
+    Each level is reduced from the previous one in one graph, so a block of `level0` (read
+    or computed) feeds every level once. Levels are computed in blocks of about 4 MiB of the
+    previous level and gathered into whole shards only to be written; chunk `level0` with
+    :func:`level0_chunks` so its blocks feed level 1 without re-slicing.
+
+    Returns
+    -------
+    list of dask.array.Array
+        Block writes, one array per level written (level 0 first when `write_level0`).
+    """
     fmt = 3 if ngff_version == "0.5" else 2
-    itemsize = np.dtype(source.dtype).itemsize
-    level = read_level(source, 0, chunks=_read_chunks(plan, itemsize))
-    writes, copies = [], []
+    itemsize = level0.dtype.itemsize
+    level, writes = level0, []
     for i, lv in enumerate(plan):
         if i:
             blocks = _compute_chunks(lv.layout, lv.factors, itemsize)
@@ -245,17 +284,12 @@ def pyramid_writes(
         elif not write_level0:
             continue
         spec = create_array(
-            output, lv.path, shape=lv.shape, dtype=source.dtype, dims=source.dims,
-            layout=lv.layout, zarr_format=fmt, compressor=compressor, clevel=clevel,
+            output, lv.path, shape=lv.shape, dtype=level0.dtype, dims=dims, layout=lv.layout,
+            zarr_format=fmt, compressor=compressor, clevel=clevel,
         )  # fmt: skip
-        if i == 0:
-            src0 = Location.parse(source.url).child(source.levels[0].path)
-            copies = copy_stored_chunks(src0, output.child(lv.path)) or []
-            if copies:
-                continue
         unit = lv.layout.write_chunks
         writes.append(write_blocks(level.rechunk(unit), spec, unit))
-    return writes, copies
+    return writes
 
 
 def _multiscale(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from voxflow.core import synth
-from voxflow.io import Location, check_output, clear_output, provenance, write_image
+from voxflow.io import (
+    check_output,
+    clear_output,
+    provenance,
+    write_group,
+    write_image,
+)
 from voxflow.io.ngff import NGFF_VERSIONS
 
 __all__ = ["write_em_stack", "write_lightsheet"]
@@ -27,18 +33,6 @@ def _omero(image: np.ndarray, names: Sequence[str]) -> dict:
                        "end": hi},
         })  # fmt: skip
     return {"channels": channels, "rdefs": {"model": "color"}}
-
-
-def _labels_group(image: Location, names: Sequence[str], ngff_version: str) -> None:
-    labels = image.child("labels")
-    if ngff_version == "0.5":
-        attrs = {"ome": {"version": "0.5", "labels": list(names)}}
-        labels.write_json(
-            "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-        )
-    else:
-        labels.write_json(".zattrs", {"labels": list(names)})
-        labels.write_json(".zgroup", {"zarr_format": 2})
 
 
 def _regions_csv(rows: list[dict]) -> bytes:
@@ -106,7 +100,7 @@ def write_lightsheet(
             image.child(f"labels/{name}"), data, "zyx", zscale, name=name, provenance=record,
             image_label={"source": {"image": "../../"}}, ngff_version=ngff_version,
         )  # fmt: skip
-    _labels_group(image, ["cells", "atlas"], ngff_version)
+    write_group(image.child("labels"), ngff_version, {"labels": ["cells", "atlas"]})
     write_image(
         image, vol.image, "czyx", (1.0, *zscale), name="synthetic lightsheet",
         omero=_omero(vol.image, vol.channel_names), provenance=record, ngff_version=ngff_version,

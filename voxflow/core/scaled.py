@@ -1,0 +1,497 @@
+"""Multi-resolution processing: estimate a smooth field at low resolution, apply it blockwise.
+
+A plugin's ``lowres_func`` sees a small, low-resolution copy of each channel and returns a
+smooth field of the same shape (a bias field, a background, ...). The field is upsampled to full
+resolution one output block at a time (:func:`voxflow.core.upsample.upsample`), so no
+full-resolution temporary exists, and the plugin's ``highres_func`` combines it with the
+full-resolution voxels, lazily and blockwise.
+
+The plugin is any object with the four hooks of the ``voxflow.plugins`` specification; this
+module calls ``lowres_func`` and ``highres_func`` on a per-channel copy of it that carries a
+:class:`ScaleContext` in its ``context`` attribute.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+
+from voxflow.core.axes import spatial_mask, validate_dims
+from voxflow.core.pyramid import Method, downsample, level_transform
+
+__all__ = [
+    "PluginHookError",
+    "ScaleContext",
+    "ScaledResult",
+    "apply_field",
+    "apply_scaled_processing",
+    "estimate_field",
+    "lowres_geometry",
+    "validate_downsample_factor",
+]
+
+DtypePolicy = Literal["keep", "float32"]
+
+
+class PluginHookError(ValueError):
+    """A plugin hook failed or broke its contract (wrong shape, non-finite values, ...)."""
+
+
+@dataclass(frozen=True)
+class ScaleContext:
+    """What a scaled-processing plugin knows about the arrays its hooks receive.
+
+    Attributes
+    ----------
+    dims : tuple of str
+        Names of the spatial axes of the arrays given to the hooks, e.g. ``("z", "y", "x")``.
+    spacing : tuple of float
+        Physical voxel size of the low-resolution array per spatial axis (units in `units`).
+    fullres_spacing : tuple of float
+        Physical voxel size of the full-resolution array per spatial axis.
+    factors : tuple of int
+        Full-resolution voxels per low-resolution voxel along each spatial axis.
+    units : tuple of str or None
+        Unit of each spatial axis (``"micrometer"`` for most microscopy), None when unknown.
+    channel : int or None
+        Index of the channel being processed, None for an image without a channel axis.
+    """
+
+    dims: tuple[str, ...]
+    spacing: tuple[float, ...]
+    fullres_spacing: tuple[float, ...]
+    factors: tuple[int, ...]
+    units: tuple[str | None, ...] = ()
+    channel: int | None = None
+
+
+@dataclass(frozen=True)
+class ScaledResult:
+    """What :func:`apply_scaled_processing` returns.
+
+    Attributes
+    ----------
+    image : dask.array.Array
+        The processed image, same shape as the input restricted to the selected channels; lazy.
+    field : numpy.ndarray of float32
+        The low-resolution fields, one per selected channel, stacked like the image's
+        non-spatial axes (shape: non-spatial shape + low-resolution spatial shape).
+    field_scale, field_translation : tuple of float
+        Physical geometry of `field` per axis of the image (non-spatial axes: 1 and 0).
+    plugins : list
+        The per-channel plugin copies that made the fields (their state and context).
+    """
+
+    image: da.Array
+    field: np.ndarray
+    field_scale: tuple[float, ...]
+    field_translation: tuple[float, ...]
+    plugins: list[Any]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _plugin_name(plugin: Any) -> str:
+    try:
+        return str(plugin.scaled_processing_plugin_name())
+    except Exception:  # a broken name hook must not hide the real error
+        return type(plugin).__name__
+
+
+def validate_downsample_factor(
+    factor: int | Sequence[int], shape: Sequence[int], dims: Sequence[str]
+) -> tuple[int, ...]:
+    """Normalise `factor` to one integer per axis of an image (1 on non-spatial axes).
+
+    Parameters
+    ----------
+    factor : int or sequence of int
+        One integer >= 1 for every spatial axis, or one per spatial axis.
+    shape : sequence of int
+        Shape of the full-resolution image.
+    dims : sequence of str
+        Its axis names.
+
+    Returns
+    -------
+    tuple of int
+        Factor per axis of the image.
+
+    Raises
+    ------
+    TypeError
+        When a factor is not an integer.
+    ValueError
+        When a factor is < 1, the count is wrong, or the low-resolution image would have fewer
+        than 2 voxels along a reduced axis.
+    """
+    space = spatial_mask(dims)
+    n_space = sum(space)
+    values = [factor] * n_space if isinstance(factor, numbers.Integral) else factor
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise TypeError(f"`downsample_factor` must be an integer or a sequence, got {factor!r}")
+    values = tuple(values)
+    if len(values) != n_space:
+        raise ValueError(
+            f"`downsample_factor` needs one integer or one per spatial axis ({n_space}), "
+            f"got {values}"
+        )
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"`downsample_factor` must hold integers, got {values}")
+        if v < 1:
+            raise ValueError(f"`downsample_factor` must be >= 1, got {values}")
+    it = iter(int(v) for v in values)
+    full = tuple(next(it) if s else 1 for s in space)
+    for name, n, f in zip(dims, shape, full, strict=True):
+        if f > 1 and -(-n // f) < 2:
+            raise ValueError(
+                f"`downsample_factor` {f} leaves fewer than 2 voxels on axis {name!r} "
+                f"({n} voxels); use a factor of at most {max(n // 2, 1)} there"
+            )
+    return full
+
+
+def _check_budget(shape: Sequence[int], factors: Sequence[int], budget: int | None) -> None:
+    if budget is None:
+        return
+    low = [-(-n // f) for n, f in zip(shape, factors, strict=True)]
+    need = math.prod(low) * 4
+    if need <= budget:
+        return
+    grow = 2
+    while math.prod(-(-n // (f * grow)) for n, f in zip(shape, factors, strict=True)) * 4 > budget:
+        grow *= 2
+    suggestion = tuple(f * grow if f > 1 else f for f in factors)
+    raise ValueError(
+        f"the low-resolution image would take {need / 2**20:.0f} MiB, over the budget of "
+        f"{budget / 2**20:.0f} MiB; choose a larger `downsample_factor`, e.g. {suggestion}"
+    )
+
+
+def _check_finite_input(image: da.Array | np.ndarray, lowres: np.ndarray) -> None:
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(lowres).all():
+        raise ValueError("the image holds NaN or infinite values; fix or mask them first")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def lowres_geometry(
+    scale: Sequence[float], translation: Sequence[float], factors: Sequence[int]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Scale and translation of a block-mean reduction by `factors` (block centres).
+
+    Parameters
+    ----------
+    scale, translation : sequence of float
+        Full-resolution geometry per axis.
+    factors : sequence of int
+        Block size per axis.
+
+    Returns
+    -------
+    scale, translation : tuple of float
+        As :func:`voxflow.core.level_transform` with the mean method.
+    """
+    return level_transform(scale, translation, factors, Method.MEAN)
+
+
+# --------------------------------------------------------------------------- the two steps
+
+
+def _bind(plugin: Any, context: ScaleContext) -> Any:
+    run = copy.copy(plugin)
+    run.context = context
+    return run
+
+
+def estimate_field(
+    lowres: np.ndarray, plugin: Any, context: ScaleContext
+) -> tuple[np.ndarray, Any]:
+    """Run a plugin's ``lowres_func`` on one channel's low-resolution array.
+
+    Parameters
+    ----------
+    lowres : numpy.ndarray, shape (Z, Y, X) or (Y, X)
+        Low-resolution voxels of one channel (given to the plugin as float32).
+    plugin : object
+        A scaled-processing plugin (see ``voxflow.plugins``).
+    context : ScaleContext
+        Geometry of the call; set as ``context`` on the copy of `plugin` that runs.
+
+    Returns
+    -------
+    field : numpy.ndarray of float32
+        The plugin's field, same shape as `lowres`.
+    run : object
+        The plugin copy that made it; its ``highres_func`` must apply this field.
+
+    Raises
+    ------
+    PluginHookError
+        When the hook raises, returns something that is not an array of that shape, or
+        returns NaN or infinite values.
+    """
+    run = _bind(plugin, context)
+    name = _plugin_name(plugin)
+    try:
+        field = run.lowres_func(lowres_array=np.asarray(lowres, dtype=np.float32))
+    except Exception as exc:
+        raise PluginHookError(f"plugin {name!r} failed in lowres_func: {exc}") from exc
+    if not isinstance(field, np.ndarray) or field.shape != lowres.shape:
+        got = getattr(field, "shape", type(field).__name__)
+        raise PluginHookError(
+            f"plugin {name!r}: lowres_func must return an array of shape {lowres.shape}, got {got}"
+        )
+    if not np.issubdtype(field.dtype, np.number) or not np.isfinite(field).all():
+        raise PluginHookError(f"plugin {name!r}: lowres_func returned NaN or infinite values")
+    return field.astype(np.float32, copy=False), run
+
+
+def _cast_block(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    from voxflow.core.upsample import cast_to_dtype
+
+    return cast_to_dtype(block, dtype)
+
+
+def apply_field(
+    image: da.Array,
+    field: np.ndarray,
+    run: Any,
+    *,
+    scale: Sequence[float],
+    translation: Sequence[float],
+    field_scale: Sequence[float],
+    field_translation: Sequence[float],
+    dtype: np.dtype | str | None = None,
+) -> da.Array:
+    """Upsample `field` blockwise to `image`'s grid and apply the plugin's ``highres_func``.
+
+    Parameters
+    ----------
+    image : dask.array.Array
+        Full-resolution voxels of one channel (spatial axes only).
+    field : numpy.ndarray
+        The low-resolution field of that channel.
+    run : object
+        The plugin copy returned by :func:`estimate_field`.
+    scale, translation : sequence of float
+        Physical geometry of `image` per axis.
+    field_scale, field_translation : sequence of float
+        Physical geometry of `field` per axis (voxel centres).
+    dtype : numpy.dtype or str, optional
+        Output dtype; integers are rounded to nearest and clipped to the dtype's range.
+        None keeps the dtype ``highres_func`` returns.
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy result with the chunks of `image`.
+
+    Raises
+    ------
+    PluginHookError
+        When ``highres_func`` raises while building the graph or returns something that is
+        not a Dask array of `image`'s shape.
+    """
+    from voxflow.core.upsample import upsample
+
+    up = upsample(
+        field, image.shape, image.chunks, scale=scale, translation=translation,
+        low_scale=field_scale, low_translation=field_translation,
+    )  # fmt: skip
+    name = _plugin_name(run)
+    try:
+        out = run.highres_func(fullres_array=image, upsampled_output=up)
+    except Exception as exc:
+        raise PluginHookError(f"plugin {name!r} failed in highres_func: {exc}") from exc
+    if not isinstance(out, da.Array) or out.shape != image.shape:
+        got = getattr(out, "shape", type(out).__name__)
+        raise PluginHookError(
+            f"plugin {name!r}: highres_func must return a Dask array of shape {image.shape}, "
+            f"got {got}"
+        )
+    if out.chunks != image.chunks:
+        out = out.rechunk(image.chunks)
+    if dtype is None or np.dtype(dtype) == out.dtype:
+        return out
+    return out.map_blocks(_cast_block, np.dtype(dtype), dtype=np.dtype(dtype))
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+def _validate_channels(channels: Sequence[int] | None, n: int | None) -> tuple[int, ...] | None:
+    if channels is None:
+        return None if n is None else tuple(range(n))
+    if n is None:
+        raise ValueError("`channels` needs an image with a channel axis 'c'")
+    got = tuple(channels)
+    if not got:
+        raise ValueError("`channels` must name at least one channel")
+    for c in got:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"`channels` must hold integers, got {got}")
+        if not 0 <= c < n:
+            raise ValueError(f"`channels` must lie in 0..{n - 1}, got {got}")
+    if len(set(got)) != len(got):
+        raise ValueError(f"`channels` must not repeat a channel, got {got}")
+    return got
+
+
+def _validate_dtype(dtype: DtypePolicy | str, image_dtype: np.dtype) -> np.dtype:
+    if dtype == "keep":
+        return np.dtype(image_dtype)
+    if dtype == "float32":
+        return np.dtype(np.float32)
+    raise ValueError(f"`dtype` must be 'keep' or 'float32', got {dtype!r}")
+
+
+def _select(image: da.Array, dims: tuple[str, ...], channels: tuple[int, ...] | None) -> da.Array:
+    if channels is None or "c" not in dims:
+        return image
+    return image[(slice(None),) * dims.index("c") + (list(channels),)]
+
+
+def _stack(items: list[Any], shape: tuple[int, ...], stack: Any) -> Any:
+    """Stack a flat, C-ordered list of arrays into leading axes of `shape`."""
+    if not shape:
+        return items[0]
+    step = math.prod(shape[1:])
+    return stack([_stack(items[i * step : (i + 1) * step], shape[1:], stack)
+                  for i in range(shape[0])])  # fmt: skip
+
+
+def apply_scaled_processing(
+    image: da.Array | np.ndarray,
+    plugin: Any,
+    downsample_factor: int | Sequence[int] = 4,
+    *,
+    chunk_size: Sequence[int] | None = None,
+    dims: Sequence[str] | None = None,
+    scale: Sequence[float] | None = None,
+    translation: Sequence[float] | None = None,
+    units: Sequence[str | None] | None = None,
+    channels: Sequence[int] | None = None,
+    dtype: DtypePolicy = "keep",
+    lowres: np.ndarray | None = None,
+    lowres_scale: Sequence[float] | None = None,
+    lowres_translation: Sequence[float] | None = None,
+    max_lowres_bytes: int | None = None,
+) -> ScaledResult:
+    """Estimate a smooth field at low resolution and apply it to every full-resolution block.
+
+    Parameters
+    ----------
+    image : dask.array.Array or numpy.ndarray, shape ([T,] [C,] [Z,] Y, X)
+        Full-resolution image. Non-spatial axes (time, channel) are processed one index at a
+        time.
+    plugin : object
+        A scaled-processing plugin instance (see ``voxflow.plugins.resolve_plugin``).
+    downsample_factor : int or sequence of int, optional
+        Full-resolution voxels per low-resolution voxel, for every spatial axis or one per
+        spatial axis; any integer >= 1.
+    chunk_size : sequence of int, optional
+        Chunk shape (one per axis) the full-resolution work runs in; None keeps `image`'s
+        chunks (NumPy input: one chunk).
+    dims : sequence of str, optional
+        Axis names; None: ``zyx``-style defaults for the number of axes (``czyx`` for 4D).
+    scale, translation : sequence of float, optional
+        Physical voxel size and position of voxel 0 per axis; None: 1 and 0.
+    units : sequence of str or None, optional
+        Unit per axis, given to the plugin.
+    channels : sequence of int, optional
+        Channels to process (and to return), None: all.
+    dtype : {"keep", "float32"}, optional
+        "keep" rounds and clips the result into the input's dtype; "float32" returns floats.
+    lowres : numpy.ndarray, optional
+        An existing low-resolution copy of the whole image (all channels, e.g. a pyramid
+        level), used instead of reducing `image`; needs `lowres_scale` and
+        `lowres_translation`. None: block mean of `image` by `downsample_factor`.
+    lowres_scale, lowres_translation : sequence of float, optional
+        Geometry of `lowres` per axis.
+    max_lowres_bytes : int, optional
+        Refuse when the low-resolution image (float32, selected channels) would be larger.
+
+    Returns
+    -------
+    ScaledResult
+        The lazy processed image and the low-resolution fields.
+
+    Raises
+    ------
+    ValueError
+        For a bad factor, channel selection, dtype or budget, or NaN/Inf in the image.
+    PluginHookError
+        When a hook fails or breaks its contract; the message names the plugin and the hook.
+    """
+    arr = image if isinstance(image, da.Array) else da.from_array(np.asarray(image))
+    dims = validate_dims(dims) if dims is not None else _default_dims(arr.ndim)
+    if chunk_size is not None:
+        arr = arr.rechunk(tuple(chunk_size))
+    scale = tuple(map(float, scale)) if scale is not None else (1.0,) * arr.ndim
+    translation = tuple(map(float, translation)) if translation is not None else (0.0,) * arr.ndim
+    factors = validate_downsample_factor(downsample_factor, arr.shape, dims)
+    n_chan = arr.shape[dims.index("c")] if "c" in dims else None
+    chans = _validate_channels(channels, n_chan)
+    out_dtype = _validate_dtype(dtype, arr.dtype)
+    selected = _select(arr, dims, chans)
+    if lowres is None:
+        _check_budget(selected.shape, factors, max_lowres_bytes)
+        low = downsample(selected, factors, Method.MEAN).compute()
+        low_scale, low_trans = lowres_geometry(scale, translation, factors)
+    else:
+        if lowres_scale is None or lowres_translation is None:
+            raise ValueError("`lowres` needs `lowres_scale` and `lowres_translation`")
+        low = np.asarray(_select(da.from_array(lowres), dims, chans))
+        low_scale, low_trans = tuple(lowres_scale), tuple(lowres_translation)
+    _check_finite_input(arr, low)
+    return _process(selected, low, plugin, dims, chans, factors, scale, translation,
+                    low_scale, low_trans, units, out_dtype)  # fmt: skip
+
+
+def _default_dims(ndim: int) -> tuple[str, ...]:
+    names = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
+    if ndim not in names:
+        raise ValueError(f"`image` must have 2 to 5 axes, got {ndim}")
+    return tuple(names[ndim])
+
+
+def _process(
+    selected, low, plugin, dims, chans, factors, scale, translation, low_scale, low_trans,
+    units, out_dtype,
+) -> ScaledResult:  # fmt: skip
+    space = spatial_mask(dims)
+    lead = tuple(n for n, s in zip(selected.shape, space, strict=True) if not s)
+    lead_dims = [d for d, s in zip(dims, space, strict=True) if not s]
+
+    def spatial(values: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(v for v, s in zip(values, space, strict=True) if s)
+
+    fields, outs, runs = [], [], []
+    for index in itertools.product(*(range(n) for n in lead)):
+        channel = chans[index[lead_dims.index("c")]] if "c" in lead_dims else None
+        context = ScaleContext(
+            dims=spatial(dims), spacing=spatial(low_scale), fullres_spacing=spatial(scale),
+            factors=spatial(factors), units=spatial(units) if units else (), channel=channel,
+        )  # fmt: skip
+        field, run = estimate_field(low[index], plugin, context)
+        outs.append(apply_field(
+            selected[index], field, run, scale=spatial(scale), translation=spatial(translation),
+            field_scale=spatial(low_scale), field_translation=spatial(low_trans), dtype=out_dtype,
+        ))  # fmt: skip
+        fields.append(field)
+        runs.append(run)
+    image = _stack(outs, lead, da.stack)
+    field = _stack(fields, lead, np.stack)
+    return ScaledResult(image, field, tuple(low_scale), tuple(low_trans), runs)

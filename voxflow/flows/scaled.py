@@ -1,0 +1,76 @@
+"""The scaled-processing flow: an image in, a corrected OME-Zarr (with its field) out."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxflow.runtime import make_task_runner, prefect_context
+from voxflow.settings import VoxflowSettings
+from voxflow.tasks import (
+    ImageRef,
+    ScaledParams,
+    check_scaled,
+    correct_image,
+    field_path,
+    is_scaled_complete,
+    open_input,
+)
+
+__all__ = [
+    "ScaledConfig",
+    "field_path",
+    "run_scaled",
+    "scaled_processing_flow",
+    "validate_scaled",
+]
+
+
+class ScaledConfig(BaseModel):
+    """Everything a scaled-processing run needs; the form the Prefect UI shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: str = Field(description="OME-Zarr image (or plain zarr array) to process.")
+    output: str = Field(description="New OME-Zarr for the result.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+    processing: ScaledParams = Field(
+        default_factory=ScaledParams, description="Plugin, factor, channels, dtype, storage."
+    )
+
+
+def validate_scaled(config: ScaledConfig) -> ImageRef:
+    """Check `config` before a run (nothing is written); return the input's description."""
+    source = open_input.fn(config.input)
+    check_scaled(source, config.output, config.processing, overwrite=config.overwrite)
+    return source
+
+
+@flow(
+    name="scaled-processing",
+    task_runner=make_task_runner(VoxflowSettings()),
+    validate_parameters=True,
+    log_prints=True,
+)
+def scaled_processing_flow(config: ScaledConfig, progress_key: str | None = None) -> ImageRef:
+    """Estimate a field at low resolution and apply it to `config.input` at full resolution."""
+    source = open_input.submit(config.input).result()
+    args = (source, config.output, config.processing, config.overwrite, progress_key)
+    ref = correct_image.submit(*args).result()
+    if not is_scaled_complete(ref):
+        # A cached result whose output was since removed or changed: make it again.
+        ref = correct_image.with_options(refresh_cache=True).submit(*args).result()
+    return ref
+
+
+def run_scaled(
+    config: ScaledConfig,
+    settings: VoxflowSettings | None = None,
+    *,
+    progress_key: str | None = None,
+) -> ImageRef:
+    """Run :func:`scaled_processing_flow` with the cluster and Prefect settings of `settings`."""
+    settings = settings or VoxflowSettings()
+    with prefect_context(settings.prefect):
+        runner = make_task_runner(settings)
+        return scaled_processing_flow.with_options(task_runner=runner)(config, progress_key)

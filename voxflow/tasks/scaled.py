@@ -1,0 +1,372 @@
+"""Scaled-processing tasks: estimate a field at low resolution, apply it, write the result."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import Annotated, Any, Literal
+
+import dask.array as da
+import numpy as np
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from voxflow.core.axes import spatial_mask
+from voxflow.core.pyramid import Method, downsample
+from voxflow.core.scaled import (
+    ScaledResult,
+    apply_scaled_processing,
+    lowres_geometry,
+    validate_downsample_factor,
+)
+from voxflow.io import (
+    Dataset,
+    ImageRef,
+    Location,
+    Multiscale,
+    check_output,
+    clear_output,
+    open_image,
+    provenance,
+    read_level,
+    write_group,
+    write_image,
+    write_image_metadata,
+)
+from voxflow.plugins import check_plugin, plugin_provenance, resolve_plugin
+from voxflow.tasks._cache import content_key
+from voxflow.tasks._compute import ProgressFn, compute_array, compute_blocks, publish_progress
+from voxflow.tasks.pyramid import (
+    LevelPlan,
+    PyramidParams,
+    is_complete,
+    level0_chunks,
+    level_writes,
+    plan_pyramid,
+)
+
+__all__ = [
+    "INCOMPLETE_MARKER",
+    "ScaledParams",
+    "check_scaled",
+    "correct_image",
+    "field_path",
+    "find_lowres_level",
+    "is_scaled_complete",
+    "scaled_processing",
+]
+
+INCOMPLETE_MARKER = "voxflow-incomplete.json"
+"""Written into an output while it is being made; its presence lets a rerun resume there."""
+
+# Pyramid methods whose levels are block means (or close enough to stand for one).
+_MEAN_LIKE = {"mean", "average", "local_mean"}
+
+
+class ScaledParams(BaseModel):
+    """How an image is processed at two resolutions, and how the result is stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    plugin: str = Field("gaussian", min_length=1, description="Registered plugin name.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword parameters of the plugin."
+    )
+    factor: PositiveInt | Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=3)] = (
+        Field(4, description="Downsampling factor, for every spatial axis or one per axis.")
+    )
+    channels: Annotated[tuple[int, ...], Field(min_length=1)] | None = Field(
+        None, description="Channels to process and write; None: all."
+    )
+    dtype: Literal["keep", "float32"] = Field(
+        "keep", description="keep: the input's dtype (rounded, clipped); float32: floats."
+    )
+    keep_field: bool = Field(
+        True, description="Write the low-resolution field to OUTPUT/fields/<plugin>."
+    )
+    chunk_size: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=5)] | None = (
+        Field(None, description="Full-resolution work block per axis; None: derived.")
+    )
+    max_lowres_mib: PositiveInt = Field(
+        4096, description="Refuse a low-resolution image larger than this (MiB, float32)."
+    )
+    pyramid: PyramidParams = Field(
+        default_factory=PyramidParams, description="Levels and storage of the output."
+    )
+
+    @field_validator("pyramid")
+    @classmethod
+    def _mean_levels(cls, value: PyramidParams) -> PyramidParams:
+        if value.method in (Method.MODE, Method.STRIDE):
+            raise ValueError(f"the output is an intensity image; `method` {value.method} is not")
+        return value
+
+
+def field_path(plugin_name: str) -> str:
+    """Where the low-resolution field of `plugin_name` lies inside the output image."""
+    return f"fields/{plugin_name}"
+
+
+def find_lowres_level(source: ImageRef, factors: Sequence[int]) -> int | None:
+    """The index of an existing block-mean level reduced by exactly `factors`, or None.
+
+    Parameters
+    ----------
+    source : ImageRef
+        The image.
+    factors : sequence of int
+        Factor per axis relative to level 0.
+
+    Returns
+    -------
+    int or None
+        The level index (>= 1), or None when no level matches in shape and scale.
+    """
+    if (source.method or "").lower() not in _MEAN_LIKE:
+        return None
+    for i, lv in enumerate(source.levels[1:], start=1):
+        shape = tuple(-(-n // f) for n, f in zip(source.shape, factors, strict=True))
+        ratios = [a / b for a, b in zip(lv.scale, source.scale, strict=True)]
+        if lv.shape == shape and all(
+            math.isclose(r, f, rel_tol=1e-6) for r, f in zip(ratios, factors, strict=True)
+        ):
+            return i
+    return None
+
+
+def _output_plan(source: ImageRef, params: ScaledParams, channels: tuple[int, ...] | None,
+                 dtype: str) -> tuple[str, list[LevelPlan]]:  # fmt: skip
+    shape = list(source.shape)
+    if channels is not None and "c" in source.dims:
+        shape[source.dims.index("c")] = len(channels)
+    first = source.levels[0].model_copy(update={"shape": tuple(shape)})
+    like = source.model_copy(update={"levels": (first,), "dtype": dtype})
+    return plan_pyramid(like, params.pyramid)
+
+
+def _channels(source: ImageRef, params: ScaledParams) -> tuple[int, ...] | None:
+    if params.channels is None:
+        return None
+    if "c" not in source.dims:
+        raise ValueError(f"`channels` needs an image with a channel axis, got dims {source.dims}")
+    n = source.shape[source.dims.index("c")]
+    bad = [c for c in params.channels if not 0 <= c < n]
+    if bad or len(set(params.channels)) != len(params.channels):
+        raise ValueError(
+            f"`channels` must be distinct channels in 0..{n - 1}, got {params.channels}"
+        )
+    return params.channels
+
+
+def _output_dtype(source: ImageRef, params: ScaledParams) -> str:
+    return "float32" if params.dtype == "float32" else source.dtype
+
+
+def _resumable(out: Location) -> bool:
+    """An output this stage left incomplete: no image metadata, only the marker and arrays."""
+    return out.exists(INCOMPLETE_MARKER) and not any(
+        out.exists(k) for k in ("zarr.json", ".zattrs", ".zgroup")
+    )
+
+
+def check_scaled(
+    source: ImageRef, output: str, params: ScaledParams, *, overwrite: bool = False
+) -> tuple[Any, tuple[int, ...], list[LevelPlan]]:
+    """Validate everything before anything is written.
+
+    Returns
+    -------
+    plugin : object
+        The resolved plugin instance.
+    factors : tuple of int
+        Factor per axis.
+    plan : list of LevelPlan
+        Levels of the output.
+
+    Raises
+    ------
+    ValueError, TypeError, FileExistsError
+        For an unknown plugin or bad parameters, a bad factor or channel selection, a
+        low-resolution image over the budget, or an output that is or holds the input, or
+        exists (unless `overwrite`, or it is an incomplete output of this stage).
+    """
+    plugin = resolve_plugin(params.plugin, params.params)
+    check_plugin(plugin)
+    factors = validate_downsample_factor(params.factor, source.shape, source.dims)
+    channels = _channels(source, params)
+    out = Location.parse(output)
+    check_output(out, [source.url], overwrite=overwrite or _resumable(out))
+    n_chan = len(channels) if channels is not None else None
+    low = [-(-n // f) for n, f in zip(source.shape, factors, strict=True)]
+    if n_chan is not None:
+        low[source.dims.index("c")] = n_chan
+    need = math.prod(low) * 4
+    if need > params.max_lowres_mib * 2**20:
+        grow = math.ceil((need / (params.max_lowres_mib * 2**20)) ** (1 / 3))
+        suggestion = tuple(f * grow for f, s in zip(factors, spatial_mask(source.dims),
+                                                    strict=True) if s)  # fmt: skip
+        raise ValueError(
+            f"the low-resolution image would take {need / 2**20:.0f} MiB, over the limit of "
+            f"{params.max_lowres_mib} MiB (processing.max_lowres_mib); use a larger factor, "
+            f"e.g. --factor {','.join(map(str, suggestion))}"
+        )
+    _, plan = _output_plan(source, params, channels, _output_dtype(source, params))
+    return plugin, factors, plan
+
+
+def _lowres(source: ImageRef, factors: tuple[int, ...]) -> tuple[np.ndarray, tuple, tuple, str]:
+    """The low-resolution image: an existing level, else a block mean of level 0."""
+    level = find_lowres_level(source, factors)
+    if level is not None:
+        lv = source.levels[level]
+        return compute_array(read_level(source, level)), lv.scale, lv.translation, lv.path
+    full = read_level(source, 0)
+    low = compute_array(downsample(full, factors, Method.MEAN))
+    scale, translation = lowres_geometry(source.scale, source.translation, factors)
+    return low, scale, translation, "block mean of level 0"
+
+
+def _write_field(out: Location, result: ScaledResult, source: ImageRef, name: str,
+                 version_: str, record: dict) -> str:  # fmt: skip
+    fields = out.child("fields")
+    write_image(
+        fields.child(name), result.field, source.dims, result.field_scale,
+        translation=result.field_translation, units=source.units, name=f"{name} field",
+        provenance=record, ngff_version=version_,
+    )  # fmt: skip
+    write_group(fields, version_)
+    return fields.child(name).url
+
+
+def _omero(source: ImageRef, channels: tuple[int, ...] | None) -> dict | None:
+    if source.omero is None or channels is None or "channels" not in source.omero:
+        return source.omero
+    listed = source.omero["channels"]
+    return {**source.omero, "channels": [listed[c] for c in channels if c < len(listed)]}
+
+
+def scaled_processing(
+    source: ImageRef,
+    output: str,
+    params: ScaledParams,
+    *,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> ImageRef:
+    """Process `source` at two resolutions with a plugin and write the result; the array work.
+
+    The output is an OME-Zarr image with a pyramid (``params.pyramid``) and, unless
+    ``params.keep_field`` is false, the low-resolution field at ``OUTPUT/fields/<plugin>``.
+    While it is being written the output carries :data:`INCOMPLETE_MARKER` and no image
+    metadata, so an interrupted run never looks complete and a rerun starts it over.
+
+    Parameters
+    ----------
+    source : ImageRef
+        Input image; level 0 is read once, and a matching block-mean level is reused as the
+        low-resolution image.
+    output : str
+        The new OME-Zarr.
+    params : ScaledParams
+        Plugin, factor, channels, dtype and storage.
+    overwrite : bool, optional
+        Replace an existing `output`.
+    progress : callable, optional
+        Called with ``(blocks_done, blocks_total)`` during the full-resolution write.
+
+    Returns
+    -------
+    ImageRef
+        The written image.
+    """
+    plugin, factors, plan = check_scaled(source, output, params, overwrite=overwrite)
+    channels = _channels(source, params)
+    out = Location.parse(output)
+    version_ = params.pyramid.ngff_version or "0.5"
+    name = plugin.scaled_processing_plugin_name()
+    # The plugin sees the low-resolution image before anything is written, so a plugin that
+    # fails, or NaN in the input, leaves no output behind.
+    low, low_scale, low_trans, low_from = _lowres(source, factors)
+    full = read_level(source, 0, chunks=params.chunk_size or level0_chunks(
+        plan, np.dtype(source.dtype).itemsize))  # fmt: skip
+    result = apply_scaled_processing(
+        full, plugin, factors, dims=source.dims, scale=source.scale,
+        translation=source.translation, units=source.units, channels=channels,
+        dtype=params.dtype, lowres=low, lowres_scale=low_scale, lowres_translation=low_trans,
+    )  # fmt: skip
+    clear_output(out)
+    out.write_json(INCOMPLETE_MARKER, {"stage": "scaled", "plugin": name})
+    record = provenance("scaled", name, {
+        **params.model_dump(mode="json"), "plugin": plugin_provenance(plugin),
+        "factors": list(factors), "lowres": low_from,
+        "field": field_path(name) if params.keep_field else None,
+    }, source)  # fmt: skip
+    if params.keep_field:
+        _write_field(out, result, source, name, version_, record)
+    image = _level0(result.image, plan)
+    writes = level_writes(
+        image, out, plan, params.pyramid.method, dims=source.dims, ngff_version=version_,
+        compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
+    )  # fmt: skip
+    compute_blocks(writes, progress)
+    write_image_metadata(out, _multiscale(source, plan, params), ngff_version=version_,
+                         omero=_omero(source, channels), provenance=record)  # fmt: skip
+    out.delete(INCOMPLETE_MARKER)
+    return open_image(out)
+
+
+def _level0(image: da.Array, plan: list[LevelPlan]) -> da.Array:
+    # A no-op when the image was read in these blocks (the usual case).
+    return image.rechunk(level0_chunks(plan, image.dtype.itemsize))
+
+
+def _multiscale(source: ImageRef, plan: list[LevelPlan], params: ScaledParams) -> Multiscale:
+    method = params.pyramid.method
+    return Multiscale(
+        axes=source.axes,
+        datasets=tuple(Dataset(lv.path, lv.scale, lv.translation) for lv in plan),
+        name=source.name,
+        type=method.value,
+        metadata={
+            "method": "voxflow.core.pyramid.downsample",
+            "version": version("voxflow"),
+            "kwargs": {"method": method.value, "factors": [list(lv.factors) for lv in plan[1:]]},
+        },
+    )
+
+
+# -- Prefect task ------------------------------------------------------------------------------
+
+
+def _scaled_cache_key(context, parameters) -> str:
+    src: ImageRef = parameters["source"]
+    params = ScaledParams.model_validate(parameters["params"])
+    return content_key("scaled", src.fingerprint, {
+        "params": params.model_dump(mode="json"),
+        "output": Location.parse(parameters["output"]).url,
+    })  # fmt: skip
+
+
+@task(
+    cache_key_fn=_scaled_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    task_run_name="correct {source.url} ({params.plugin})",
+)
+def correct_image(
+    source: ImageRef,
+    output: str,
+    params: ScaledParams,
+    overwrite: bool = False,
+    progress_key: str | None = None,
+) -> ImageRef:
+    """Process and write `source` (cached on content, not retried)."""
+    return scaled_processing(
+        source, output, params, overwrite=overwrite, progress=publish_progress(progress_key)
+    )
+
+
+def is_scaled_complete(ref: ImageRef) -> bool:
+    """Whether the output of a (cached) run is still there, whole and unchanged."""
+    return is_complete(ref)
