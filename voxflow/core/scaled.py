@@ -26,6 +26,7 @@ import numpy as np
 
 from voxflow.core.axes import spatial_mask, validate_dims
 from voxflow.core.pyramid import Method, downsample, level_transform
+from voxflow.core.upsample import cast_to_dtype, upsample
 
 __all__ = [
     "PluginHookError",
@@ -156,7 +157,7 @@ def validate_downsample_factor(
         if f > 1 and -(-n // f) < 2:
             raise ValueError(
                 f"`downsample_factor` {f} leaves fewer than 2 voxels on axis {name!r} "
-                f"({n} voxels); use a factor of at most {max(n // 2, 1)} there"
+                f"({n} voxels); use a factor of at most {max(n - 1, 1)} there"
             )
     return full
 
@@ -259,8 +260,6 @@ def estimate_field(
 
 
 def _cast_block(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    from voxflow.core.upsample import cast_to_dtype
-
     return cast_to_dtype(block, dtype)
 
 
@@ -304,8 +303,6 @@ def apply_field(
         When ``highres_func`` raises while building the graph or returns something that is
         not a Dask array of `image`'s shape.
     """
-    from voxflow.core.upsample import upsample
-
     up = upsample(
         field, image.shape, image.chunks, scale=scale, translation=translation,
         low_scale=field_scale, low_translation=field_translation,

@@ -1,0 +1,470 @@
+"""Seam-free linear upsampling of a low-resolution field, whole or one output block at a time.
+
+A field estimated at low resolution (a bias field, a background) lives in the same physical
+space as the full-resolution image: voxel ``i`` of the full grid sits at ``x = t + i * s``
+and has the continuous field index ``u = (x - t_low) / s_low``. The field is interpolated
+linearly along each axis (a tensor product), with ``u`` clamped to ``[0, n_low - 1]`` so the
+edge values carry on past the field's outermost voxel centres. With the geometry of a pyramid
+level (:func:`voxflow.core.level_transform`: ``s_low = f * s``, ``t_low = t + (f - 1) / 2 * s``)
+a field made by block means sits exactly on the blocks it summarises: no stretch.
+
+Every output voxel is computed from its global index alone, by the same operations in the same
+order, so :func:`upsample` (blockwise, lazy) equals :func:`upsample_array` (whole) bitwise for
+any chunking: no seams.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+from voxflow.core._upsample_kernels import cast_float_to_int, interpolate_3d
+
+__all__ = ["cast_to_dtype", "upsample", "upsample_array", "upsample_block", "upsample_weights"]
+
+_MAX_NDIM = 3
+
+# Geometry in the order the kernels use it: full-res scale and translation, then the field's.
+_Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_int(value: object, name: str, minimum: int) -> int:
+    """An integer (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _validate_real(value: object, name: str, *, positive: bool) -> float:
+    """A finite real number (a positive one when `positive`) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    got = float(value)
+    if not math.isfinite(got) or (positive and got <= 0):
+        kind = "a positive, finite" if positive else "a finite"
+        raise ValueError(f"`{name}` must be {kind} number, got {value!r}")
+    return got
+
+
+def _as_tuple(values: object, ndim: int, name: str, what: str) -> tuple:
+    """`values` as a tuple of `ndim` items, one per spatial axis."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise TypeError(f"`{name}` must be a sequence of {what}s, got {type(values).__name__}")
+    got = tuple(values)
+    if len(got) != ndim:
+        raise ValueError(f"`{name}` needs one {what} per spatial axis ({ndim}), got {got}")
+    return got
+
+
+def _validate_ints(values: object, ndim: int, name: str, minimum: int) -> tuple[int, ...]:
+    return tuple(_validate_int(v, name, minimum) for v in _as_tuple(values, ndim, name, "integer"))
+
+
+def _validate_reals(values: object, ndim: int, name: str, *, positive: bool) -> tuple[float, ...]:
+    got = _as_tuple(values, ndim, name, "number")
+    return tuple(_validate_real(v, name, positive=positive) for v in got)
+
+
+def _validate_field(field: object) -> np.ndarray:
+    """A 1D to 3D float32 / float64 NumPy array, C-contiguous."""
+    if isinstance(field, da.Array):
+        raise TypeError("`field` must be a NumPy array, got a Dask array; compute it first")
+    if not isinstance(field, np.ndarray):
+        raise TypeError(f"`field` must be a NumPy array, got {type(field).__name__}")
+    if not 1 <= field.ndim <= _MAX_NDIM:
+        raise ValueError(f"`field` needs 1 to {_MAX_NDIM} spatial dimensions, got {field.ndim}")
+    if field.dtype.kind != "f" or field.dtype.itemsize not in (4, 8):
+        raise TypeError(f"`field` must be float32 or float64, got {field.dtype}")
+    if field.size == 0:
+        raise ValueError(f"`field` must hold at least one voxel per axis, got {field.shape}")
+    # Native byte order: the compiled kernels read only that.
+    return np.ascontiguousarray(field, dtype=field.dtype.newbyteorder("="))
+
+
+def _validate_geometry(
+    ndim: int,
+    scale: Sequence[float],
+    translation: Sequence[float],
+    low_scale: Sequence[float],
+    low_translation: Sequence[float],
+) -> _Geometry:
+    """Four tuples of `ndim` finite floats; the scales positive."""
+    return (
+        _validate_reals(scale, ndim, "scale", positive=True),
+        _validate_reals(translation, ndim, "translation", positive=False),
+        _validate_reals(low_scale, ndim, "low_scale", positive=True),
+        _validate_reals(low_translation, ndim, "low_translation", positive=False),
+    )
+
+
+def _validate_dtype(dtype: object, kinds: str, what: str) -> np.dtype:
+    """A NumPy dtype of one of `kinds`; None is refused rather than read as float64."""
+    try:
+        got = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        got = None
+    if got is None or got.kind not in kinds:
+        raise TypeError(f"`dtype` must be {what}, got {dtype!r}")
+    return got
+
+
+def _validate_out_dtype(dtype: object) -> np.dtype:
+    got = _validate_dtype(dtype, "f", "float32 or float64")
+    if got.itemsize not in (4, 8):
+        raise TypeError(f"`dtype` must be float32 or float64, got {dtype!r}")
+    return got.newbyteorder("=")
+
+
+def _validate_block(
+    origin: object, block_shape: object, ndim: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Origin and shape of a block, from integer origins or from slices."""
+    items = _as_tuple(origin, ndim, "origin", "integer or slice")
+    if not all(isinstance(s, slice) for s in items):
+        origin = _validate_ints(items, ndim, "origin", 0)
+        return origin, _validate_ints(block_shape, ndim, "block_shape", 1)
+    starts, shape = [], []
+    for s in items:
+        if s.start is None or s.stop is None or s.step not in (None, 1):
+            raise ValueError(f"`origin` slices need a start, a stop and step 1, got {s}")
+        start = _validate_int(s.start, "origin", 0)
+        shape.append(_validate_int(s.stop - start, "block_shape", 1))
+        starts.append(start)
+    if block_shape is not None and tuple(block_shape) != tuple(shape):
+        raise ValueError(f"`block_shape` {tuple(block_shape)} disagrees with `origin` {items}")
+    return tuple(starts), tuple(shape)
+
+
+def _validate_chunks(chunks: object, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks (an int, one int per axis or one tuple of ints per axis) normalised."""
+    if isinstance(chunks, numbers.Integral) and not isinstance(chunks, bool):
+        chunks = (chunks,) * len(shape)
+    items = _as_tuple(chunks, len(shape), "chunks", "chunk size")
+    normalised = []
+    for n, item in zip(shape, items, strict=True):
+        if isinstance(item, Sequence) and not isinstance(item, str | bytes):
+            sizes = tuple(_validate_int(c, "chunks", 1) for c in item)
+            if sum(sizes) != n:
+                raise ValueError(f"`chunks` {tuple(item)} must add up to the axis length {n}")
+        else:
+            size = _validate_int(item, "chunks", 1)
+            sizes = (size,) * (n // size) + ((n % size,) if n % size else ())
+        normalised.append(sizes)
+    return tuple(normalised)
+
+
+# --------------------------------------------------------------------------- implementation
+
+
+def _weights(
+    start: int, n_out: int, s: float, t: float, n_low: int, s_low: float, t_low: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-axis ``(i0, i1, w)`` for output indices ``start .. start + n_out - 1``."""
+    index = np.arange(start, start + n_out, dtype=np.float64)
+    u = np.clip((t + index * s - t_low) / s_low, 0.0, n_low - 1.0)
+    i0 = np.floor(u).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_low - 1)
+    return i0, i1, u - i0
+
+
+def _upsample_into(
+    field: np.ndarray, origin: tuple[int, ...], out: np.ndarray, geometry: _Geometry
+) -> np.ndarray:
+    """Fill `out` (the block at `origin`) from a validated `field`; 1D / 2D as 3D."""
+    pad = _MAX_NDIM - field.ndim
+    args = [np.zeros(1, np.intp), np.zeros(1, np.intp), np.zeros(1, np.float64)] * pad
+    for axis, (start, n) in enumerate(zip(origin, out.shape, strict=True)):
+        s, t, s_low, t_low = (g[axis] for g in geometry)
+        args.extend(_weights(start, n, s, t, field.shape[axis], s_low, t_low))
+    shape3 = (1,) * pad
+    interpolate_3d(field.reshape(shape3 + field.shape), *args, out.reshape(shape3 + out.shape))
+    return out
+
+
+def _upsample_chunk(
+    field: np.ndarray, geometry: _Geometry, out_dtype: np.dtype, block_info: dict | None = None
+) -> np.ndarray:
+    """One block of :func:`upsample`; `block_info` tells where it lies."""
+    info = block_info[None]
+    origin = tuple(start for start, _ in info["array-location"])
+    return _upsample_into(field, origin, np.empty(info["chunk-shape"], out_dtype), geometry)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def upsample_weights(
+    n_out: int,
+    scale: float,
+    translation: float,
+    n_low: int,
+    low_scale: float,
+    low_translation: float,
+    start: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weights of linear interpolation along one axis.
+
+    Output voxel ``i`` sits at ``x = translation + i * scale``; its field index
+    ``u = (x - low_translation) / low_scale`` is clamped to ``[0, n_low - 1]`` and interpolated
+    between ``i0 = floor(u)`` and ``i1 = min(i0 + 1, n_low - 1)`` with weight ``w = u - i0``
+    on ``i1``. All in float64.
+
+    Parameters
+    ----------
+    n_out : int
+        Number of output voxels (>= 1).
+    scale : float
+        Physical size of an output voxel (positive).
+    translation : float
+        Physical position of the centre of output voxel 0.
+    n_low : int
+        Length of the field along this axis (>= 1).
+    low_scale : float
+        Physical size of a field voxel (positive).
+    low_translation : float
+        Physical position of the centre of field voxel 0.
+    start : int, optional
+        Global index of the first output voxel (>= 0), for a block that starts inside the axis.
+
+    Returns
+    -------
+    i0, i1 : ndarray of intp, shape (n_out,)
+        Field indices left and right of each output voxel, non-decreasing.
+    w : ndarray of float64, shape (n_out,)
+        Weight of ``i1``, in ``[0, 1)``; ``i0`` gets ``1 - w``.
+
+    Raises
+    ------
+    TypeError
+        When a count or `start` is not an integer, or a scale or translation is not a number.
+    ValueError
+        When a count is below 1, `start` is negative, or a scale is not positive and finite.
+    """
+    n_out = _validate_int(n_out, "n_out", 1)
+    n_low = _validate_int(n_low, "n_low", 1)
+    start = _validate_int(start, "start", 0)
+    s = _validate_real(scale, "scale", positive=True)
+    t = _validate_real(translation, "translation", positive=False)
+    s_low = _validate_real(low_scale, "low_scale", positive=True)
+    t_low = _validate_real(low_translation, "low_translation", positive=False)
+    return _weights(start, n_out, s, t, n_low, s_low, t_low)
+
+
+def upsample_array(
+    field: np.ndarray,
+    shape: Sequence[int],
+    *,
+    scale: Sequence[float],
+    translation: Sequence[float],
+    low_scale: Sequence[float],
+    low_translation: Sequence[float],
+    dtype: np.dtype | type = np.float32,
+) -> np.ndarray:
+    """Upsample a whole low-resolution field linearly onto a full-resolution grid.
+
+    The reference for :func:`upsample` and :func:`upsample_block`; fine for small images.
+
+    Parameters
+    ----------
+    field : ndarray, shape ([Z,] [Y,] X)
+        The low-resolution field, float32 or float64, 1 to 3 spatial axes (loop over channels).
+        Non-finite values propagate to the output voxels that depend on them.
+    shape : sequence of int
+        Shape of the full-resolution grid, one integer >= 1 per axis of `field`.
+    scale, translation : sequence of float
+        Voxel size and centre of voxel 0 of the full-resolution grid, per axis.
+    low_scale, low_translation : sequence of float
+        Voxel size and centre of voxel 0 of `field`, per axis, in the same physical space.
+    dtype : dtype, optional
+        Output dtype, float32 (default) or float64. Arithmetic is in float64 either way.
+
+    Returns
+    -------
+    ndarray, shape `shape`
+        The field interpolated at every full-resolution voxel, clamped at the field's edges.
+
+    Raises
+    ------
+    TypeError
+        When `field` is not a float32 / float64 NumPy array, `dtype` is not float32 / float64,
+        or a shape or geometry value has the wrong type.
+    ValueError
+        When `field` is not 1D to 3D, a length differs from ``field.ndim``, a shape value is
+        below 1, a scale is not positive, or a value is not finite.
+    """
+    field = _validate_field(field)
+    shape = _validate_ints(shape, field.ndim, "shape", 1)
+    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    out = np.empty(shape, _validate_out_dtype(dtype))
+    return _upsample_into(field, (0,) * field.ndim, out, geometry)
+
+
+def upsample_block(
+    field: np.ndarray,
+    origin: Sequence[int] | Sequence[slice],
+    block_shape: Sequence[int] | None = None,
+    *,
+    scale: Sequence[float],
+    translation: Sequence[float],
+    low_scale: Sequence[float],
+    low_translation: Sequence[float],
+    dtype: np.dtype | type = np.float32,
+) -> np.ndarray:
+    """One block of the upsampled field, computed from the low-resolution field only.
+
+    Equals ``upsample_array(field, shape, ...)[block]`` bitwise, for any block of any grid.
+
+    Parameters
+    ----------
+    field : ndarray, shape ([Z,] [Y,] X)
+        The low-resolution field, float32 or float64; see :func:`upsample_array`.
+    origin : sequence of int or sequence of slice
+        Global index of the block's first voxel per axis (>= 0), or the block as one slice
+        per axis (``slice(start, stop)``, both given, step 1), as in Dask's ``block_info``.
+    block_shape : sequence of int, optional
+        Shape of the block, one integer >= 1 per axis. Required with integer origins; None
+        with slices derives it from them.
+    scale, translation, low_scale, low_translation : sequence of float
+        Geometry of the full-resolution grid and of `field`; see :func:`upsample_array`.
+    dtype : dtype, optional
+        Output dtype, float32 (default) or float64.
+
+    Returns
+    -------
+    ndarray, shape `block_shape`
+        The upsampled field over the block.
+
+    Raises
+    ------
+    TypeError
+        As :func:`upsample_array`, and when `origin` or `block_shape` holds non-integers.
+    ValueError
+        As :func:`upsample_array`, and when an origin is negative, a slice has no start or
+        stop or a step other than 1, or `block_shape` disagrees with slices in `origin`.
+    """
+    field = _validate_field(field)
+    origin, block_shape = _validate_block(origin, block_shape, field.ndim)
+    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    out = np.empty(block_shape, _validate_out_dtype(dtype))
+    return _upsample_into(field, origin, out, geometry)
+
+
+def upsample(
+    field: np.ndarray,
+    shape: Sequence[int],
+    chunks: int | Sequence[int] | Sequence[Sequence[int]],
+    *,
+    scale: Sequence[float],
+    translation: Sequence[float],
+    low_scale: Sequence[float],
+    low_translation: Sequence[float],
+    dtype: np.dtype | type = np.float32,
+) -> da.Array:
+    """Lazily upsample a low-resolution field onto a chunked full-resolution grid.
+
+    One task per output block, each computed from the field alone, which sits once in the
+    graph (a single key every task depends on); there is no full-resolution temporary. The
+    result equals :func:`upsample_array` bitwise for every chunking.
+
+    Parameters
+    ----------
+    field : ndarray, shape ([Z,] [Y,] X)
+        The low-resolution field, float32 or float64; see :func:`upsample_array`.
+    shape : sequence of int
+        Shape of the full-resolution grid, one integer >= 1 per axis of `field`.
+    chunks : int, sequence of int, or sequence of sequence of int
+        Chunks of the result, as Dask spells them: one size for all axes, one size per axis
+        (the last chunk along an axis partial), or the explicit sizes along each axis.
+    scale, translation, low_scale, low_translation : sequence of float
+        Geometry of the full-resolution grid and of `field`; see :func:`upsample_array`.
+    dtype : dtype, optional
+        Output dtype, float32 (default) or float64.
+
+    Returns
+    -------
+    dask.array.Array, shape `shape`
+        The upsampled field, chunked by `chunks`.
+
+    Raises
+    ------
+    TypeError
+        As :func:`upsample_array`, and when `chunks` holds non-integers.
+    ValueError
+        As :func:`upsample_array`, and when `chunks` has the wrong length, a size below 1,
+        or explicit sizes that do not add up to the axis length.
+    """
+    field = _validate_field(field)
+    shape = _validate_ints(shape, field.ndim, "shape", 1)
+    chunks = _validate_chunks(chunks, shape)
+    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    dtype = _validate_out_dtype(dtype)
+    # A delayed argument is one graph key shared by all tasks, not a copy inside each task.
+    shared = dask.delayed(field, pure=True)
+    return da.map_blocks(
+        _upsample_chunk,
+        shared,
+        geometry=geometry,
+        out_dtype=dtype,
+        dtype=dtype,
+        chunks=chunks,
+        meta=np.empty((0,) * field.ndim, dtype),
+        name="upsample-" + dask.base.tokenize(shared, shape, chunks, geometry, dtype),
+    )
+
+
+def cast_to_dtype(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """Cast an array to `dtype`, rounding and saturating when the target is an integer.
+
+    Float to integer: round half to even (``np.rint``), clip to the target's range, NaN to 0;
+    i.e. ``np.clip(np.rint(values), info.min, info.max).astype(dtype)`` evaluated in float64,
+    with NaN mapped to 0. Integer to integer: clip to the target's range, exactly. To a
+    float: ``values.astype(dtype)``.
+
+    Parameters
+    ----------
+    values : ndarray
+        Array of any shape, of a float, integer or bool dtype.
+    dtype : dtype
+        Target: a signed or unsigned integer of 8 to 64 bits, or a float.
+
+    Returns
+    -------
+    ndarray
+        A new C-contiguous array of `dtype`, of the shape of `values`.
+
+    Raises
+    ------
+    TypeError
+        When `values` is not a NumPy array of a float, integer or bool dtype, or `dtype` is
+        neither an integer nor a float dtype.
+    """
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "fiub":
+        got = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
+        raise TypeError(f"`values` must be a NumPy array of floats or integers, got {got}")
+    target = _validate_dtype(dtype, "fiu", "an integer or float dtype")
+    if target.kind == "f" or values.dtype.kind == "b":
+        return np.ascontiguousarray(values.astype(target))
+    info = np.iinfo(target)
+    if values.dtype.kind in "iu":
+        source = np.iinfo(values.dtype)
+        # Bounds inside both ranges, so the clip itself cannot overflow.
+        low, high = max(info.min, source.min), min(info.max, source.max)
+        return np.ascontiguousarray(np.clip(values, low, high).astype(target))
+    # The compiled kernel reads native float32 / float64 and writes a native integer.
+    work = np.float32 if values.dtype.itemsize <= 4 else np.float64
+    flat = np.ascontiguousarray(values, dtype=work).reshape(-1)
+    out = np.empty(values.shape, target.newbyteorder("="))
+    native = out.dtype.type
+    limits = float(info.min), float(info.max + 1)
+    cast_float_to_int(flat, out.reshape(-1), *limits, native(info.min), native(info.max))
+    return out if out.dtype == target else out.astype(target)
