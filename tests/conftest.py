@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 
+pytest_plugins = ["tests.example_plugin_fixture"]
+
 # Library logs stay quiet in test output; telemetry cannot leave the machine anyway.
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -260,6 +260,7 @@ def test_every_field_has_a_description():
         "KubernetesSettings",
         "StorageSettings",
         "PrefectSettings",
+        "ProcessingSettings",
     }
     for model in models:
         for name, field in model.model_fields.items():

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 
@@ -68,8 +69,9 @@ def relative_plugin(monkeypatch):
 def _input(path, shape=(2, 20, 45, 38), scale=(1.0, 3.0, 1.5, 1.5), seed=0, dtype=np.uint16):
     rng = np.random.default_rng(seed)
     data = rng.integers(500, 3000, size=shape).astype(dtype)
+    omero = {"channels": [{"label": "nuclei"}, {"label": "autofluo"}]}
     write_image(str(path), data, "czyx", scale, translation=(0, 1.0, -2.0, 0.5), chunks=8,
-                shards=16, omero={"channels": [{"label": "nuclei"}, {"label": "autofluo"}]})  # fmt: skip
+                shards=16, omero=omero)  # fmt: skip
     return str(path), data
 
 
@@ -92,8 +94,8 @@ def _expected(data, factors, scale, translation, gain=1.0, dtype=np.uint16):
 def test_output_equals_the_whole_array_contract_per_channel(tmp_path, factor):
     src, data = _input(tmp_path / "in.ome.zarr")
     out = str(tmp_path / "out.ome.zarr")
-    params = ScaledParams(plugin="relative", params={"gain": 1.5}, factor=factor,
-                          pyramid=PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), min_size=8))  # fmt: skip
+    storage = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), min_size=8)
+    params = ScaledParams(plugin="relative", params={"gain": 1.5}, factor=factor, pyramid=storage)
     before = snapshot(src)
     ref = scaled_processing(open_image(src), out, params)
 
@@ -103,7 +105,7 @@ def test_output_equals_the_whole_array_contract_per_channel(tmp_path, factor):
     for c in range(2):
         want, field = _expected(data[c], f, src_ref.scale[1:], src_ref.translation[1:], gain=1.5)
         np.testing.assert_array_equal(read_level(ref, 0)[c].compute(), want)
-        got_field = zarr.open_group(out, mode="r")[f"fields/relative/0"][c]
+        got_field = zarr.open_group(out, mode="r")["fields/relative/0"][c]
         np.testing.assert_allclose(got_field, field, rtol=1e-6)
     assert snapshot(src) == before, "the input must not change"
     assert len(ref.levels) > 1 and ref.dtype == "uint16"
@@ -140,7 +142,7 @@ def test_channel_selection_float32_and_no_field(tmp_path):
 
 @pytest.mark.usefixtures("relative_plugin")
 def test_an_existing_mean_level_is_reused_as_the_low_resolution_image(tmp_path):
-    src, data = _input(tmp_path / "in.ome.zarr", shape=(1, 32, 64, 64), scale=(1, 2, 2, 2))
+    src, _ = _input(tmp_path / "in.ome.zarr", shape=(1, 32, 64, 64), scale=(1, 2, 2, 2))
     pyr = str(tmp_path / "pyr.ome.zarr")
     ref_in = make_pyramid(open_image(src), pyr, PyramidParams(factors=(2, 2, 2), levels=3))
     assert find_lowres_level(ref_in, (1, 4, 4, 4)) == 2
@@ -170,16 +172,25 @@ def _bad(tmp_path, params, exc, match, output=None, data_dtype=np.uint16, nan=Fa
 @pytest.mark.parametrize(
     ("params", "exc", "match"),
     [
-        (ScaledParams(plugin="relative", factor=16), ValueError, "fewer than 2 voxels"),
+        (ScaledParams(plugin="relative", factor=32), ValueError, "fewer than 2 voxels"),
         (ScaledParams(plugin="relative", factor=(1, 2)), ValueError, "one per spatial axis"),
         (ScaledParams(plugin="no-such-plugin"), ValueError, "no-such-plugin"),
         (ScaledParams(plugin="failing"), PluginHookError, "'failing'.*lowres_func.*diverged"),
         (ScaledParams(plugin="relative", channels=(2,)), ValueError, "channels"),
-        (ScaledParams(plugin="relative", max_lowres_mib=1, factor=1), ValueError, "--factor"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path, params, exc, match):
     _bad(tmp_path, params, exc, match)
+
+
+@pytest.mark.usefixtures("relative_plugin")
+def test_a_low_resolution_image_over_the_limit_is_refused_with_a_suggestion(tmp_path):
+    src, _ = _input(tmp_path / "in.ome.zarr", shape=(1, 64, 128, 128))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"4 MiB, over the limit of 1 MiB.*--factor 2,2,2"):
+        scaled_processing(open_image(src), str(tmp_path / "out.ome.zarr"),
+                          ScaledParams(plugin="relative", factor=1, max_lowres_mib=1))  # fmt: skip
+    assert snapshot(tmp_path) == before
 
 
 def test_factor_zero_is_refused_by_the_model():
@@ -198,13 +209,14 @@ def test_nan_input_and_output_inside_input_write_nothing(tmp_path):
 def test_a_failed_write_looks_incomplete_and_a_rerun_completes_it(tmp_path, monkeypatch):
     src, data = _input(tmp_path / "in.ome.zarr")
     out = str(tmp_path / "out.ome.zarr")
-    params = ScaledParams(plugin="relative", factor=4)
+    storage = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), min_size=8)
+    params = ScaledParams(plugin="relative", factor=4, pyramid=storage)
     real = io_writer._write_one
-    calls = []
+    calls = itertools.count()
 
     def flaky(block, spec, block_info=None):
-        calls.append(1)
-        if len(calls) == 5:
+        # itertools.count is atomic: writes run on several threads.
+        if next(calls) == 4:
             raise OSError("disk went away")
         return real(block, spec, block_info=block_info)
 

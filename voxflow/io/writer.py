@@ -316,6 +316,7 @@ def write_blocks(arr: da.Array, spec: dict[str, Any], write_chunks: Sequence[int
         _write_one,
         spec=spec,
         dtype=np.int64,
+        meta=np.empty((0,) * arr.ndim, dtype=np.int64),  # no trial call to infer it
         chunks=tuple((1,) * len(c) for c in arr.chunks),
         name=f"write-{spec.get('token', uuid.uuid4().hex)}",
     )

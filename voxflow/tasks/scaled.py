@@ -290,8 +290,9 @@ def scaled_processing(
     low, low_scale, low_trans, low_from = _lowres(source, factors)
     full = read_level(source, 0, chunks=params.chunk_size or level0_chunks(
         plan, np.dtype(source.dtype).itemsize))  # fmt: skip
+    spatial = tuple(f for f, s in zip(factors, spatial_mask(source.dims), strict=True) if s)
     result = apply_scaled_processing(
-        full, plugin, factors, dims=source.dims, scale=source.scale,
+        full, plugin, spatial, dims=source.dims, scale=source.scale,
         translation=source.translation, units=source.units, channels=channels,
         dtype=params.dtype, lowres=low, lowres_scale=low_scale, lowres_translation=low_trans,
     )  # fmt: skip

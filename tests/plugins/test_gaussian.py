@@ -1,0 +1,177 @@
+import copy
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from tests.plugins.conftest import context_for
+from voxflow.plugins import GaussianBiasFieldCorrection
+from voxflow.plugins.gaussian import local_fit
+
+
+def _ellipsoid(shape, fraction=0.8):
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    return sum(g**2 for g in grids) < fraction
+
+
+# --------------------------------------------------------------------------- the local fit
+
+
+@pytest.mark.parametrize("sigma", [(1.0, 1.5, 2.0), (2.5, 2.5, 0.7)])
+def test_mean_mode_is_masked_normalised_gaussian_smoothing(sigma):
+    rng = np.random.default_rng(0)
+    values = rng.uniform(50, 150, size=(9, 14, 17))
+    mask = _ellipsoid(values.shape) | (rng.uniform(size=values.shape) < 0.1)
+    weights = mask.astype(np.float64)
+    num = ndimage.gaussian_filter(values * weights, sigma, mode="constant")
+    den = ndimage.gaussian_filter(weights, sigma, mode="constant")
+    got = local_fit(values, mask, sigma, mode="mean")
+    near = den >= 0.01 * den.max()
+    np.testing.assert_allclose(got[near], (num / den)[near], rtol=1e-10)
+
+
+@pytest.mark.parametrize("sigma", [(2.0, 2.0, 2.0), (5.0, 14.0, 31.0), (40.0, 40.0, 9.0)])
+@pytest.mark.parametrize("shape", [(12, 40, 50), (7, 33, 64)])
+def test_linear_mode_reproduces_a_linear_field_exactly(shape, sigma):
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    values = 300.0 - 4.0 * grids[0] + 0.5 * grids[1] - 2.5 * grids[2]
+    mask = _ellipsoid(shape, 0.5)
+    got = local_fit(values, mask, sigma, mode="linear")
+    # Inside and near the mask the plane holds; the far corners continue the nearest value.
+    near = ndimage.binary_dilation(mask, iterations=2)
+    np.testing.assert_allclose(got[near], values[near], rtol=1e-6)
+
+
+def test_the_mean_is_pulled_inwards_at_the_edge_and_the_plane_is_not():
+    shape = (16, 48, 48)
+    x = np.broadcast_to(np.arange(48, dtype=float), shape)
+    values = 100.0 + 2.0 * x
+    mask = _ellipsoid(shape, 0.6)
+    edge = mask & ~ndimage.binary_erosion(mask)
+    mean = local_fit(values, mask, (4.0, 12.0, 12.0), mode="mean")
+    plane = local_fit(values, mask, (4.0, 12.0, 12.0), mode="linear")
+    assert np.abs(mean - values)[edge].max() > 10
+    assert np.abs(plane - values)[edge].max() < 1e-4
+
+
+def test_a_thin_mask_stays_solvable():
+    values = np.full((6, 20, 20), 50.0)
+    mask = np.zeros(values.shape, bool)
+    mask[3, 5:15, 5:15] = True
+    got = local_fit(values, mask, (2.0, 3.0, 3.0))
+    np.testing.assert_allclose(got, 50.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_quality_on_the_synthetic_lightsheet(quality4):
+    plugin = copy.copy(GaussianBiasFieldCorrection())
+    plugin.context = quality4.context
+    field = plugin.lowres_func(lowres_array=quality4.low)
+    r = quality4.r(field)
+    corrected = quality4.corrected(field, plugin.estimated_offset)
+    image = quality4.image.astype(np.float64)
+    cells = (quality4.cell_cv(image), quality4.cell_cv(corrected))
+    background = (quality4.background_cv(image), quality4.background_cv(corrected))
+    figures = f"r={r:.4f} cell CV {cells[0]:.4f}->{cells[1]:.4f} bg CV {background}"
+    assert r >= 0.95, figures
+    assert cells[1] <= cells[0] / 2, figures
+    assert background[1] <= background[0] / 2, figures
+    assert 98 <= plugin.estimated_offset <= 101
+
+
+# --------------------------------------------------------------------------- spacing
+
+
+def test_sigma_in_micrometres_follows_the_spacing():
+    plugin = GaussianBiasFieldCorrection(sigma=200.0)
+    assert plugin.sigma_voxels(3) == (200.0, 200.0, 200.0)
+    plugin.context = context_for((2.0, 1.6, 1.6), (4, 4, 4))
+    assert plugin.sigma_voxels(3) == pytest.approx((25.0, 31.25, 31.25))
+    plugin.context = context_for((0.002, 0.0016, 0.0016), (4, 4, 4), units="millimeter")
+    assert plugin.sigma_voxels(3) == pytest.approx((25.0, 31.25, 31.25))
+
+
+def test_sigma_in_voxels_counts_full_resolution_voxels():
+    plugin = GaussianBiasFieldCorrection(sigma=8.0, units="voxel")
+    assert plugin.sigma_voxels(2) == (8.0, 8.0)
+    plugin.context = context_for((2.0, 1.6, 1.6), (2, 4, 8))
+    assert plugin.sigma_voxels(3) == pytest.approx((4.0, 2.0, 1.0))
+
+
+def _sampled(spacing, extent=(384.0, 192.0, 384.0)):
+    """A smooth non-linear field sampled at `spacing` (µm) over one physical box."""
+    axes = [np.arange(0, e, s) for e, s in zip(extent, spacing, strict=True)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    return 500 + 200 * np.sin(2 * np.pi * z / 300) * np.cos(2 * np.pi * x / 300) + 0.5 * y
+
+
+@pytest.mark.parametrize("sigma", [24.0, 48.0])
+def test_the_same_physical_blur_at_two_spacings(sigma):
+    coarse, fine = (8.0, 4.0, 4.0), (4.0, 4.0, 4.0)
+
+    def smooth(values, spacing, units="um", sigma=sigma):
+        plugin = GaussianBiasFieldCorrection(sigma=sigma, units=units, mode="mean", mask="all")
+        plugin.context = context_for(spacing, (1, 1, 1))
+        return plugin.lowres_func(lowres_array=values.astype(np.float32))
+
+    # The grids' voxels reach half a voxel past their centres, so the boundary of the box sits
+    # at different places: compare further than 3 sigma from the ends of z.
+    edge = int(np.ceil(3 * sigma / coarse[0]))
+    inner = slice(edge, -edge)
+    on_coarse = smooth(_sampled(coarse), coarse)[inner]
+    on_fine = smooth(_sampled(fine), fine)[::2][inner]
+    np.testing.assert_allclose(on_coarse, on_fine, rtol=0.005)
+    # Blind to the spacing (sigma in voxels of either grid), the two disagree.
+    blind = smooth(_sampled(coarse), coarse, units="voxel", sigma=sigma / 4)[inner]
+    assert np.abs(blind / on_fine - 1).max() > 0.02
+
+
+def test_blocks_approximate_the_exact_smoothing():
+    values = _sampled((4.0, 4.0, 4.0))
+    mask = np.ones(values.shape, bool)
+    sigma = (12.0, 12.0, 12.0)  # two voxels per block
+    exact = ndimage.gaussian_filter(values, sigma, mode="constant") / ndimage.gaussian_filter(
+        np.ones(values.shape), sigma, mode="constant"
+    )
+    np.testing.assert_allclose(local_fit(values, mask, sigma, mode="mean"), exact, rtol=0.006)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_defaults_and_params():
+    plugin = GaussianBiasFieldCorrection()
+    assert plugin.params == {
+        "sigma": 200.0,
+        "units": "um",
+        "mode": "linear",
+        "mask": "otsu",
+        "offset": None,
+    }
+    assert plugin.name == "gaussian" and "Gaussian" in plugin.description
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        ({"sigma": 0}, ValueError, r"`sigma` must be finite and in \(0.0, inf\], got 0.0"),
+        ({"sigma": float("inf")}, ValueError, "`sigma` must be finite"),
+        ({"sigma": "20"}, TypeError, r"`sigma` must be a real number, got '20' \(str\)"),
+        ({"sigma": True}, TypeError, "`sigma` must be a real number"),
+        ({"units": "mm"}, ValueError, r"`units` must be one of 'um', 'voxel'; got 'mm'"),
+        ({"units": 1}, TypeError, r"`units` must be a str, got 1"),
+        ({"mode": "reflect"}, ValueError, r"`mode` must be one of 'linear', 'mean'; got"),
+    ],
+)
+def test_bad_parameters(params, error, match):
+    with pytest.raises(error, match=match):
+        GaussianBiasFieldCorrection(**params)
+
+
+def test_a_context_of_the_wrong_rank_is_an_error():
+    plugin = GaussianBiasFieldCorrection()
+    plugin.context = context_for((2.0, 1.6, 1.6), (4, 4, 4))
+    with pytest.raises(ValueError, match=r"`context.spacing` needs one value per axis .* \(2\)"):
+        plugin.lowres_func(lowres_array=np.ones((8, 8), np.float32))

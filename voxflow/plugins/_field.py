@@ -1,0 +1,214 @@
+"""What the built-in plugins share: parameter checks, foreground masks, offsets, normalisation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+__all__ = [
+    "FIELD_FLOOR",
+    "OFFSET_PERCENTILE",
+    "divide_field",
+    "estimate_offset",
+    "foreground_mask",
+    "normalise_field",
+    "require_estimate",
+    "validate_bool",
+    "validate_choice",
+    "validate_fullres",
+    "validate_lowres",
+    "validate_mask",
+    "validate_offset",
+    "validate_real",
+]
+
+FIELD_FLOOR = 1e-3
+"""Smallest value of a multiplicative field normalised to mean 1: guards the division."""
+
+OFFSET_PERCENTILE = 0.5
+"""Percentile of the low-resolution image taken as the dark level when ``offset`` is None."""
+
+_MASKS = ("otsu", "all")
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def validate_real(
+    value: Any, name: str, *, low: float = -math.inf, high: float = math.inf, open_low=False
+) -> float:
+    """A finite real number (not a bool) in ``[low, high]`` (``(low, high]`` if `open_low`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    too_low = value <= low if open_low else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"`{name}` must be finite and in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+def validate_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """One of `choices`."""
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {valid}; got {value!r}")
+    return value
+
+
+def validate_bool(value: Any, name: str) -> bool:
+    """A bool (NumPy's included)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def validate_offset(offset: Any) -> float | None:
+    """None (estimate from the data) or a finite number."""
+    return None if offset is None else validate_real(offset, "offset")
+
+
+def validate_mask(mask: Any) -> str | float | np.ndarray:
+    """``"otsu"``, ``"all"``, a finite threshold, or a boolean array."""
+    if isinstance(mask, str):
+        return validate_choice(mask, "mask", _MASKS)
+    if isinstance(mask, np.ndarray):
+        if mask.dtype != bool:
+            raise TypeError(f"`mask` as an array must be boolean, got dtype {mask.dtype}")
+        if not mask.any():
+            raise ValueError("`mask` as an array must select at least one voxel, got none")
+        return mask
+    if isinstance(mask, numbers.Real) and not isinstance(mask, bool):
+        return validate_real(mask, "mask")
+    raise TypeError(
+        f"`mask` must be 'otsu', 'all', a threshold or a boolean array, got {mask!r} "
+        f"({type(mask).__name__})"
+    )
+
+
+def validate_lowres(lowres_array: Any) -> np.ndarray:
+    """The low-resolution array as float64: 2D or 3D, finite, not empty."""
+    if not isinstance(lowres_array, np.ndarray):
+        raise TypeError(f"`lowres_array` must be a NumPy array, got {type(lowres_array).__name__}")
+    if lowres_array.ndim not in (2, 3):
+        raise ValueError(
+            f"`lowres_array` must be 2D (y, x) or 3D (z, y, x), got shape {lowres_array.shape}"
+        )
+    if lowres_array.size == 0:
+        raise ValueError(f"`lowres_array` must not be empty, got shape {lowres_array.shape}")
+    if lowres_array.dtype.kind not in "biuf":
+        raise TypeError(f"`lowres_array` must be numeric, got dtype {lowres_array.dtype}")
+    values = lowres_array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("`lowres_array` must be finite, got NaN or infinite values")
+    return values
+
+
+def validate_fullres(fullres_array: Any, upsampled_output: Any) -> None:
+    """Both full-resolution inputs are Dask arrays of one shape."""
+    for name, value in (("fullres_array", fullres_array), ("upsampled_output", upsampled_output)):
+        if not isinstance(value, da.Array):
+            raise TypeError(f"`{name}` must be a Dask array, got {type(value).__name__}")
+    if fullres_array.shape != upsampled_output.shape:
+        raise ValueError(
+            "`upsampled_output` must have the shape of `fullres_array` "
+            f"{fullres_array.shape}, got {upsampled_output.shape}"
+        )
+
+
+def require_estimate(value: Any, plugin: str, what: str) -> Any:
+    """`value`, or a clear error when ``lowres_func`` has not run to set it."""
+    if value is None:
+        raise RuntimeError(
+            f"plugin {plugin!r}: highres_func needs the {what} estimated by lowres_func; "
+            "call lowres_func on this plugin first"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- estimation
+
+
+def foreground_mask(image: np.ndarray, mask: str | float | np.ndarray) -> np.ndarray:
+    """The voxels a field is estimated from and normalised over.
+
+    Parameters
+    ----------
+    image : ndarray
+        The low-resolution image.
+    mask : {"otsu", "all"}, float or ndarray of bool
+        ``"otsu"``: above the Otsu threshold of `image`, holes filled (every voxel when the
+        image is constant); ``"all"``: every voxel; a number: voxels above it; an array: as
+        given, of the shape of `image`.
+
+    Returns
+    -------
+    ndarray of bool
+        The mask, shape of `image`.
+
+    Raises
+    ------
+    ValueError
+        When an array mask has the wrong shape, or a threshold selects no voxel.
+    """
+    if isinstance(mask, np.ndarray):
+        if mask.shape != image.shape:
+            raise ValueError(
+                f"`mask` must have the shape of the low-resolution array {image.shape}, "
+                f"got {mask.shape}"
+            )
+        return mask
+    if isinstance(mask, str):
+        if mask == "all" or image.min() == image.max():
+            return np.ones(image.shape, dtype=bool)
+        # Holes are dark tissue (ventricles, vessels); the field must still be estimated there.
+        return ndimage.binary_fill_holes(image > threshold_otsu(image))
+    chosen = image > mask
+    if not chosen.any():
+        raise ValueError(
+            f"`mask` threshold {mask} selects no voxel: the low-resolution image lies in "
+            f"[{image.min():.6g}, {image.max():.6g}]"
+        )
+    return chosen
+
+
+def estimate_offset(image: np.ndarray, offset: float | None) -> float:
+    """`offset`, or when None the `OFFSET_PERCENTILE` percentile of `image` (the dark level)."""
+    if offset is not None:
+        return offset
+    return float(np.percentile(image, OFFSET_PERCENTILE))
+
+
+def normalise_field(field: np.ndarray, mask: np.ndarray, plugin: str) -> np.ndarray:
+    """`field` divided by its mean over `mask`, floored at `FIELD_FLOOR`, as float32.
+
+    Raises
+    ------
+    ValueError
+        When the field's mean over the mask is not positive: nothing lies above the offset.
+    """
+    mean = float(field[mask].mean())
+    if not math.isfinite(mean) or mean <= 0:
+        raise ValueError(
+            f"plugin {plugin!r}: the estimated field has no positive mean over the foreground "
+            f"({mean:.6g}); is the image above its `offset`?"
+        )
+    return np.maximum(field / mean, FIELD_FLOOR).astype(np.float32)
+
+
+def divide_field(full: da.Array, field: da.Array, offset: float) -> da.Array:
+    """``offset + (full - offset) / field``, in float32 for inputs of up to 16 bits."""
+    dtype = np.result_type(full.dtype, np.float32)
+    values = full.astype(dtype)
+    if offset == 0:
+        return values / field.astype(dtype)
+    return (values - dtype.type(offset)) / field.astype(dtype) + dtype.type(offset)
