@@ -1,4 +1,8 @@
-"""`voxflow demo`: synthesize a small dataset, run every stage as a flow, compare with truth."""
+"""`voxflow demo`: synthesize a small dataset, run every stage as a flow, compare with truth.
+
+Stages so far: the image pyramid (mean), the atlas pyramid (mode), a cached rerun, and bias
+correction (Gaussian plugin, factor 4) scored against the known bias field.
+"""
 
 from __future__ import annotations
 
