@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
+import dask
 import dask.array as da
 import numpy as np
 from prefect import task
@@ -318,8 +319,12 @@ def scaled_processing(
 
 
 def _level0(image: da.Array, plan: list[LevelPlan]) -> da.Array:
-    # A no-op when the image was read in these blocks (the usual case).
-    return image.rechunk(level0_chunks(plan, image.dtype.itemsize))
+    # Fuse the per-block chain (read, upsample, the plugin's arithmetic, cast) into one task
+    # per block, so its temporaries live in one task and are freed at once; the levels are
+    # then built on the fused blocks (the writes are computed unoptimised, to share them).
+    # The rechunk is a no-op when the image was read in these blocks (the usual case).
+    (fused,) = dask.optimize(image.rechunk(level0_chunks(plan, image.dtype.itemsize)))
+    return fused
 
 
 def _multiscale(source: ImageRef, plan: list[LevelPlan], params: ScaledParams) -> Multiscale:
