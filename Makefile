@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxflow-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-scaled clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/pyramid.py
+
+bench-scaled: install
+	$(BIN)/python benchmarks/scaled.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

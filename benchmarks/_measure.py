@@ -7,6 +7,7 @@ inherits another's caches, thread pools or heap.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -22,13 +23,19 @@ from typing import Any
 __all__ = [
     "MiB",
     "StepResult",
+    "best_of",
     "bounded",
     "cpu_seconds",
     "drop_page_cache",
     "format_table",
     "machine_busy_seconds",
     "peak_rss_mib",
+    "regions",
     "run_step",
+    "stored_bytes",
+    "timed",
+    "ts_copy_meta",
+    "ts_open",
     "write_result",
 ]
 
@@ -143,7 +150,7 @@ def write_result(path: str, seconds: float, start_rss_mib: float, cache_dropped:
     Path(path).write_text(json.dumps(doc))
 
 
-def run_step(name: str, argv: Sequence[str]) -> StepResult:
+def run_step(name: str, argv: Sequence[str], *, python: str | None = None) -> StepResult:
     """Run one step as ``python argv... --_result FILE`` and collect its report and peak RSS.
 
     Parameters
@@ -152,6 +159,9 @@ def run_step(name: str, argv: Sequence[str]) -> StepResult:
         Step name (for the result and error messages).
     argv : sequence of str
         Arguments after the interpreter.
+    python : str, optional
+        Interpreter to run the step with (a peer's own virtual environment); this one's by
+        default.
 
     Returns
     -------
@@ -166,7 +176,7 @@ def run_step(name: str, argv: Sequence[str]) -> StepResult:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
     try:
-        proc = subprocess.Popen([sys.executable, *argv, "--_result", result_path])
+        proc = subprocess.Popen([python or sys.executable, *argv, "--_result", result_path])
         start = time.perf_counter()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -198,3 +208,76 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def timed(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `run` once and measure it: wall time, this process's CPU time, other processes' CPU.
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``cpu_seconds``, ``other_cpu_seconds`` and ``info`` (what `run` returned).
+    """
+    c0, b0, t0 = cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+    info = run()
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    others = max(machine_busy_seconds() - b0 - cpu, 0.0)
+    return {"seconds": seconds, "cpu_seconds": cpu, "other_cpu_seconds": others, "info": info}
+
+
+def best_of(
+    run: Callable[[], dict[str, Any]], prepare: Callable[[], None], repeat: int
+) -> tuple[dict[str, Any], bool]:
+    """Time `run` `repeat` times, each after `prepare` and from a cold page cache when allowed.
+
+    Parameters
+    ----------
+    run : callable
+        The timed work; returns a dict of figures about it.
+    prepare : callable
+        Untimed set-up before every run (removing the previous output, say).
+    repeat : int
+        Number of timed runs.
+
+    Returns
+    -------
+    best : dict
+        The fastest run as :func:`timed` reports it, with ``info["runs"]`` the wall time of
+        every run.
+    dropped : bool
+        Whether the page cache was dropped before the runs.
+    """
+    runs, dropped = [], False
+    for _ in range(repeat):
+        prepare()
+        dropped = drop_page_cache()
+        runs.append(timed(run))
+    best = min(runs, key=lambda r: r["seconds"])
+    best["info"] = {**best["info"], "runs": [r["seconds"] for r in runs]}
+    return best, dropped
+
+
+def regions(shape: Sequence[int], unit: Sequence[int]) -> Iterable[tuple[slice, ...]]:
+    """Every write-unit (shard) region of an array, in C order."""
+    starts = [range(0, n, u) for n, u in zip(shape, unit, strict=True)]
+    for corner in itertools.product(*starts):
+        yield tuple(slice(c, min(c + u, n)) for c, u, n in zip(corner, unit, shape, strict=True))
+
+
+def stored_bytes(path: Path) -> int:
+    """Bytes of every file below `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def ts_open(path: Path, context: Any = None, **extra: Any) -> Any:
+    """Open (or, with ``metadata=..., create=True``, create) a zarr v3 array with TensorStore."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/"}, **extra}
+    return ts.open(spec, context=context or ts.Context()).result()
+
+
+def ts_copy_meta(like: Path) -> dict[str, Any]:
+    """The array metadata of the zarr v3 array at `like` (codecs, chunks, shape), for a copy."""
+    meta = json.loads((Path(like) / "zarr.json").read_text())
+    return {k: v for k, v in meta.items() if k not in ("attributes", "node_type", "zarr_format")}
