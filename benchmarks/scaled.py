@@ -1223,6 +1223,10 @@ def main(argv: list[str] | None = None) -> int:
     except (argparse.ArgumentTypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:
+        print(f"error: could not make zarrnii's environment ({err}); leave its steps out "
+              "with --steps", file=sys.stderr)  # fmt: skip
+        return 2
     opts.workdir.mkdir(parents=True, exist_ok=True)
     need = sum(12 * math.prod(s) for _, s in cases)
     if shutil.disk_usage(opts.workdir).free < need:
