@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from voxflow.core import _kernels
 from voxflow.core._kernels import reduced_shape
+from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = ["Method", "downsample", "downsample_array", "level_transform"]
 
@@ -70,15 +71,6 @@ def _validate_method(method: Method | str) -> Method:
     except ValueError:
         valid = ", ".join(repr(m.value) for m in Method)
         raise ValueError(f"`method` must be one of {valid}; got {method!r}") from None
-
-
-def _validate_int(value: object, name: str, minimum: int) -> int:
-    """An integer (not a bool) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _validate_ints(values: Sequence[int], n: int, name: str, what: str) -> tuple[int, ...]:

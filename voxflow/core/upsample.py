@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 
 from voxflow.core._upsample_kernels import cast_float_to_int, interpolate_3d
+from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = ["cast_to_dtype", "upsample", "upsample_array", "upsample_block", "upsample_weights"]
 
@@ -34,15 +35,6 @@ _Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _validate_int(value: object, name: str, minimum: int) -> int:
-    """An integer (not a bool) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _validate_real(value: object, name: str, *, positive: bool) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxflow.runtime import make_task_runner, prefect_context
+from voxflow.flows._run import run_flow, submit_stage
+from voxflow.runtime import make_task_runner
 from voxflow.settings import VoxflowSettings
 from voxflow.tasks import (
     ImageRef,
@@ -13,7 +14,6 @@ from voxflow.tasks import (
     PyramidParams,
     build_pyramid,
     check_pyramid,
-    is_complete,
     open_input,
     resolve_target,
 )
@@ -58,12 +58,8 @@ def validate_pyramid(config: PyramidConfig) -> tuple[ImageRef, list[LevelPlan]]:
 def pyramid_flow(config: PyramidConfig, progress_key: str | None = None) -> ImageRef:
     """Build a multiscale pyramid from level 0 of `config.input`."""
     source = open_input.submit(config.input).result()
-    args = (source, config.target, config.pyramid, config.in_place, config.overwrite, progress_key)
-    ref = build_pyramid.submit(*args).result()
-    if not is_complete(ref):
-        # A cached result whose output was since removed or changed: build it again.
-        ref = build_pyramid.with_options(refresh_cache=True).submit(*args).result()
-    return ref
+    return submit_stage(build_pyramid, source, config.target, config.pyramid, config.in_place,
+                        config.overwrite, progress_key)  # fmt: skip
 
 
 def run_pyramid(
@@ -73,7 +69,4 @@ def run_pyramid(
     progress_key: str | None = None,
 ) -> ImageRef:
     """Run :func:`pyramid_flow` with the cluster and Prefect settings of `settings`."""
-    settings = settings or VoxflowSettings()
-    with prefect_context(settings.prefect):
-        runner = make_task_runner(settings)
-        return pyramid_flow.with_options(task_runner=runner)(config, progress_key)
+    return run_flow(pyramid_flow, settings, config, progress_key)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxflow.runtime import make_task_runner, prefect_context
+from voxflow.flows._run import run_flow, submit_stage
+from voxflow.runtime import make_task_runner
 from voxflow.settings import VoxflowSettings
 from voxflow.tasks import (
     ImageRef,
@@ -13,7 +14,6 @@ from voxflow.tasks import (
     check_scaled,
     correct_image,
     field_path,
-    is_scaled_complete,
     open_input,
 )
 
@@ -55,12 +55,8 @@ def validate_scaled(config: ScaledConfig) -> ImageRef:
 def scaled_processing_flow(config: ScaledConfig, progress_key: str | None = None) -> ImageRef:
     """Estimate a field at low resolution and apply it to `config.input` at full resolution."""
     source = open_input.submit(config.input).result()
-    args = (source, config.output, config.processing, config.overwrite, progress_key)
-    ref = correct_image.submit(*args).result()
-    if not is_scaled_complete(ref):
-        # A cached result whose output was since removed or changed: make it again.
-        ref = correct_image.with_options(refresh_cache=True).submit(*args).result()
-    return ref
+    return submit_stage(correct_image, source, config.output, config.processing,
+                        config.overwrite, progress_key)  # fmt: skip
 
 
 def run_scaled(
@@ -70,7 +66,4 @@ def run_scaled(
     progress_key: str | None = None,
 ) -> ImageRef:
     """Run :func:`scaled_processing_flow` with the cluster and Prefect settings of `settings`."""
-    settings = settings or VoxflowSettings()
-    with prefect_context(settings.prefect):
-        runner = make_task_runner(settings)
-        return scaled_processing_flow.with_options(task_runner=runner)(config, progress_key)
+    return run_flow(scaled_processing_flow, settings, config, progress_key)

@@ -50,25 +50,8 @@ class BackgroundSubtraction(ScaledProcessingPlugin):
         self.units = validate_choice(units, "units", _UNITS)
 
     def size_voxels(self, ndim: int) -> tuple[float, ...]:
-        """`size` in voxels of the low-resolution array, per axis (not rounded).
-
-        Parameters
-        ----------
-        ndim : int
-            Number of spatial axes of the array.
-
-        Returns
-        -------
-        tuple of float
-            ``size`` divided by the low-resolution spacing in micrometres, or for
-            ``units="voxel"`` ``size × fullres_spacing / spacing`` (``size`` itself without
-            a context).
-        """
-        if self.units == "um":
-            return tuple(self.size / s for s in self.lowres_spacing_um(ndim))
-        spacing = self.lowres_spacing(ndim)
-        full = spacing if self.context is None else tuple(self.context.fullres_spacing)
-        return tuple(self.size * f / s for f, s in zip(full, spacing, strict=True))
+        """`size` in voxels of the low-resolution array, per axis (see `length_voxels`)."""
+        return self.length_voxels(self.size, self.units, ndim)
 
     @hookimpl
     def scaled_processing_plugin_name(self) -> str:

@@ -203,6 +203,32 @@ class ScaledProcessingPlugin:
             )
         return spacing
 
+    def length_voxels(self, length: float, units: str, ndim: int) -> tuple[float, ...]:
+        """A length in voxels of the low-resolution array, per axis (not rounded).
+
+        Parameters
+        ----------
+        length : float
+            The length, in micrometres (``units="um"``) or in full-resolution voxels
+            (``units="voxel"``).
+        units : {"um", "voxel"}
+            Unit of `length`.
+        ndim : int
+            Number of spatial axes of the array.
+
+        Returns
+        -------
+        tuple of float
+            ``length`` divided by the low-resolution spacing in micrometres, or for
+            ``units="voxel"`` ``length × fullres_spacing / spacing`` (``length`` itself
+            without a context).
+        """
+        if units == "um":
+            return tuple(length / s for s in self.lowres_spacing_um(ndim))
+        spacing = self.lowres_spacing(ndim)
+        full = spacing if self.context is None else tuple(self.context.fullres_spacing)
+        return tuple(length * f / s for f, s in zip(full, spacing, strict=True))
+
     def lowres_spacing_um(self, ndim: int) -> tuple[float, ...]:
         """Voxel size of the low-resolution array in micrometres.
 

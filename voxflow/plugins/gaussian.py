@@ -263,25 +263,8 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         self.estimated_offset: float | None = None
 
     def sigma_voxels(self, ndim: int) -> tuple[float, ...]:
-        """The window's standard deviation in voxels of the low-resolution array, per axis.
-
-        Parameters
-        ----------
-        ndim : int
-            Number of spatial axes of the array.
-
-        Returns
-        -------
-        tuple of float
-            ``sigma`` divided by the low-resolution spacing in micrometres, or for
-            ``units="voxel"`` ``sigma × fullres_spacing / spacing`` (``sigma`` itself without
-            a context).
-        """
-        if self.units == "um":
-            return tuple(self.sigma / s for s in self.lowres_spacing_um(ndim))
-        spacing = self.lowres_spacing(ndim)
-        full = spacing if self.context is None else tuple(self.context.fullres_spacing)
-        return tuple(self.sigma * f / s for f, s in zip(full, spacing, strict=True))
+        """`sigma` in voxels of the low-resolution array, per axis (see `length_voxels`)."""
+        return self.length_voxels(self.sigma, self.units, ndim)
 
     @hookimpl
     def scaled_processing_plugin_name(self) -> str:

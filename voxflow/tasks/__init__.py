@@ -18,7 +18,6 @@ from voxflow.tasks.scaled import (
     check_scaled,
     correct_image,
     field_path,
-    is_scaled_complete,
     scaled_processing,
 )
 from voxflow.tasks.synth import write_em_stack, write_lightsheet
@@ -35,7 +34,6 @@ __all__ = [
     "default_output",
     "field_path",
     "is_complete",
-    "is_scaled_complete",
     "make_pyramid",
     "open_input",
     "plan_pyramid",

@@ -48,6 +48,7 @@ __all__ = [
     "level0_chunks",
     "level_writes",
     "make_pyramid",
+    "multiscale_of",
     "open_input",
     "plan_pyramid",
     "resolve_target",
@@ -292,7 +293,8 @@ def level_writes(
     return writes
 
 
-def _multiscale(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:
+def multiscale_of(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:
+    """The multiscale metadata of the levels of `plan`, made from `source` with `method`."""
     return Multiscale(
         axes=source.axes,
         datasets=tuple(Dataset(lv.path, lv.scale, lv.translation) for lv in plan),
@@ -350,7 +352,7 @@ def make_pyramid(
         if output is None:
             raise ValueError("`output` is required unless in place")
         out = check_output(output, [src_loc], overwrite=overwrite)
-    multiscale = _multiscale(source, plan, params.method)
+    multiscale = multiscale_of(source, plan, params.method)
     record = provenance("pyramid", params.method.value, {**params.model_dump(mode="json"),
                         "in_place": in_place}, source)  # fmt: skip
     if in_place:

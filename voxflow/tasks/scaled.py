@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
 import dask
@@ -22,10 +21,8 @@ from voxflow.core.scaled import (
     validate_downsample_factor,
 )
 from voxflow.io import (
-    Dataset,
     ImageRef,
     Location,
-    Multiscale,
     check_output,
     clear_output,
     open_image,
@@ -41,9 +38,9 @@ from voxflow.tasks._compute import ProgressFn, compute_array, compute_blocks, pu
 from voxflow.tasks.pyramid import (
     LevelPlan,
     PyramidParams,
-    is_complete,
     level0_chunks,
     level_writes,
+    multiscale_of,
     plan_pyramid,
 )
 
@@ -54,7 +51,6 @@ __all__ = [
     "correct_image",
     "field_path",
     "find_lowres_level",
-    "is_scaled_complete",
     "scaled_processing",
 ]
 
@@ -312,8 +308,9 @@ def scaled_processing(
         compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
     )  # fmt: skip
     compute_blocks(writes, progress)
-    write_image_metadata(out, _multiscale(source, plan, params), ngff_version=version_,
-                         omero=_omero(source, channels), provenance=record)  # fmt: skip
+    multiscale = multiscale_of(source, plan, params.pyramid.method)
+    write_image_metadata(out, multiscale, ngff_version=version_, omero=_omero(source, channels),
+                         provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)
 
@@ -325,21 +322,6 @@ def _level0(image: da.Array, plan: list[LevelPlan]) -> da.Array:
     # The rechunk is a no-op when the image was read in these blocks (the usual case).
     (fused,) = dask.optimize(image.rechunk(level0_chunks(plan, image.dtype.itemsize)))
     return fused
-
-
-def _multiscale(source: ImageRef, plan: list[LevelPlan], params: ScaledParams) -> Multiscale:
-    method = params.pyramid.method
-    return Multiscale(
-        axes=source.axes,
-        datasets=tuple(Dataset(lv.path, lv.scale, lv.translation) for lv in plan),
-        name=source.name,
-        type=method.value,
-        metadata={
-            "method": "voxflow.core.pyramid.downsample",
-            "version": version("voxflow"),
-            "kwargs": {"method": method.value, "factors": [list(lv.factors) for lv in plan[1:]]},
-        },
-    )
 
 
 # -- Prefect task ------------------------------------------------------------------------------
@@ -371,8 +353,3 @@ def correct_image(
     return scaled_processing(
         source, output, params, overwrite=overwrite, progress=publish_progress(progress_key)
     )
-
-
-def is_scaled_complete(ref: ImageRef) -> bool:
-    """Whether the output of a (cached) run is still there, whole and unchanged."""
-    return is_complete(ref)
