@@ -176,7 +176,7 @@ def test_factor_is_broadcast_and_non_spatial_axes_keep_one():
         ({"channels": (0, 0)}, "repeat"),
         ({"channels": ()}, "at least one"),
         ({"dtype": "int8"}, "'keep' or 'float32'"),
-        ({"max_lowres_bytes": 100}, "budget.*larger `downsample_factor`"),
+        ({"max_lowres_bytes": 100}, r"over the limit of.*larger downsample factor, e\.g\. 4,4,4"),
         ({"lowres": np.ones((3, 4, 4, 4))}, "lowres_scale"),
     ],
 )

@@ -187,7 +187,10 @@ def test_bad_input_writes_nothing(tmp_path, params, exc, match):
 def test_a_low_resolution_image_over_the_limit_is_refused_with_a_suggestion(tmp_path):
     src, _ = _input(tmp_path / "in.ome.zarr", shape=(1, 64, 128, 128))
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=r"4 MiB, over the limit of 1 MiB.*--factor 2,2,2"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 MiB, over the limit of 1 MiB \(processing\.max_lowres_mib\).*e\.g\. 2,2,2",
+    ):
         scaled_processing(open_image(src), str(tmp_path / "out.ome.zarr"),
                           ScaledParams(plugin="relative", factor=1, max_lowres_mib=1))  # fmt: skip
     assert snapshot(tmp_path) == before

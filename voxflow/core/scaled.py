@@ -34,8 +34,10 @@ __all__ = [
     "ScaledResult",
     "apply_field",
     "apply_scaled_processing",
+    "check_lowres_budget",
     "estimate_field",
     "lowres_geometry",
+    "validate_channels",
     "validate_downsample_factor",
 ]
 
@@ -162,20 +164,54 @@ def validate_downsample_factor(
     return full
 
 
-def _check_budget(shape: Sequence[int], factors: Sequence[int], budget: int | None) -> None:
+def check_lowres_budget(
+    shape: Sequence[int],
+    factors: Sequence[int],
+    dims: Sequence[str],
+    budget: int | None,
+    *,
+    limit_name: str = "max_lowres_bytes",
+) -> None:
+    """Refuse a low-resolution image (float32) larger than `budget` bytes.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the full-resolution image (selected channels only).
+    factors : sequence of int
+        Factor per axis.
+    dims : sequence of str
+        Axis names; only spatial factors are suggested larger.
+    budget : int or None
+        Largest size in bytes; None: no limit.
+    limit_name : str, optional
+        Name of the limit, for the message.
+
+    Raises
+    ------
+    ValueError
+        When it would be larger; the message suggests the smallest doubling of the spatial
+        factors that fits.
+    """
     if budget is None:
         return
-    low = [-(-n // f) for n, f in zip(shape, factors, strict=True)]
-    need = math.prod(low) * 4
+    space = spatial_mask(dims)
+
+    def size(grow: int) -> int:
+        return math.prod(-(-n // (f * grow if s else f))
+                         for n, f, s in zip(shape, factors, space, strict=True)) * 4  # fmt: skip
+
+    need = size(1)
     if need <= budget:
         return
     grow = 2
-    while math.prod(-(-n // (f * grow)) for n, f in zip(shape, factors, strict=True)) * 4 > budget:
+    while size(grow) > budget and grow < max(shape):
         grow *= 2
-    suggestion = tuple(f * grow if f > 1 else f for f in factors)
+    suggestion = ",".join(str(f * grow) for f, s in zip(factors, space, strict=True) if s)
     raise ValueError(
-        f"the low-resolution image would take {need / 2**20:.0f} MiB, over the budget of "
-        f"{budget / 2**20:.0f} MiB; choose a larger `downsample_factor`, e.g. {suggestion}"
+        f"the low-resolution image would take {need / 2**20:.0f} MiB, over the limit of "
+        f"{budget / 2**20:.0f} MiB ({limit_name}); choose a larger downsample factor, "
+        f"e.g. {suggestion}"
     )
 
 
@@ -328,7 +364,21 @@ def apply_field(
 # --------------------------------------------------------------------------- the whole
 
 
-def _validate_channels(channels: Sequence[int] | None, n: int | None) -> tuple[int, ...] | None:
+def validate_channels(channels: Sequence[int] | None, n: int | None) -> tuple[int, ...] | None:
+    """Check a channel selection against an image with `n` channels (None: no channel axis).
+
+    Returns
+    -------
+    tuple of int or None
+        The selection; None selects every channel (``range(n)``, or None without a channel
+        axis).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For non-integers, channels out of range or repeated, an empty selection, or a
+        selection on an image without a channel axis.
+    """
     if channels is None:
         return None if n is None else tuple(range(n))
     if n is None:
@@ -440,11 +490,11 @@ def apply_scaled_processing(
     translation = tuple(map(float, translation)) if translation is not None else (0.0,) * arr.ndim
     factors = validate_downsample_factor(downsample_factor, arr.shape, dims)
     n_chan = arr.shape[dims.index("c")] if "c" in dims else None
-    chans = _validate_channels(channels, n_chan)
+    chans = validate_channels(channels, n_chan)
     out_dtype = _validate_dtype(dtype, arr.dtype)
     selected = _select(arr, dims, chans)
     if lowres is None:
-        _check_budget(selected.shape, factors, max_lowres_bytes)
+        check_lowres_budget(selected.shape, factors, dims, max_lowres_bytes)
         low = downsample(selected, factors, Method.MEAN).compute()
         low_scale, low_trans = lowres_geometry(scale, translation, factors)
     else:

@@ -17,7 +17,9 @@ from voxflow.core.pyramid import Method, downsample
 from voxflow.core.scaled import (
     ScaledResult,
     apply_scaled_processing,
+    check_lowres_budget,
     lowres_geometry,
+    validate_channels,
     validate_downsample_factor,
 )
 from voxflow.io import (
@@ -145,15 +147,8 @@ def _output_plan(source: ImageRef, params: ScaledParams, channels: tuple[int, ..
 def _channels(source: ImageRef, params: ScaledParams) -> tuple[int, ...] | None:
     if params.channels is None:
         return None
-    if "c" not in source.dims:
-        raise ValueError(f"`channels` needs an image with a channel axis, got dims {source.dims}")
-    n = source.shape[source.dims.index("c")]
-    bad = [c for c in params.channels if not 0 <= c < n]
-    if bad or len(set(params.channels)) != len(params.channels):
-        raise ValueError(
-            f"`channels` must be distinct channels in 0..{n - 1}, got {params.channels}"
-        )
-    return params.channels
+    n = source.shape[source.dims.index("c")] if "c" in source.dims else None
+    return validate_channels(params.channels, n)
 
 
 def _output_dtype(source: ImageRef, params: ScaledParams) -> str:
@@ -194,20 +189,11 @@ def check_scaled(
     channels = _channels(source, params)
     out = Location.parse(output)
     check_output(out, [source.url], overwrite=overwrite or _resumable(out))
-    n_chan = len(channels) if channels is not None else None
-    low = [-(-n // f) for n, f in zip(source.shape, factors, strict=True)]
-    if n_chan is not None:
-        low[source.dims.index("c")] = n_chan
-    need = math.prod(low) * 4
-    if need > params.max_lowres_mib * 2**20:
-        grow = math.ceil((need / (params.max_lowres_mib * 2**20)) ** (1 / 3))
-        suggestion = tuple(f * grow for f, s in zip(factors, spatial_mask(source.dims),
-                                                    strict=True) if s)  # fmt: skip
-        raise ValueError(
-            f"the low-resolution image would take {need / 2**20:.0f} MiB, over the limit of "
-            f"{params.max_lowres_mib} MiB (processing.max_lowres_mib); use a larger factor, "
-            f"e.g. --factor {','.join(map(str, suggestion))}"
-        )
+    shape = list(source.shape)
+    if channels is not None:
+        shape[source.dims.index("c")] = len(channels)
+    check_lowres_budget(shape, factors, source.dims, params.max_lowres_mib * 2**20,
+                        limit_name="processing.max_lowres_mib")  # fmt: skip
     _, plan = _output_plan(source, params, channels, _output_dtype(source, params))
     return plugin, factors, plan
 
