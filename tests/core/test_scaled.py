@@ -178,6 +178,15 @@ def test_factor_is_broadcast_and_non_spatial_axes_keep_one():
         ({"dtype": "int8"}, "'keep' or 'float32'"),
         ({"max_lowres_bytes": 100}, r"over the limit of.*larger downsample factor, e\.g\. 4,4,4"),
         ({"lowres": np.ones((3, 4, 4, 4))}, "lowres_scale"),
+        (
+            {
+                "lowres": np.ones((3, 4, 4, 4)),
+                "channels": (1,),
+                "lowres_scale": (1, 2, 2, 2),
+                "lowres_translation": (0, 0.5, 0.5, 0.5),
+            },
+            r"selected channels .*non-spatial shape \(1,\)",
+        ),
     ],
 )
 def test_option_validation(kwargs, match):

@@ -240,3 +240,23 @@ def test_a_failed_write_looks_incomplete_and_a_rerun_completes_it(tmp_path, monk
     assert not os.path.exists(os.path.join(out, INCOMPLETE_MARKER))
     with pytest.raises(FileExistsError):
         scaled_processing(open_image(src), out, params)  # complete now: needs overwrite
+
+
+@pytest.mark.usefixtures("relative_plugin")
+def test_only_the_selected_channels_are_read(tmp_path, monkeypatch):
+    from voxflow.io import reader
+
+    src, data = _input(tmp_path / "in.ome.zarr")
+    read = []
+    original = reader.TensorStoreSource.__getitem__
+
+    def counting(self, index):
+        read.append(int(np.prod([s.stop - s.start for s in index])))
+        return original(self, index)
+
+    monkeypatch.setattr(reader.TensorStoreSource, "__getitem__", counting)
+    params = ScaledParams(plugin="relative", factor=4, channels=(1,),
+                          pyramid=PyramidParams(levels=1))  # fmt: skip
+    scaled_processing(open_image(src), str(tmp_path / "out.ome.zarr"), params)
+    # once for the low-resolution image, once for the correction: channel 1 only
+    assert sum(read) == 2 * data[1].size

@@ -462,9 +462,10 @@ def apply_scaled_processing(
     dtype : {"keep", "float32"}, optional
         "keep" rounds and clips the result into the input's dtype; "float32" returns floats.
     lowres : numpy.ndarray, optional
-        An existing low-resolution copy of the whole image (all channels, e.g. a pyramid
-        level), used instead of reducing `image`; needs `lowres_scale` and
-        `lowres_translation`. None: block mean of `image` by `downsample_factor`.
+        An existing low-resolution copy of the image's selected channels (`channels`, all
+        by default; e.g. from a pyramid level), used instead of reducing `image`; needs
+        `lowres_scale` and `lowres_translation`. None: block mean of `image` by
+        `downsample_factor`.
     lowres_scale, lowres_translation : sequence of float, optional
         Geometry of `lowres` per axis.
     max_lowres_bytes : int, optional
@@ -500,7 +501,17 @@ def apply_scaled_processing(
     else:
         if lowres_scale is None or lowres_translation is None:
             raise ValueError("`lowres` needs `lowres_scale` and `lowres_translation`")
-        low = np.asarray(_select(da.from_array(lowres), dims, chans))
+        low = np.asarray(lowres)
+        space = spatial_mask(dims)
+        lead = [n for n, s in zip(selected.shape, space, strict=True) if not s]
+        if (
+            low.ndim != selected.ndim
+            or [n for n, s in zip(low.shape, space, strict=True) if not s] != lead
+        ):
+            raise ValueError(
+                f"`lowres` must hold the selected channels ({selected.ndim} axes, "
+                f"non-spatial shape {tuple(lead)}), got shape {low.shape}"
+            )
         low_scale, low_trans = tuple(lowres_scale), tuple(lowres_translation)
     _check_finite_input(arr, low)
     return _process(selected, low, plugin, dims, chans, factors, scale, translation,

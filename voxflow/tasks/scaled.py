@@ -198,14 +198,17 @@ def check_scaled(
     return plugin, factors, plan
 
 
-def _lowres(source: ImageRef, factors: tuple[int, ...]) -> tuple[np.ndarray, tuple, tuple, str]:
-    """The low-resolution image: an existing level, else a block mean of level 0."""
+def _lowres(
+    source: ImageRef, factors: tuple[int, ...], channels: tuple[int, ...] | None
+) -> tuple[np.ndarray, tuple, tuple, str]:
+    """The selected channels at low resolution: an existing level, else a block mean."""
     level = find_lowres_level(source, factors)
+    index = (slice(None),) * source.dims.index("c") + (list(channels),) if channels else ()
     if level is not None:
         lv = source.levels[level]
-        return compute_array(read_level(source, level)), lv.scale, lv.translation, lv.path
-    full = read_level(source, 0)
-    low = compute_array(downsample(full, factors, Method.MEAN))
+        low = compute_array(read_level(source, level)[index])
+        return low, lv.scale, lv.translation, lv.path
+    low = compute_array(downsample(read_level(source, 0)[index], factors, Method.MEAN))
     scale, translation = lowres_geometry(source.scale, source.translation, factors)
     return low, scale, translation, "block mean of level 0"
 
@@ -270,7 +273,7 @@ def scaled_processing(
     name = plugin.scaled_processing_plugin_name()
     # The plugin sees the low-resolution image before anything is written, so a plugin that
     # fails, or NaN in the input, leaves no output behind.
-    low, low_scale, low_trans, low_from = _lowres(source, factors)
+    low, low_scale, low_trans, low_from = _lowres(source, factors, channels)
     full = read_level(source, 0, chunks=params.chunk_size or level0_chunks(
         plan, np.dtype(source.dtype).itemsize))  # fmt: skip
     spatial = tuple(f for f, s in zip(factors, spatial_mask(source.dims), strict=True) if s)
