@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -281,3 +282,57 @@ def ts_copy_meta(like: Path) -> dict[str, Any]:
     """The array metadata of the zarr v3 array at `like` (codecs, chunks, shape), for a copy."""
     meta = json.loads((Path(like) / "zarr.json").read_text())
     return {k: v for k, v in meta.items() if k not in ("attributes", "node_type", "zarr_format")}
+
+
+def verdict(ok: bool | None, detail: str) -> str:
+    """PASS/FAIL (or n/a when the figure is missing) with the figure that decided it."""
+    if ok is None:
+        return f"n/a ({detail})" if detail != "n/a" else "n/a (step missing)"
+    return f"{'PASS' if ok else 'FAIL'} ({detail})"
+
+
+def targets_table(
+    results: dict[str, dict[str, Any]],
+    rules: Sequence[tuple[str, Callable[[dict[str, Any]], tuple[bool | None, str]]]],
+) -> tuple[str, list[dict[str, Any]]]:
+    """One row per target rule, one column per case: the table and its JSON."""
+    rows, doc = [], []
+    for label, rule in rules:
+        verdicts = {name: rule(res) for name, res in results.items()}
+        rows.append([label, *(verdict(*v) for v in verdicts.values())])
+        doc.append(
+            {
+                "target": label,
+                **{n: {"pass": ok, "value": detail} for n, (ok, detail) in verdicts.items()},
+            }
+        )
+    return format_table(["target", *results], rows), doc
+
+
+def memory_table(
+    results: dict[str, dict[str, Any]],
+    steps: Sequence[str],
+    labels: dict[str, str],
+    ours: Callable[[str], bool],
+    growth_limit: float,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Peak RSS of the largest case against the smallest one, per step (ours judged)."""
+    if len(results) < 2:
+        return "   (the memory target needs two sizes)", []
+    ordered = sorted(results.items(), key=lambda kv: math.prod(kv[1]["shape"]))
+    (small, s_res), (large, l_res) = ordered[0], ordered[-1]
+    growth = math.prod(l_res["shape"]) / math.prod(s_res["shape"])
+    rows, doc = [], []
+    for step in steps:
+        if step not in s_res["steps"] or step not in l_res["steps"]:
+            continue
+        a, b = s_res["steps"][step]["peak_rss_mib"], l_res["steps"][step]["peak_rss_mib"]
+        ok = b <= growth_limit * a
+        judged = verdict(ok, f"{b / a:.2f}x") if ours(step) else f"({b / a:.2f}x, peer)"
+        rows.append([labels[step], f"{a:.0f}", f"{b:.0f}", judged])
+        doc.append({"step": step, small: a, large: b, "ratio": b / a, "pass": ok})
+    title = (
+        f"peak RSS (MiB), {large} has {growth:.0f}x the voxels of {small}; target: voxflow's "
+        f"peak at {large} <= {growth_limit}x its peak at {small}"
+    )
+    return f"{title}\n{format_table(['step', small, large, 'verdict'], rows)}", doc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,14 @@ from _measure import (
     drop_page_cache,
     format_table,
     machine_busy_seconds,
+    memory_table,
     peak_rss_mib,
+    regions,
     run_step,
+    stored_bytes,
+    targets_table,
+    ts_copy_meta,
+    ts_open,
     write_result,
 )
 
@@ -155,7 +160,7 @@ def step_input(case: Case) -> dict[str, Any]:
     meta = np.empty((0, 0, 0), np.uint16)
     data = da.map_blocks(_phantom_block, chunks=chunks, dtype=np.uint16, meta=meta)
     write_image(case.input, data, DIMS, SCALE, name="phantom")
-    return {"stored_bytes": _stored_bytes(case.input / "0")}
+    return {"stored_bytes": stored_bytes(case.input / "0")}
 
 
 def step_plan(case: Case) -> dict[str, Any]:
@@ -178,35 +183,16 @@ def step_plan(case: Case) -> dict[str, Any]:
     return {"levels": len(levels)}
 
 
-def _stored_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 # --------------------------------------------------------------------------- TensorStore helpers
-
-
-def _regions(shape: tuple[int, ...], unit: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
-    """Every write-unit (shard) region of an array, in C order."""
-    starts = [range(0, n, u) for n, u in zip(shape, unit, strict=True)]
-    for corner in itertools.product(*starts):
-        yield tuple(slice(c, min(c + u, n)) for c, u, n in zip(corner, unit, shape, strict=True))
-
-
-def _ts_open(path: Path, context: Any, **extra: Any) -> Any:
-    import tensorstore as ts
-
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/"}, **extra}
-    return ts.open(spec, context=context).result()
 
 
 def _ts_create(path: Path, like: Path, level: dict[str, Any], context: Any) -> Any:
     """A new zarr v3 array with the codecs of `like` and the shape and layout of `level`."""
-    meta = json.loads((like / "zarr.json").read_text())
-    meta = {k: v for k, v in meta.items() if k not in ("attributes", "node_type", "zarr_format")}
+    meta = ts_copy_meta(like)
     meta["shape"] = list(level["shape"])
     meta["chunk_grid"]["configuration"]["chunk_shape"] = list(level["shards"])
     meta["codecs"][0]["configuration"]["chunk_shape"] = list(level["chunks"])
-    return _ts_open(path, context, metadata=meta, create=True, delete_existing=True)
+    return ts_open(path, context, metadata=meta, create=True, delete_existing=True)
 
 
 # --------------------------------------------------------------------------- measured steps
@@ -216,9 +202,9 @@ def step_read(case: Case) -> dict[str, Any]:
     """Read and decode level 0 shard by shard, discarding the data."""
     import tensorstore as ts
 
-    src = _ts_open(case.input / "0", ts.Context())
+    src = ts_open(case.input / "0", ts.Context())
     unit = tuple(case.plan()["levels"][0]["shards"])
-    n = bounded(lambda r: src[r].read(), _regions(src.shape, unit), case.in_flight)
+    n = bounded(lambda r: src[r].read(), regions(src.shape, unit), case.in_flight)
     return {"shards": n}
 
 
@@ -228,11 +214,11 @@ def step_copy(case: Case) -> dict[str, Any]:
 
     ctx = ts.Context()
     level0 = case.plan()["levels"][0]
-    src = _ts_open(case.input / "0", ctx)
+    src = ts_open(case.input / "0", ctx)
     dst = _ts_create(case.out("copy") / "0", case.input / "0", level0, ctx)
-    regions = _regions(src.shape, tuple(level0["shards"]))
-    n = bounded(lambda r: dst[r].write(src[r]), regions, case.in_flight)
-    return {"shards": n, "stored_bytes": _stored_bytes(case.out("copy"))}
+    shards = regions(src.shape, tuple(level0["shards"]))
+    n = bounded(lambda r: dst[r].write(src[r]), shards, case.in_flight)
+    return {"shards": n, "stored_bytes": stored_bytes(case.out("copy"))}
 
 
 def _voxflow_warm_up() -> None:
@@ -277,13 +263,11 @@ def step_tensorstore(case: Case) -> dict[str, Any]:
     levels = case.plan()["levels"]
     prev = case.input / "0"
     for level in levels[1:]:
-        down = ts.downsample(
-            _ts_open(prev, ctx), downsample_factors=level["factors"], method="mean"
-        )
+        down = ts.downsample(ts_open(prev, ctx), downsample_factors=level["factors"], method="mean")
         prev = case.out("tensorstore") / level["path"]
         dst = _ts_create(prev, case.input / "0", level, ctx)
-        regions = _regions(dst.shape, tuple(level["shards"]))
-        bounded(lambda r, d=dst, s=down: d[r].write(s[r]), regions, case.in_flight)
+        shards = regions(dst.shape, tuple(level["shards"]))
+        bounded(lambda r, d=dst, s=down: d[r].write(s[r]), shards, case.in_flight)
     return {"levels": len(levels)}
 
 
@@ -327,7 +311,7 @@ def _max_diff(a: Any, b: Any, unit: list[int]) -> int:
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
     worst = 0
-    for r in _regions(tuple(a.shape), tuple(unit)):
+    for r in regions(tuple(a.shape), tuple(unit)):
         x, y = a[r].read().result(), b[r].read().result()
         worst = max(worst, int(np.abs(x.astype(np.int32) - y.astype(np.int32)).max()))
     return worst
@@ -360,8 +344,8 @@ def step_check(case: Case) -> dict[str, Any]:
 
     ctx = ts.Context()
     levels = case.plan()["levels"]
-    ref = {lv["path"]: _ts_open(case.out("voxflow_new") / lv["path"], ctx) for lv in levels}
-    source = _ts_open(case.input / "0", ctx)
+    ref = {lv["path"]: ts_open(case.out("voxflow_new") / lv["path"], ctx) for lv in levels}
+    source = ts_open(case.input / "0", ctx)
     report: dict[str, Any] = {
         "levels": len(levels),
         "level0_new_vs_input": _max_diff(source, ref["0"], levels[0]["shards"]),
@@ -369,7 +353,7 @@ def step_check(case: Case) -> dict[str, Any]:
     }
     for tool in ("voxflow_in_place", "tensorstore", "dask"):
         report[tool] = [
-            _max_diff(ref[lv["path"]], _ts_open(case.out(tool) / lv["path"], ctx), lv["shards"])
+            _max_diff(ref[lv["path"]], ts_open(case.out(tool) / lv["path"], ctx), lv["shards"])
             for lv in levels[1:]
         ]
     return report
@@ -609,48 +593,6 @@ TARGET_RULES: list[tuple[str, Callable[[dict[str, Any]], tuple[bool, str]]]] = [
 ]
 
 
-def _verdict(ok: bool, detail: str) -> str:
-    return f"{'PASS' if ok else 'FAIL'} ({detail})"
-
-
-def _targets(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    rows, doc = [], []
-    for label, rule in TARGET_RULES:
-        verdicts = {name: rule(res) for name, res in results.items()}
-        rows.append([label, *(_verdict(*v) for v in verdicts.values())])
-        doc.append(
-            {
-                "target": label,
-                **{n: {"pass": ok, "value": detail} for n, (ok, detail) in verdicts.items()},
-            }
-        )
-    return format_table(["target", *results], rows), doc
-
-
-def _memory_targets(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Peak RSS of the largest case against the smallest one, per step."""
-    if len(results) < 2:
-        return "   (the memory target needs two sizes)", []
-    ordered = sorted(results.items(), key=lambda kv: math.prod(kv[1]["shape"]))
-    small, large = ordered[0], ordered[-1]
-    growth = math.prod(large[1]["shape"]) / math.prod(small[1]["shape"])
-    rows, doc = [], []
-    for step in TIMED_STEPS:
-        a = small[1]["steps"][step]["peak_rss_mib"]
-        b = large[1]["steps"][step]["peak_rss_mib"]
-        ok = b <= RSS_GROWTH * a
-        ours = step.startswith("voxflow")
-        verdict = _verdict(ok, f"{b / a:.2f}x") if ours else f"({b / a:.2f}x, peer)"
-        rows.append([LABELS[step], f"{a:.0f}", f"{b:.0f}", verdict])
-        doc.append({"step": step, small[0]: a, large[0]: b, "ratio": b / a, "pass": ok})
-    title = (
-        f"peak RSS (MiB), {large[0]} has {growth:.0f}x the voxels of {small[0]}; target: "
-        f"voxflow's peak at {large[0]} <= {RSS_GROWTH}x its peak at {small[0]}"
-    )
-    table = format_table(["step", small[0], large[0], "verdict"], rows)
-    return f"{title}\n{table}", doc
-
-
 def _machine() -> dict[str, Any]:
     from importlib.metadata import version
 
@@ -696,9 +638,11 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], dropped:
         print(_case_header(name, res))
         print(_case_table(res))
         print("\n".join(_check_lines(res)))
-    table, doc = _targets(results)
+    table, doc = targets_table(results, TARGET_RULES)
     print("\ntargets\n" + table)
-    mem_table, mem = _memory_targets(results)
+    mem_table, mem = memory_table(
+        results, TIMED_STEPS, LABELS, lambda step: step.startswith("voxflow"), RSS_GROWTH
+    )
     print("\n" + mem_table)
     return {"targets": doc, "memory": mem}
 

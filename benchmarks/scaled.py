@@ -30,10 +30,12 @@ from _measure import (
     bounded,
     drop_page_cache,
     format_table,
+    memory_table,
     peak_rss_mib,
     regions,
     run_step,
     stored_bytes,
+    targets_table,
     ts_copy_meta,
     ts_open,
     write_result,
@@ -1043,49 +1045,6 @@ TARGET_RULES: list[tuple[str, Callable[[dict[str, Any]], tuple[bool | None, str]
 ]
 
 
-def _verdict(ok: bool | None, detail: str) -> str:
-    if ok is None:
-        return f"n/a ({detail})" if detail != "n/a" else "n/a (step missing)"
-    return f"{'PASS' if ok else 'FAIL'} ({detail})"
-
-
-def _targets(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    rows, doc = [], []
-    for label, rule in TARGET_RULES:
-        verdicts = {name: rule(res) for name, res in results.items()}
-        rows.append([label, *(_verdict(*v) for v in verdicts.values())])
-        doc.append(
-            {
-                "target": label,
-                **{n: {"pass": ok, "value": detail} for n, (ok, detail) in verdicts.items()},
-            }
-        )
-    return format_table(["target", *results], rows), doc
-
-
-def _memory_targets(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Peak RSS of the largest case against the smallest one, per step."""
-    if len(results) < 2:
-        return "   (the memory target needs two sizes)", []
-    ordered = sorted(results.items(), key=lambda kv: math.prod(kv[1]["shape"]))
-    (small, s_res), (large, l_res) = ordered[0], ordered[-1]
-    growth = math.prod(l_res["shape"]) / math.prod(s_res["shape"])
-    rows, doc = [], []
-    for step in TIMED_STEPS:
-        if step not in s_res["steps"] or step not in l_res["steps"]:
-            continue
-        a, b = s_res["steps"][step]["peak_rss_mib"], l_res["steps"][step]["peak_rss_mib"]
-        ok = b <= RSS_GROWTH * a
-        verdict = _verdict(ok, f"{b / a:.2f}x") if step in VOXFLOW_STEPS else f"({b / a:.2f}x)"
-        rows.append([LABELS[step], f"{a:.0f}", f"{b:.0f}", verdict])
-        doc.append({"step": step, small: a, large: b, "ratio": b / a, "pass": ok})
-    title = (
-        f"peak RSS (MiB), {large} has {growth:.0f}x the voxels of {small}; target: voxflow's "
-        f"peak at {large} <= {RSS_GROWTH}x its peak at {small}"
-    )
-    return f"{title}\n{format_table(['step', small, large, 'verdict'], rows)}", doc
-
-
 def _machine() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1135,9 +1094,11 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], dropped:
         print(_quality_table(res))
         for step, err in res["failed"].items():
             print(f"   FAILED {step}: {err}")
-    table, doc = _targets(results)
+    table, doc = targets_table(results, TARGET_RULES)
     print("\ntargets\n" + table)
-    mem_table, mem = _memory_targets(results)
+    mem_table, mem = memory_table(
+        results, TIMED_STEPS, LABELS, lambda step: step in VOXFLOW_STEPS, RSS_GROWTH
+    )
     print("\n" + mem_table)
     return {"targets": doc, "memory": mem}
 
