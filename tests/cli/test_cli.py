@@ -15,14 +15,6 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def cli_env(monkeypatch, results_dir, prefect_harness):
-    monkeypatch.setenv("VOXFLOW_CLUSTER__PROCESSES", "false")
-    monkeypatch.setenv("VOXFLOW_CLUSTER__N_WORKERS", "1")
-    monkeypatch.setenv("VOXFLOW_CLUSTER__THREADS_PER_WORKER", "2")
-    monkeypatch.setenv("VOXFLOW_PREFECT__RESULT_STORAGE", str(results_dir))
-
-
-@pytest.fixture
 def image(tmp_path):
     data = np.random.default_rng(0).integers(0, 1000, (18, 33, 40), dtype=np.uint16)
     path = str(tmp_path / "in.ome.zarr")
