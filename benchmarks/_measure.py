@@ -336,3 +336,27 @@ def memory_table(
         f"peak at {large} <= {growth_limit}x its peak at {small}"
     )
     return f"{title}\n{format_table(['step', small, large, 'verdict'], rows)}", doc
+
+
+def add_common_arguments(parser: Any, workdir: str, in_flight: int, in_flight_help: str) -> None:
+    """The options every benchmark takes: sizes, work directory, JSON, keep, repeat, in-flight."""
+    add = parser.add_argument
+    add(
+        "--sizes",
+        default="small,large",
+        help="comma-separated sizes: small (256x512x512), large (1024^3) or ZxYxX",
+    )
+    add(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), workdir),
+        help="where inputs (kept for the next run) and outputs go",
+    )
+    add("--json", help="also write every figure here as JSON")
+    add("--keep", action="store_true", help="keep the outputs of every step")
+    add(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed runs per step, each from a cold cache; the fastest is reported",
+    )
+    add("--in-flight", type=int, default=in_flight, help=in_flight_help)

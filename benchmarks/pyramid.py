@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from typing import Any
 from _measure import (
     MiB,
     StepResult,
+    add_common_arguments,
     bounded,
     cpu_seconds,
     drop_page_cache,
@@ -652,31 +652,13 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], dropped:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(
+        parser,
+        "voxflow-bench",
+        IN_FLIGHT,
+        "TensorStore operations pending at once in the floors and the TensorStore baseline",
+    )
     add = parser.add_argument
-    add(
-        "--sizes",
-        default="small,large",
-        help="comma-separated sizes: small (256x512x512), large (1024^3) or ZxYxX",
-    )
-    add(
-        "--workdir",
-        default=os.path.join(tempfile.gettempdir(), "voxflow-bench"),
-        help="where inputs (kept for the next run) and outputs go",
-    )
-    add("--json", help="also write every figure here as JSON")
-    add("--keep", action="store_true", help="keep the outputs of every step")
-    add(
-        "--repeat",
-        type=int,
-        default=3,
-        help="timed runs per step, each from a cold cache; the fastest is reported",
-    )
-    add(
-        "--in-flight",
-        type=int,
-        default=IN_FLIGHT,
-        help="TensorStore operations pending at once in the floors and the TensorStore baseline",
-    )
     add("--_step", help=argparse.SUPPRESS)
     add("--_size", help=argparse.SUPPRESS)
     add("--_result", help=argparse.SUPPRESS)

@@ -17,7 +17,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 from _measure import (
     MiB,
     StepResult,
+    add_common_arguments,
     best_of,
     bounded,
     drop_page_cache,
@@ -1108,31 +1108,13 @@ def report(results: dict[str, dict[str, Any]], machine: dict[str, Any], dropped:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(
+        parser,
+        "voxflow-bench-scaled",
+        IN_FLIGHT,
+        "TensorStore operations pending at once in the copy floor",
+    )
     add = parser.add_argument
-    add(
-        "--sizes",
-        default="small,large",
-        help="comma-separated sizes: small (256x512x512), large (1024^3) or ZxYxX",
-    )
-    add(
-        "--workdir",
-        default=os.path.join(tempfile.gettempdir(), "voxflow-bench-scaled"),
-        help="where inputs (kept for the next run) and outputs go",
-    )
-    add("--json", help="also write every figure here as JSON")
-    add("--keep", action="store_true", help="keep the outputs of every step")
-    add(
-        "--repeat",
-        type=int,
-        default=3,
-        help="timed runs per step, each from a cold cache; the fastest is reported",
-    )
-    add(
-        "--in-flight",
-        type=int,
-        default=IN_FLIGHT,
-        help="TensorStore operations pending at once in the copy floor",
-    )
     add(
         "--input-pyramid",
         action="store_true",
