@@ -30,7 +30,15 @@ from voxflow.flows import (
     validate_scaled,
 )
 from voxflow.flows.demo import run_demo
+from voxflow.flows.segment import (
+    CountingConfig,
+    SegmentationConfig,
+    run_counting,
+    run_segmentation,
+    validate_segmentation,
+)
 from voxflow.flows.synth import SYNTH_DEFAULTS, synthesize
+from voxflow.flows.view import run_layers, show_layers
 from voxflow.io import ImageRef, open_image
 from voxflow.plugins import describe_plugins, parse_params
 from voxflow.runtime import open_client
@@ -336,6 +344,173 @@ def correct(
     if not no_field:
         name = (ref.provenance or {}).get("method") or plugin
         out.print(f"field: {ref.url.rstrip('/')}/{field_path(name)}")
+
+
+def _threshold_options(threshold: str | None, model: str | None, is_mask: bool) -> dict:
+    chosen = [n for n, v in (("--threshold", threshold), ("--model", model), ("--mask", is_mask))
+              if v]  # fmt: skip
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of --threshold, --model and --mask, got {chosen}")
+    return {"threshold": threshold or "otsu", "model": model, "is_mask": is_mask}
+
+
+@app.command()
+@_user_errors
+def segment(
+    input: Annotated[str, typer.Argument(help="Intensity image (OME-Zarr or zarr array).")],
+    run: Annotated[str, typer.Option("-o", "--output", help="Run folder for every result.")],
+    channel: Annotated[int | None, typer.Option(help="Channel to segment (default 0).")] = None,
+    threshold: Annotated[
+        str | None, typer.Option(help="otsu | li | triangle | local | VALUE (default otsu).")
+    ] = None,
+    threshold_level: Annotated[
+        int, typer.Option(help="Pyramid level whose histogram sets otsu/li/triangle.")
+    ] = 0,
+    block_size: Annotated[int, typer.Option(help="Window of --threshold local (odd).")] = 31,
+    offset: Annotated[float, typer.Option(help="Offset of --threshold local.")] = 0.0,
+    model: Annotated[
+        str | None, typer.Option(help="TorchScript file or package.module:factory.")
+    ] = None,
+    probability: Annotated[float, typer.Option(help="Model output above this is fg.")] = 0.5,
+    halo: Annotated[int, typer.Option(help="Model context around each tile (voxels).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Model tiles per batch.")] = 4,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | mps (auto).")] = None,
+    is_mask: Annotated[
+        bool, typer.Option("--mask", help="INPUT is a binary (0/1) mask: use it as it is.")
+    ] = False,
+    split: Annotated[str, typer.Option(help="none | watershed (split touching objects).")] = "none",
+    min_distance: Annotated[
+        float, typer.Option(help="Watershed: least distance between object centres (µm).")
+    ] = 4.0,
+    markers: Annotated[str, typer.Option(help="Watershed seeds: distance | intensity.")] = (
+        "distance"
+    ),
+    split_halo: Annotated[
+        int | None, typer.Option(help="Watershed context (voxels); default from min-distance.")
+    ] = None,
+    connectivity: Annotated[int, typer.Option(help="6 | 18 | 26.")] = 26,
+    min_size: Annotated[int | None, typer.Option(help="Drop objects of fewer voxels.")] = None,
+    max_size: Annotated[int | None, typer.Option(help="Drop objects of more voxels.")] = None,
+    min_volume: Annotated[float | None, typer.Option(help="Drop objects under this µm³.")] = None,
+    max_volume: Annotated[float | None, typer.Option(help="Drop objects over this µm³.")] = None,
+    chunks: Annotated[
+        str | None, typer.Option(help="Processing block Z,Y,X in voxels (default: input's).")
+    ] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Also write objects.csv.")] = False,
+    atlas: Annotated[
+        str | None, typer.Option(help="Also count per region of this atlas label image.")
+    ] = None,
+    regions: Annotated[str | None, typer.Option(help="Region table CSV for --atlas.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a folder that is not a run of INPUT.")
+    ] = False,
+) -> None:
+    """Segment an image: mask, instance labels and object table in the run folder.
+
+    A rerun with the same parameters reuses every step; a changed parameter recomputes its
+    step and the ones after it. Counting (voxflow count) runs too, with --atlas per region.
+    """
+    edge = _ints(chunks, "chunks")
+    config = SegmentationConfig.model_validate({
+        "input": input, "run": run, "overwrite": overwrite,
+        "segment": {
+            "channel": channel, "objects_csv": csv, "chunks": edge,
+            "mask": {**_threshold_options(threshold, model, is_mask),
+                     "threshold_level": threshold_level, "block_size": block_size,
+                     "offset": offset, "probability": probability, "halo": halo,
+                     "batch_size": batch_size, "device": device},
+            "instances": {"split": split, "connectivity": connectivity,
+                          "min_distance_um": min_distance, "halo": split_halo,
+                          "markers": markers, "min_size": min_size, "max_size": max_size,
+                          "min_volume_um3": min_volume, "max_volume_um3": max_volume},
+        },
+        "count": {"atlas": atlas, "regions": regions},
+    })  # fmt: skip
+    _run_segmentation(config, "segment")
+
+
+def _run_segmentation(config: SegmentationConfig, description: str) -> None:
+    validate_segmentation(config)
+    start = time.perf_counter()
+    result = run_with_progress(
+        lambda s, key: run_segmentation(config, s, progress_key=key), VoxflowSettings(),
+        description,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    seg, counted = result.segment, result.count
+    reused = [s for s in seg.keys if s not in seg.computed]
+    out.print(f"{seg.objects} objects in [bold]{seg.run}[/] ({seconds:.1f} s)"
+              + (f"; threshold {seg.threshold:g}" if seg.threshold is not None else "")
+              + (f"; reused: {', '.join(reused)}" if reused else ""))  # fmt: skip
+    if counted is not None:
+        _print_regions(counted)
+
+
+def _print_regions(counted: Any) -> None:
+    if counted.regions:
+        out.print(f"region table: {counted.regions}")
+        if counted.unlisted:
+            out.print(f"[yellow]atlas ids missing from the region table:[/] "
+                      f"{', '.join(map(str, counted.unlisted))} (rows 'unlisted')")  # fmt: skip
+        rows = sorted((r for r in counted.rows if r["count"] and r["id"]),
+                      key=lambda r: -r["density_per_mm3"])[:10]  # fmt: skip
+        table = Table(title="densest regions", title_justify="left")
+        for column in ("id", "acronym", "count", "volume (mm³)", "cells / mm³"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(str(r["id"]), str(r["acronym"]), str(r["count"]),
+                          f"{r['volume_mm3']:.4g}", f"{r['density_per_mm3']:.4g}")  # fmt: skip
+        out.print(table)
+    out.print(f"QC picture: {counted.run.rstrip('/')}/qc/overview.png")
+
+
+@app.command()
+@_user_errors
+def count(
+    run: Annotated[str, typer.Argument(help="Run folder made by voxflow segment.")],
+    atlas: Annotated[
+        str | None, typer.Option(help="Atlas label image in the image's physical space.")
+    ] = None,
+    regions: Annotated[
+        str | None, typer.Option(help="Region table CSV: id, acronym, name, parent_id.")
+    ] = None,
+    block: Annotated[float, typer.Option(help="Cell edge of the count/density maps (µm).")] = 100.0,
+    split_axis: Annotated[
+        str | None, typer.Option(help="Split counts left/right along z, y or x.")
+    ] = None,
+    midline: Annotated[
+        float | None, typer.Option(help="Split position (µm); default: the atlas centre.")
+    ] = None,
+) -> None:
+    """Count a run's objects per block and per atlas region; draw the QC picture."""
+    config = CountingConfig.model_validate({
+        "run": run,
+        "count": {"atlas": atlas, "regions": regions, "block_um": block,
+                  "split_axis": split_axis, "midline_um": midline},
+    })  # fmt: skip
+    if regions and not atlas:
+        raise ValueError("a region table (--regions) needs an atlas (--atlas)")
+    start = time.perf_counter()
+    counted = run_with_progress(
+        lambda s, key: run_counting(config, s, progress_key=key), VoxflowSettings(), "count"
+    )
+    out.print(f"{counted.objects} objects in [bold]{counted.run}[/] "
+              f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+    _print_regions(counted)
+
+
+@app.command()
+@_user_errors
+def view(run: Annotated[str, typer.Argument(help="Run folder made by voxflow segment.")]) -> None:
+    """Open a run's image and every intermediate in napari (extra: voxflow[viewers])."""
+    layers = run_layers(run)
+    for layer in layers:
+        out.print(f"{layer.kind:7} {layer.name}")
+    viewer = show_layers(layers)
+    import napari
+
+    napari.run()
+    viewer.close()
 
 
 @app.command("plugins")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from voxflow.core import quality
 from voxflow.core.quality import block_cv, cell_cv, field_correlation, sample_at
 
 
@@ -42,3 +43,32 @@ def test_sample_at_rounds_and_clamps():
     image = np.arange(12).reshape(3, 4)
     got = sample_at(image, [np.array([-1.0, 0.6, 7.0]), np.array([2.4, 3.6])])
     np.testing.assert_array_equal(got, [[2, 3], [6, 7], [10, 11]])
+
+
+def test_match_points_one_to_one_within_radius():
+    truth = np.array([[0.0, 0, 0], [0, 0, 10], [0, 0, 20]])
+    detected = np.array([[0.0, 0, 1], [0, 0, 1.5], [0, 0, 10.2], [0, 0, 40]])
+    d, t = quality.match_points(detected, truth, np.array([2.0, 2.0, 2.0]))
+    assert dict(zip(d.tolist(), t.tolist(), strict=True)) == {0: 0, 2: 1}
+
+
+def test_match_points_respects_each_radius():
+    truth = np.array([[0.0, 0, 0], [0, 0, 10]])
+    detected = np.array([[0.0, 0, 3], [0, 0, 13]])
+    d, t = quality.match_points(detected, truth, np.array([4.0, 2.0]))
+    assert d.tolist() == [0] and t.tolist() == [0]
+
+
+def test_detection_scores_against_hand_count():
+    truth = np.array([[0.0, 0, 0], [0, 0, 10], [0, 0, 20], [0, 0, 30]])
+    detected = np.array([[0.0, 0, 0.5], [0, 0, 10.5], [0, 0, 50]])
+    s = quality.detection_scores(detected, truth, 1.0)
+    assert (s["tp"], s["fp"], s["fn"]) == (2, 1, 2)
+    assert s["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    sub = quality.detection_scores(detected, truth, 1.0, subset=np.array([1, 1, 0, 0], bool))
+    assert (sub["tp"], sub["fp"], sub["fn"]) == (2, 0, 0)
+
+
+def test_detection_scores_empty():
+    s = quality.detection_scores(np.empty((0, 3)), np.array([[0.0, 0, 0]]), 1.0)
+    assert (s["tp"], s["fn"], s["f1"]) == (0, 1, 0.0)

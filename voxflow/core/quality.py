@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["block_cv", "cell_cv", "field_correlation", "sample_at"]
+__all__ = [
+    "block_cv",
+    "cell_cv",
+    "detection_scores",
+    "field_correlation",
+    "match_points",
+    "sample_at",
+]
 
 
 def field_correlation(
@@ -115,3 +122,97 @@ def block_cv(
         ratios.append((image[sl][m].astype(np.float64) - offset).mean() / clean[sl][m].mean())
     values = np.asarray(ratios)
     return float(values.std() / values.mean())
+
+
+def match_points(
+    detected: np.ndarray, truth: np.ndarray, radius: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matches of detected points to true points within each true point's radius.
+
+    Candidate pairs closer than the true point's radius are taken closest first (a greedy
+    assignment: each detection and each true point is used at most once).
+
+    Parameters
+    ----------
+    detected : numpy.ndarray, shape (M, D)
+        Detected positions (physical units).
+    truth : numpy.ndarray, shape (N, D)
+        True positions, same units.
+    radius : float or numpy.ndarray of shape (N,)
+        Matching radius of each true point.
+
+    Returns
+    -------
+    det_index, truth_index : numpy.ndarray of intp
+        Matched pairs, closest first.
+    """
+    from scipy.spatial import cKDTree
+
+    detected = np.asarray(detected, np.float64).reshape(-1, truth.shape[1] if truth.ndim else 3)
+    truth = np.asarray(truth, np.float64)
+    radius = np.broadcast_to(np.asarray(radius, np.float64), (truth.shape[0],))
+    empty = np.empty(0, np.intp)
+    if detected.size == 0 or truth.size == 0:
+        return empty, empty
+    pairs = cKDTree(truth).query_ball_point(detected, float(radius.max()))
+    det = np.repeat(np.arange(len(pairs)), [len(p) for p in pairs])
+    tru = np.fromiter((j for p in pairs for j in p), np.intp, det.size)
+    dist = np.linalg.norm(detected[det] - truth[tru], axis=1)
+    keep = dist <= radius[tru]
+    det, tru, dist = det[keep], tru[keep], dist[keep]
+    order = np.argsort(dist, kind="stable")
+    used_d, used_t = np.zeros(len(detected), bool), np.zeros(len(truth), bool)
+    out_d, out_t = [], []
+    for d, t in zip(det[order], tru[order], strict=True):
+        if not used_d[d] and not used_t[t]:
+            used_d[d] = used_t[t] = True
+            out_d.append(d)
+            out_t.append(t)
+    return np.asarray(out_d, np.intp), np.asarray(out_t, np.intp)
+
+
+def detection_scores(
+    detected: np.ndarray,
+    truth: np.ndarray,
+    radius: np.ndarray | float,
+    subset: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Precision, recall and F1 of detections against true points (see `match_points`).
+
+    Parameters
+    ----------
+    detected, truth, radius
+        As for :func:`match_points`.
+    subset : numpy.ndarray of bool, shape (N,), optional
+        Score only these true points (the touching cells, say): recall over them, and
+        precision over the detections whose nearest true point is one of them.
+
+    Returns
+    -------
+    dict
+        ``precision``, ``recall``, ``f1``, ``tp``, ``fp``, ``fn``.
+    """
+    from scipy.spatial import cKDTree
+
+    truth = np.asarray(truth, np.float64)
+    detected = np.asarray(detected, np.float64).reshape(-1, truth.shape[1])
+    d_idx, t_idx = match_points(detected, truth, radius)
+    if subset is None:
+        subset = np.ones(len(truth), bool)
+    subset = np.asarray(subset, bool)
+    matched_t = np.zeros(len(truth), bool)
+    matched_t[t_idx] = True
+    matched_d = np.zeros(len(detected), bool)
+    matched_d[d_idx] = True
+    if len(truth) and len(detected):
+        nearest = cKDTree(truth).query(detected)[1]
+        near_subset = subset[nearest]
+    else:
+        near_subset = np.zeros(len(detected), bool)
+    tp = int((matched_t & subset).sum())
+    fn = int((~matched_t & subset).sum())
+    fp = int((~matched_d & near_subset).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}

@@ -31,6 +31,22 @@ def flow_client() -> Iterator[Any]:
         yield client
 
 
+@contextlib.contextmanager
+def on_cluster() -> Iterator[Any]:
+    """Make ``dask.compute`` inside the block run on the flow's cluster, else on local threads.
+
+    Core functions that compute (a histogram, the first pass of labelling) call
+    ``dask.compute`` themselves; this routes them without passing a client around.
+    """
+    with flow_client() as client:
+        if client is not None:
+            with dask.config.set(scheduler=client):
+                yield client
+            return
+        with dask.config.set(scheduler="threads", num_workers=max(4, 2 * (os.cpu_count() or 1))):
+            yield None
+
+
 def publish_progress(key: str | None) -> ProgressFn | None:
     """A progress callback that posts ``(done, total)`` to the scheduler under `key`.
 

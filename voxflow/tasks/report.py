@@ -6,6 +6,7 @@ import numpy as np
 
 from voxflow.core import quality, synth
 from voxflow.io import ImageRef, Location, read_level
+from voxflow.tasks._run import RunFolder
 
 __all__ = [
     "correction_figures",
@@ -13,6 +14,7 @@ __all__ = [
     "level_means",
     "physical_extents",
     "read_json",
+    "segmentation_figures",
 ]
 
 
@@ -106,3 +108,45 @@ def correction_figures(
         "background_cv_before": quality.block_cv(before, vol.clean, between, (8, 16, 16), offset),
         "background_cv_after": quality.block_cv(after, vol.clean, between, (8, 16, 16), offset),
     }
+
+
+def segmentation_figures(run: str, truth: dict, *, min_cells: int = 50) -> dict[str, float]:
+    """Detection and per-region counting accuracy of a run against the synthetic truth.
+
+    A detection matches a true cell when its centroid lies within the cell's radius (one to
+    one, closest first). Region counts are compared for regions holding at least
+    `min_cells` true cells (parents included), when the run has a region table.
+
+    Returns
+    -------
+    dict
+        ``f1``, ``precision``, ``recall``, ``detected``, ``cells``; ``f1_touching`` (cells
+        placed in contact); ``regions_compared``, ``max_region_error`` (relative) and
+        ``region_errors`` (id → relative error) when regions were counted.
+    """
+    folder = RunFolder(run)
+    objects = folder.read_table("objects.parquet")
+    points = objects[["z_um", "y_um", "x_um"]].to_numpy(np.float64).reshape(-1, 3)
+    cells = np.asarray(truth["centroids_um"], np.float64).reshape(-1, 3)
+    radii = np.asarray(truth["radii_um"], np.float64)
+    overall = quality.detection_scores(points, cells, radii)
+    touching = np.zeros(len(cells), bool)
+    for a, b in truth["touching"]:
+        touching[[a - 1, b - 1]] = True
+    near = quality.detection_scores(points, cells, radii, subset=touching)
+    figures = {
+        "f1": overall["f1"], "precision": overall["precision"], "recall": overall["recall"],
+        "detected": float(len(points)), "cells": float(len(cells)),
+        "f1_touching": near["f1"], "touching_cells": float(touching.sum()),
+    }  # fmt: skip
+    if folder.loc.exists("regions.csv"):
+        ours = folder.read_table("regions.csv").set_index("id")["count"]
+        errors = {
+            int(r["id"]): abs(int(ours.get(r["id"], 0)) - r["cell_count"]) / r["cell_count"]
+            for r in truth["regions"]
+            if r["cell_count"] >= min_cells
+        }
+        figures.update(regions_compared=float(len(errors)),
+                       max_region_error=max(errors.values(), default=0.0),
+                       region_errors=errors)  # fmt: skip
+    return figures
