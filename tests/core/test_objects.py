@@ -18,7 +18,7 @@ CHUNKINGS = [
 def _labels(seed=0, shape=SHAPE):
     """Blobs of smoothed noise with non-consecutive, shuffled labels."""
     rng = np.random.default_rng(seed)
-    blobs = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) > 0.08
+    blobs = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) > 0.15
     consecutive, n = ndimage.label(blobs)
     ids = rng.permutation(n) * 7 + 1000  # gaps, and labels unrelated to position
     return np.where(consecutive > 0, ids[consecutive - 1], 0).astype(np.int32), n
@@ -72,9 +72,8 @@ def test_an_object_over_many_chunks_is_one_row():
     assert got["label"].tolist() == [9]
     assert got.loc[0, "voxels"] == 6 * 6 * 5
     assert got.loc[0, ["z", "y", "x"]].tolist() == [3.5, 4.5, 2.0]
-    assert got.loc[0, ["bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]].tolist() == [
-        1, 2, 0, 7, 8, 5,
-    ]  # fmt: skip
+    box = ["bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
+    assert got.loc[0, box].tolist() == [1, 2, 0, 7, 8, 5]
 
 
 def test_physical_columns_use_scale_and_translation():

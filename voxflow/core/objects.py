@@ -88,7 +88,7 @@ def _validate_block(block: object) -> tuple[int, int, int]:
 
 def _validate_points(points: object, name: str) -> np.ndarray:
     """An (N, 3) array of finite coordinates as float64."""
-    if not isinstance(points, np.ndarray | Sequence):
+    if isinstance(points, str | bytes) or not isinstance(points, np.ndarray | Sequence):
         raise TypeError(f"`{name}` must be an (N, 3) array, got {type(points).__name__}")
     array = np.asarray(points)
     if array.size == 0:

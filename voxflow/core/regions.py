@@ -52,7 +52,7 @@ def _as_ids(values: pd.Series, name: str) -> np.ndarray:
     as_float = numeric.to_numpy(np.float64, na_value=np.nan)
     bad = ~np.isfinite(as_float) | (as_float != np.round(as_float))
     if bad.any() or pd.api.types.is_bool_dtype(values):
-        first = values[bad].iloc[0] if bad.any() else values.iloc[0]
+        first = (values[bad] if bad.any() else values).tolist()[0]
         raise ValueError(f"`table` column {name!r} must hold integers, got {first!r}")
     return numeric.to_numpy(np.int64)
 
@@ -264,23 +264,28 @@ def _validate_atlas(atlas: object) -> np.ndarray | da.Array:
     return atlas
 
 
+def _take(block: np.ndarray, local: np.ndarray) -> np.ndarray:
+    return block[tuple(local.T)]
+
+
 def _gather(atlas: da.Array, index: np.ndarray) -> np.ndarray:
     """``atlas[tuple(index.T)]``, reading only the blocks that hold an index."""
-    bounds = [np.cumsum(c) for c in atlas.chunks]
-    which = np.stack([np.searchsorted(b, index[:, d], side="right") for d, b in enumerate(bounds)])
-    starts = [np.r_[0, b[:-1]] for b in bounds]
-    flat = np.ravel_multi_index(tuple(which), atlas.numblocks)
-    blocks, inverse = np.unique(flat, return_inverse=True)
+    ends = [np.cumsum(c) for c in atlas.chunks]
+    which = tuple(np.searchsorted(e, index[:, d], side="right") for d, e in enumerate(ends))
+    starts = np.stack([np.r_[0, e[:-1]][w] for e, w in zip(ends, which, strict=True)], axis=1)
+    flat = np.ravel_multi_index(which, atlas.numblocks)
+    # Points grouped by block: one sort, not one scan of all points per block.
+    order = np.argsort(flat, kind="stable")
+    blocks, first = np.unique(flat[order], return_index=True)
+    groups = np.split(order, first[1:])
     delayed = atlas.to_delayed()
-    take = dask.delayed(lambda block, local: block[tuple(local.T)])
-    tasks = []
-    for k, b in enumerate(blocks):
-        block_index = np.unravel_index(b, atlas.numblocks)
-        local = index[inverse == k] - [int(s[i]) for s, i in zip(starts, block_index, strict=True)]
-        tasks.append(take(delayed[block_index], local))
+    take = dask.delayed(_take)
+    tasks = [
+        take(delayed[np.unravel_index(b, atlas.numblocks)], index[g] - starts[g])
+        for b, g in zip(blocks, groups, strict=True)
+    ]
     out = np.zeros(index.shape[0], np.int64)
-    for k, values in enumerate(dask.compute(*tasks)):
-        out[inverse == k] = values
+    out[np.concatenate(groups)] = np.concatenate(dask.compute(*tasks))
     return out
 
 
@@ -456,7 +461,7 @@ def _split_cuts(atlas, scale, translation, split_axis, midline_um) -> list:
 
 
 def _validate_region_ids(region_ids: object) -> np.ndarray:
-    if not isinstance(region_ids, np.ndarray | Sequence):
+    if isinstance(region_ids, str | bytes) or not isinstance(region_ids, np.ndarray | Sequence):
         raise TypeError(f"`region_ids` must be an array, got {type(region_ids).__name__}")
     ids = np.asarray(region_ids)
     if ids.size == 0:
@@ -469,7 +474,7 @@ def _validate_region_ids(region_ids: object) -> np.ndarray:
 def _validate_sides(sides: object, n: int) -> np.ndarray | None:
     if sides is None:
         return None
-    if not isinstance(sides, np.ndarray | Sequence):
+    if isinstance(sides, str | bytes) or not isinstance(sides, np.ndarray | Sequence):
         raise TypeError(f"`sides` must be a boolean array or None, got {type(sides).__name__}")
     got = np.asarray(sides)
     if got.size == 0 and n == 0:
@@ -533,21 +538,43 @@ def _roll_up(table: pd.DataFrame, per_id: pd.DataFrame) -> np.ndarray:
     return total
 
 
-def _with_densities(frame: pd.DataFrame, split: bool) -> pd.DataFrame:
-    pairs = [("count", "volume_mm3", "density_per_mm3")]
+def _output_columns(split: bool) -> list[str]:
+    columns = [*REGION_COLUMNS, "count", "volume_mm3", "density_per_mm3"]
     if split:
-        pairs += [(f"count_{s}", f"volume_{s}_mm3", f"density_{s}_per_mm3") for s in _SIDES]
-    for count, volume, density in pairs:
-        v = frame[volume].to_numpy()
-        frame[density] = np.divide(
-            frame[count].to_numpy(np.float64), v, out=np.zeros(v.size), where=v > 0
+        columns += ["count_left", "count_right", "volume_left_mm3", "volume_right_mm3"]
+        columns += ["density_left_per_mm3", "density_right_per_mm3"]
+    return columns
+
+
+def _with_densities(frame: pd.DataFrame, split: bool) -> pd.DataFrame:
+    """Add count / volume columns (0 where the volume is 0); counts become int64."""
+    for side in ("", *(f"_{s}" for s in _SIDES if split)):
+        count, volume = frame[f"count{side}"].to_numpy(), frame[f"volume{side}_mm3"].to_numpy()
+        frame[f"density{side}_per_mm3"] = np.divide(
+            count, volume, out=np.zeros(volume.size), where=volume > 0
         )
-        frame[count] = frame[count].to_numpy().astype(np.int64)
-    counts = [p[0] for p in pairs]
-    volumes = [p[1] for p in pairs]
-    densities = [p[2] for p in pairs]
-    head = [*REGION_COLUMNS, "count", "volume_mm3", "density_per_mm3"]
-    return frame[head + (counts[1:] + volumes[1:] + densities[1:] if split else [])]
+        frame[f"count{side}"] = count.astype(np.int64)
+    return frame[_output_columns(split)]
+
+
+def _extra_rows(per_id: pd.DataFrame, unlisted: list[int]) -> pd.DataFrame:
+    """Rows of the unlisted ids, then of id 0 (outside every region), not rolled up."""
+    ids = [*unlisted, 0]
+    rows = per_id.loc[ids].reset_index(drop=True)
+    rows["id"] = ids
+    rows["acronym"] = ["unlisted"] * len(unlisted) + [_OUTSIDE["acronym"]]
+    rows["name"] = [f"unlisted region {i}" for i in unlisted] + [_OUTSIDE["name"]]
+    rows["parent_id"] = pd.array([pd.NA] * len(ids), dtype="Int64")
+    return rows
+
+
+def _warn_unlisted(unlisted: list[int]) -> None:
+    shown = ", ".join(map(str, unlisted[:20])) + (", …" if len(unlisted) > 20 else "")
+    warnings.warn(
+        f"{len(unlisted)} atlas id(s) are not in the region table and get 'unlisted' rows: {shown}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def quantify_regions(
@@ -600,24 +627,13 @@ def quantify_regions(
     sides = _validate_sides(sides, region_ids.size)
     split = sides is not None
     per_id = _per_id(region_ids, _validate_volumes(volumes, split), sides)
-    listed = set(table["id"].tolist())
-    unlisted = [int(i) for i in per_id.index if i != 0 and i not in listed]
+    ids = per_id.index
+    unlisted = ids[(ids != 0) & ~ids.isin(table["id"])].astype(np.int64).tolist()
     if unlisted:
-        shown = ", ".join(map(str, unlisted[:20])) + (", …" if len(unlisted) > 20 else "")
-        warnings.warn(
-            f"{len(unlisted)} atlas id(s) are not in the region table and get 'unlisted' rows: "
-            f"{shown}",
-            UserWarning,
-            stacklevel=2,
-        )
+        _warn_unlisted(unlisted)
     regions = pd.DataFrame(_roll_up(table, per_id), columns=per_id.columns)
     regions[list(REGION_COLUMNS)] = table[list(REGION_COLUMNS)]
-    extra = per_id.loc[[*unlisted, 0]].reset_index(drop=True)
-    extra["id"] = [*unlisted, 0]
-    extra["acronym"] = ["unlisted"] * len(unlisted) + [_OUTSIDE["acronym"]]
-    extra["name"] = [f"unlisted region {i}" for i in unlisted] + [_OUTSIDE["name"]]
-    extra["parent_id"] = pd.array([pd.NA] * len(extra), dtype="Int64")
-    frame = pd.concat([regions, extra], ignore_index=True)
+    frame = pd.concat([regions, _extra_rows(per_id, unlisted)], ignore_index=True)
     frame["id"] = frame["id"].astype(np.int64)
     frame["parent_id"] = frame["parent_id"].astype("Int64")
     return _with_densities(frame, split), unlisted

@@ -43,7 +43,7 @@ _LOCAL_METHODS = ("gaussian", "mean", "median")
 _LOCAL_MODES = ("reflect", "constant", "nearest", "mirror", "wrap")
 
 
-class ThresholdMethod(str, enum.Enum):
+class ThresholdMethod(enum.StrEnum):
     """How a global threshold is derived from an intensity histogram.
 
     The value is what goes into configuration and metadata.
@@ -173,7 +173,7 @@ def _binned_counts(block: np.ndarray, low: object, high: object, nbins: int) -> 
 def _sum_block_counts(image: da.Array, func: Callable, nbins: int, **kwargs) -> np.ndarray:
     """Per-block histograms from `func`, summed by a Dask tree reduction."""
     ndim = image.ndim
-    chunks = tuple((1,) * len(c) for c in image.chunks) + ((nbins,),)
+    chunks = (*((1,) * len(c) for c in image.chunks), (nbins,))
     per_block = image.map_blocks(
         func, **kwargs, nbins=nbins, chunks=chunks, new_axis=ndim, dtype=np.int64
     )
@@ -414,7 +414,10 @@ def threshold_local(
     method = _validate_choice(method, "method", _LOCAL_METHODS)
     mode = _validate_choice(mode, "mode", _LOCAL_MODES)
     offset = _validate_real(offset, "offset")
-    depth = _local_depth(block_size, method)
+    # Reading further than the array is long adds nothing: the block is then the whole axis.
+    depth = tuple(
+        min(d, n) for d, n in zip(_local_depth(block_size, method), image.shape, strict=True)
+    )
     mask = image.map_overlap(
         _local_mask,
         depth=depth,

@@ -1,7 +1,9 @@
 """`voxflow demo`: synthesize a small dataset, run every stage as a flow, compare with truth.
 
-Stages so far: the image pyramid (mean), the atlas pyramid (mode), a cached rerun, and bias
-correction (Gaussian plugin, factor 4) scored against the known bias field.
+Stages: the image pyramid (mean), the atlas pyramid (mode), a cached rerun, bias correction
+(Gaussian plugin, factor 4) scored against the known bias field, and segmentation of the
+corrected image (Otsu, watershed split) counted per atlas region and scored against the known
+cells and region counts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.table import Table
 
 from voxflow.flows.pyramid import PyramidConfig, run_pyramid
 from voxflow.flows.scaled import ScaledConfig, run_scaled
+from voxflow.flows.segment import SegmentationConfig, run_segmentation
 from voxflow.flows.synth import synthesize
 from voxflow.runtime import open_client
 from voxflow.settings import VoxflowSettings
@@ -26,6 +29,7 @@ from voxflow.tasks.report import (
     level_means,
     physical_extents,
     read_json,
+    segmentation_figures,
 )
 
 __all__ = ["run_demo"]
@@ -101,16 +105,28 @@ def run_demo(
         corrected = runner(lambda s, key: run_scaled(scaled_cfg, s, progress_key=key), shared,
                            "bias correction (gaussian)")  # fmt: skip
         t_correct = time.perf_counter() - t0
+        seg_cfg = SegmentationConfig.model_validate({
+            "input": corrected.url, "run": str(root / "lightsheet" / "segmentation"),
+            "overwrite": True,
+            "segment": {"instances": {"split": "watershed", "min_distance_um": 5.0}},
+            "count": {"atlas": written["atlas"], "regions": written["regions"]},
+        })  # fmt: skip
+        t0 = time.perf_counter()
+        segmented = runner(lambda s, key: run_segmentation(seg_cfg, s, progress_key=key),
+                           shared, "segment, count, regions")  # fmt: skip
+        t_segment = time.perf_counter() - t0
     truth = read_json(written["ground truth"])
     figures = _summarise(console, image, atlas, truth)
     figures.update(_summarise_correction(console, written["image"], corrected, truth))
+    figures.update(_summarise_segmentation(console, segmented, truth))
     figures.update(seconds_image=t_image, seconds_atlas=t_atlas, seconds_rerun=t_rerun,
-                   seconds_correct=t_correct,
+                   seconds_correct=t_correct, seconds_segment=t_segment,
                    seconds_total=time.perf_counter() - start)  # fmt: skip
     console.print(
         f"pyramid of the image {t_image:.1f} s, of the atlas {t_atlas:.1f} s; the rerun with "
         f"the same inputs took {t_rerun:.1f} s (cached: no array work); bias correction "
-        f"{t_correct:.1f} s. Total {figures['seconds_total']:.1f} s."
+        f"{t_correct:.1f} s; segmentation and counting {t_segment:.1f} s. "
+        f"Total {figures['seconds_total']:.1f} s."
     )
     return figures
 
@@ -159,3 +175,20 @@ def _summarise_correction(console: Console, original_url: str, corrected, truth:
         f"{f['background_cv_before']:.3f} → {f['background_cv_after']:.3f}"
     )
     return f
+
+
+def _summarise_segmentation(console: Console, result, truth: dict) -> dict:
+    run = result.segment.run
+    f = segmentation_figures(run, truth)
+    worst = f.get("max_region_error", float("nan"))
+    console.print(
+        f"segmentation (otsu, watershed): {run}\n"
+        f"  {int(f['detected'])} objects for {int(f['cells'])} true cells: precision "
+        f"{f['precision']:.3f}, recall {f['recall']:.3f}, F1 {f['f1']:.3f}; on the "
+        f"{int(f['touching_cells'])} touching cells F1 {f['f1_touching']:.3f}\n"
+        f"  per-region counts vs truth ({int(f.get('regions_compared', 0))} regions with ≥ 50 "
+        f"cells): worst error {100 * worst:.1f} %\n"
+        f"  region table: {result.count.regions if result.count else None}; QC picture: "
+        f"{run.rstrip('/')}/qc/overview.png"
+    )
+    return {k: v for k, v in f.items() if k != "region_errors"}

@@ -93,10 +93,12 @@ class RunFolder:
             # Another channel of the same image: nothing of the old run applies.
             for step in list_steps(self):
                 self.invalidate(step)
-        self.loc.write_json(MANIFEST, {
+        manifest = {
             "input": {"url": source.url, "fingerprint": source.fingerprint, "channel": channel},
             "code_version": code_version(),
-        })  # fmt: skip
+        }
+        if manifest != (self.loc.read_json(MANIFEST) if self.loc.exists() else None):
+            self.loc.write_json(MANIFEST, manifest)
 
     # -- steps ----------------------------------------------------------------------------
 

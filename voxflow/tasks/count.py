@@ -18,6 +18,7 @@ from voxflow.core.pyramid import Method, downsample, level_transform
 from voxflow.core.qc import qc_png
 from voxflow.core.regions import (
     assign_regions,
+    atlas_midline,
     atlas_volumes,
     check_atlas_overlap,
     quantify_regions,
@@ -164,8 +165,7 @@ def _midline(atlas: Volume, axis: int | None, params: CountParams) -> float | No
         return None
     if params.midline_um is not None:
         return params.midline_um
-    n, s, t = atlas.shape[axis], atlas.scale[axis], atlas.translation[axis]
-    return t + (n - 1) * s / 2
+    return atlas_midline(atlas.shape, atlas.scale, atlas.translation, axis)
 
 
 def _qc_image(vol: Volume) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from voxflow.core.axes import spatial_mask
 from voxflow.core.label import label
 from voxflow.core.objects import object_table
-from voxflow.core.predict import gpu_resource, load_model, predict
+from voxflow.core.predict import load_model, predict
 from voxflow.core.pyramid import Method
 from voxflow.core.threshold import (
     ThresholdMethod,
@@ -39,7 +39,13 @@ from voxflow.io import (
     read_level,
     write_image_metadata,
 )
-from voxflow.tasks._compute import ProgressFn, compute_blocks, on_cluster, publish_progress
+from voxflow.tasks._compute import (
+    ProgressFn,
+    compute_blocks,
+    flow_client,
+    on_cluster,
+    publish_progress,
+)
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.pyramid import (
     PyramidParams,
@@ -356,10 +362,10 @@ def _mask_array(vol: Volume, params: SegmentParams, binary: bool) -> tuple[da.Ar
     if binary:
         return (image != 0).astype(np.uint8), {"method": "input is binary", "threshold": None}
     if m.model is not None:
-        prob = predict(image, m.model, halo=m.halo, tile=m.tile, batch_size=m.batch_size,
-                       device=m.device)  # fmt: skip
-        with dask.annotate(resources=gpu_resource(m.device)):
-            mask = (prob > m.probability).astype(np.uint8)
+        with dask.annotate(resources=_gpu_request(m.device)):
+            prob = predict(image, m.model, halo=m.halo, tile=m.tile, batch_size=m.batch_size,
+                           device=m.device)  # fmt: skip
+        mask = (prob > m.probability).astype(np.uint8)
         return mask, {"method": "model", "model": m.model, "threshold": None}
     if m.threshold == "local":
         mask = threshold_local(image, m.block_size, offset=m.offset)
@@ -373,6 +379,18 @@ def _mask_array(vol: Volume, params: SegmentParams, binary: bool) -> tuple[da.Ar
         value = float(m.threshold)
         info = {"method": "absolute", "threshold": value}
     return apply_threshold(image, value).astype(np.uint8), info
+
+
+def _gpu_request(device: str | None) -> dict[str, int]:
+    """Ask Dask for a GPU per prediction block when the cluster's workers offer one."""
+    if device == "cpu":
+        return {}
+    with flow_client() as client:
+        if client is None:
+            return {}
+        workers = client.scheduler_info().get("workers", {}).values()
+        has_gpu = any(w.get("resources", {}).get("GPU") for w in workers)
+    return {"GPU": 1} if has_gpu else {}
 
 
 def _labels_array(vol: Volume, run: RunFolder, params: SegmentParams) -> tuple[da.Array, int]:

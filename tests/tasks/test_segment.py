@@ -1,0 +1,280 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from scipy import ndimage
+
+from tests.conftest import snapshot
+from voxflow.io import open_image, read_level, write_image
+from voxflow.tasks import ScaledParams, scaled_processing, write_lightsheet
+from voxflow.tasks import segment as segment_module
+from voxflow.tasks.count import CountParams, count
+from voxflow.tasks.report import read_json, segmentation_figures
+from voxflow.tasks.segment import InstanceParams, MaskParams, SegmentParams, segment
+
+SPACING = (4.0, 1.6, 1.6)
+
+
+def _same_up_to_renumbering(a, b):
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return (
+        pairs.shape[1] == np.unique(a).size == np.unique(b).size
+        and ((pairs[0] == 0) == (pairs[1] == 0)).all()
+    )
+
+
+@pytest.fixture(scope="module")
+def lightsheet(tmp_path_factory):
+    """The synthetic lightsheet volume, and its bias-corrected nuclear channel."""
+    root = tmp_path_factory.mktemp("lightsheet")
+    written = write_lightsheet(str(root / "data"))
+    source = open_image(written["image"])
+    corrected = scaled_processing(
+        source, str(root / "corrected.ome.zarr"),
+        ScaledParams(plugin="gaussian", factor=4, channels=(0,)),
+    )  # fmt: skip
+    return {**written, "corrected": corrected.url, "truth": read_json(written["ground truth"])}
+
+
+@pytest.fixture(scope="module")
+def counted(lightsheet, tmp_path_factory):
+    """Otsu and watershed on the corrected image, counted per region, in three chunkings."""
+    runs = {}
+    split = InstanceParams(split="watershed", min_distance_um=5.0)
+    for chunks in (None, (16, 40, 40), (7, 33, 50)):
+        run = str(tmp_path_factory.mktemp("run") / "run")
+        segment(lightsheet["corrected"], run, SegmentParams(chunks=chunks, instances=split))
+        count(run, CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"]))
+        runs[chunks] = run
+    return runs
+
+
+def test_detection_f1_after_bias_correction(lightsheet, tmp_path):
+    run = str(tmp_path / "run")
+    segment(lightsheet["corrected"], run)  # connected components, no split
+    figures = segmentation_figures(run, lightsheet["truth"])
+    assert figures["f1"] >= 0.95, figures
+
+
+def test_watershed_finds_touching_cells_and_counts_regions_within_5_percent(
+    lightsheet, counted
+):
+    figures = segmentation_figures(counted[None], lightsheet["truth"])
+    assert figures["f1"] >= 0.95, figures
+    assert figures["touching_cells"] >= 50
+    assert figures["f1_touching"] >= 0.9, figures
+    assert figures["regions_compared"] >= 10
+    assert figures["max_region_error"] <= 0.05, figures["region_errors"]
+
+
+def test_same_counts_for_three_chunkings(counted):
+    tables = [pd.read_csv(f"{run}/regions.csv") for run in counted.values()]
+    objects = [pd.read_parquet(f"{run}/objects.parquet") for run in counted.values()]
+    for table, obj in zip(tables[1:], objects[1:], strict=True):
+        assert table["count"].tolist() == tables[0]["count"].tolist()
+        # Labels are numbered in block order, so compare objects by position.
+        a = obj.sort_values(["z", "y", "x"])[["z", "y", "x", "voxels"]].to_numpy()
+        b = objects[0].sort_values(["z", "y", "x"])[["z", "y", "x", "voxels"]].to_numpy()
+        np.testing.assert_allclose(a, b)
+
+
+def test_run_folder_layout_and_formats(lightsheet, counted):
+    run = counted[(7, 33, 50)]
+    from ome_zarr_models.v05.image import Image
+
+    for name in ("mask", "labels", "counts", "density"):
+        Image.from_zarr(zarr.open_group(f"{run}/{name}.ome.zarr", mode="r"))
+    labels_group = zarr.open_group(f"{run}/labels.ome.zarr", mode="r")
+    assert "image-label" in labels_group.attrs["ome"]
+    labels = np.asarray(labels_group["0"])
+    mask = np.asarray(zarr.open_group(f"{run}/mask.ome.zarr", mode="r")["0"])
+    assert labels.dtype == np.uint32 and set(np.unique(mask)) <= {0, 1}
+    assert ((labels > 0) == (mask > 0)).all()
+    objects = pd.read_parquet(f"{run}/objects.parquet")
+    n = len(np.unique(labels)) - 1
+    assert len(objects) == n and objects["label"].tolist() == list(range(1, n + 1))
+    for column in ("label", "z", "y", "x", "volume_um3", "mean_intensity", "max_intensity"):
+        assert column in objects
+    np.testing.assert_allclose(objects["z_um"], objects["z"] * SPACING[0])
+    np.testing.assert_allclose(objects["volume_um3"], objects["voxels"] * np.prod(SPACING))
+    com = ndimage.center_of_mass(mask, labels, objects["label"])
+    np.testing.assert_allclose(objects[["z", "y", "x"]], np.asarray(com), atol=1e-9)
+    regions = pd.read_csv(f"{run}/regions.csv")
+    for column in ("id", "acronym", "name", "count", "volume_mm3", "density_per_mm3"):
+        assert column in regions
+    counts = np.asarray(zarr.open_group(f"{run}/counts.ome.zarr", mode="r")["0"])
+    assert counts.sum() == len(objects)
+    png = open(f"{run}/qc/overview.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_recomputes_nothing_and_a_changed_split_only_downstream(
+    lightsheet, tmp_path, monkeypatch
+):
+    calls = {"threshold": 0, "label": 0, "watershed": 0, "objects": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(segment_module, "apply_threshold",
+                        counting("threshold", segment_module.apply_threshold))  # fmt: skip
+    monkeypatch.setattr(segment_module, "label", counting("label", segment_module.label))
+    monkeypatch.setattr(segment_module, "watershed_split",
+                        counting("watershed", segment_module.watershed_split))  # fmt: skip
+    monkeypatch.setattr(segment_module, "object_table",
+                        counting("objects", segment_module.object_table))  # fmt: skip
+    run = str(tmp_path / "run")
+    first = segment(lightsheet["corrected"], run)
+    assert first.computed == ("mask", "labels", "objects")
+    assert calls == {"threshold": 1, "label": 1, "watershed": 0, "objects": 1}
+    before = snapshot(tmp_path)
+    again = segment(lightsheet["corrected"], run)
+    assert again.computed == () and again.keys == first.keys
+    assert calls == {"threshold": 1, "label": 1, "watershed": 0, "objects": 1}
+    assert snapshot(tmp_path) == before
+    split = SegmentParams(instances=InstanceParams(split="watershed", min_distance_um=5.0))
+    segment(lightsheet["corrected"], run, split)
+    assert calls == {"threshold": 1, "label": 1, "watershed": 1, "objects": 2}
+    closer = SegmentParams(instances=InstanceParams(split="watershed", min_distance_um=4.0))
+    result = segment(lightsheet["corrected"], run, closer)
+    assert result.computed == ("labels", "objects")
+    assert calls == {"threshold": 1, "label": 1, "watershed": 2, "objects": 3}
+
+
+def test_count_reruns_are_cached(lightsheet, tmp_path):
+    run = str(tmp_path / "run")
+    segment(lightsheet["corrected"], run)
+    params = CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"])
+    assert count(run, params).computed == ("counts", "regions")
+    assert count(run, params).computed == ()
+    assert count(run, params.model_copy(update={"block_um": 50.0})).computed == ("counts",)
+
+
+def test_binary_input_is_used_as_the_mask(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = (ndimage.gaussian_filter(rng.random((20, 30, 40)), 2) > 0.52).astype(np.uint8)
+    write_image(str(tmp_path / "mask.ome.zarr"), mask, "zyx", (2.0, 1.0, 1.0))
+    result = segment(str(tmp_path / "mask.ome.zarr"), str(tmp_path / "run"),
+                     SegmentParams(instances=InstanceParams(connectivity=6)))  # fmt: skip
+    assert result.threshold is None
+    labels = np.asarray(read_level(open_image(str(tmp_path / "run/labels.ome.zarr"))))
+    ref, n = ndimage.label(mask)
+    assert result.objects == n and _same_up_to_renumbering(labels, ref)
+
+
+def test_a_mask_that_is_not_binary_is_refused_before_anything_is_written(lightsheet, tmp_path):
+    with pytest.raises(ValueError, match="not a binary"):
+        segment(lightsheet["corrected"], str(tmp_path / "run"),
+                SegmentParams(mask=MaskParams(is_mask=True)))  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_volume_gives_zero_objects(tmp_path):
+    write_image(str(tmp_path / "empty.ome.zarr"), np.full((8, 16, 16), 7, np.uint16), "zyx",
+                (1.0, 1.0, 1.0))  # fmt: skip
+    result = segment(str(tmp_path / "empty.ome.zarr"), str(tmp_path / "run"))
+    assert result.objects == 0
+    objects = pd.read_parquet(tmp_path / "run/objects.parquet")
+    assert len(objects) == 0 and "label" in objects
+    counted = count(str(tmp_path / "run"))
+    assert counted.objects == 0
+
+
+def test_size_filter_in_physical_units(lightsheet, tmp_path):
+    voxel = float(np.prod(SPACING))
+    params = SegmentParams(instances=InstanceParams(min_volume_um3=40 * voxel))
+    segment(lightsheet["corrected"], str(tmp_path / "run"), params)
+    objects = pd.read_parquet(tmp_path / "run/objects.parquet")
+    assert len(objects) and objects["voxels"].min() >= 40
+
+
+def test_atlas_in_another_space_is_refused(lightsheet, tmp_path):
+    run = str(tmp_path / "run")
+    segment(lightsheet["corrected"], run)
+    atlas = np.ones((4, 4, 4), np.uint32)
+    far = str(tmp_path / "far.ome.zarr")
+    write_image(far, atlas, "zyx", (10.0, 10.0, 10.0), translation=(1e5, 1e5, 1e5))
+    with pytest.raises(ValueError, match="overlap"):
+        count(run, CountParams(atlas=far))
+    assert not (tmp_path / "run/regions.csv").exists()
+
+
+def test_region_table_missing_ids_warns_and_reports_unlisted(lightsheet, tmp_path):
+    run = str(tmp_path / "run")
+    segment(lightsheet["corrected"], run)
+    table = pd.read_csv(lightsheet["regions"])
+    leaf = int(table.loc[table["is_leaf"], "id"].iloc[-1])
+    table[table["id"] != leaf].to_csv(tmp_path / "partial.csv", index=False)
+    with pytest.warns(UserWarning, match=str(leaf)):
+        counted = count(run, CountParams(atlas=lightsheet["atlas"],
+                                         regions=str(tmp_path / "partial.csv")))  # fmt: skip
+    assert counted.unlisted == (leaf,)
+    rows = pd.read_csv(tmp_path / "run/regions.csv")
+    assert rows.loc[rows["id"] == leaf, "acronym"].item() == "unlisted"
+
+
+class Brightness(torch.nn.Module):
+    """A tiny 'model': a fixed 3×3×3 mean filter, then a steep sigmoid around a level."""
+
+    def __init__(self, level: float):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        torch.nn.init.constant_(self.conv.weight, 1 / 27)
+        self.level = level
+
+    def forward(self, x):
+        return torch.sigmoid((self.conv(x) - self.level) * 0.5)
+
+
+def test_model_prediction_segments_like_its_threshold(lightsheet, tmp_path):
+    level = float(segment(lightsheet["corrected"], str(tmp_path / "otsu")).threshold)
+    path = tmp_path / "model.pt"
+    torch.jit.script(Brightness(level)).save(str(path))
+    params = SegmentParams(mask=MaskParams(model=str(path), halo=2, tile=32))
+    run = str(tmp_path / "model-run")
+    segment(lightsheet["corrected"], run, params)
+    mask = np.asarray(read_level(open_image(f"{run}/mask.ome.zarr")))
+    image = np.asarray(read_level(open_image(lightsheet["corrected"])))[0].astype(np.float32)
+    ref = ndimage.uniform_filter(image, 3, mode="constant") > level
+    assert (mask.astype(bool) != ref).mean() < 1e-3
+    provenance = json.loads(open(f"{run}/steps/mask.json").read())
+    assert provenance["method"] == "model"
+
+
+def test_a_model_that_does_not_load_is_refused_before_anything_is_written(lightsheet, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.pt"):
+        segment(lightsheet["corrected"], str(tmp_path / "run"),
+                SegmentParams(mask=MaskParams(model=str(bad))))  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_with_the_wrong_output_shape_is_refused(lightsheet, tmp_path):
+    path = tmp_path / "pool.pt"
+    torch.jit.script(torch.nn.MaxPool3d(2)).save(str(path))
+    with pytest.raises(ValueError, match="shape"):
+        segment(lightsheet["corrected"], str(tmp_path / "run"),
+                SegmentParams(mask=MaskParams(model=str(path))))  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_holding_something_else_needs_overwrite(lightsheet, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        segment(lightsheet["corrected"], str(tmp_path / "run"))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_input_is_never_written(lightsheet, tmp_path):
+    before = snapshot(lightsheet["corrected"])
+    segment(lightsheet["corrected"], str(tmp_path / "run"))
+    assert snapshot(lightsheet["corrected"]) == before
