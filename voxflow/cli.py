@@ -438,7 +438,7 @@ def _run_segmentation(config: SegmentationConfig, description: str) -> None:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     seg, counted = result.segment, result.count
-    reused = [s for s in seg.keys if s not in seg.computed]
+    reused = [s for s in seg.step_keys if s not in seg.computed]
     out.print(f"{seg.objects} objects in [bold]{seg.run}[/] ({seconds:.1f} s)"
               + (f"; threshold {seg.threshold:g}" if seg.threshold is not None else "")
               + (f"; reused: {', '.join(reused)}" if reused else ""))  # fmt: skip
@@ -461,7 +461,7 @@ def _print_regions(counted: Any) -> None:
             table.add_row(str(r["id"]), str(r["acronym"]), str(r["count"]),
                           f"{r['volume_mm3']:.4g}", f"{r['density_per_mm3']:.4g}")  # fmt: skip
         out.print(table)
-    out.print(f"QC picture: {counted.run.rstrip('/')}/qc/overview.png")
+    out.print(f"QC picture: {counted.run.rstrip('/')}/qc/overview.png", soft_wrap=True)
 
 
 @app.command()

@@ -23,3 +23,11 @@ def test_demo_runs_every_stage_and_meets_the_ground_truth(tmp_path, settings):
     assert (
         tmp_path / "demo" / "lightsheet" / "corrected.ome.zarr" / "fields" / "gaussian"
     ).is_dir()
+    # segmentation, counting and regions against the synthetic truth
+    assert figures["f1"] >= 0.95 and figures["f1_touching"] >= 0.9
+    assert figures["max_region_error"] <= 0.05
+    assert "segmentation (otsu, watershed)" in shown and "F1" in shown
+    run = tmp_path / "demo" / "lightsheet" / "segmentation"
+    for name in ("mask.ome.zarr", "labels.ome.zarr", "objects.parquet", "regions.csv",
+                 "qc/overview.png"):  # fmt: skip
+        assert (run / name).exists(), name

@@ -171,7 +171,7 @@ class SegmentResult(BaseModel):
     objects: int = Field(description="Number of objects.")
     threshold: float | None = Field(description="Threshold used, None for a model or a mask.")
     computed: tuple[str, ...] = Field(description="Steps computed now (the others were current).")
-    keys: dict[str, str] = Field(description="Content key of every step.")
+    step_keys: dict[str, str] = Field(description="Content key of every step.")
 
 
 @dataclass(frozen=True)
@@ -464,7 +464,7 @@ def segment(
         computed += [name] if now else []
     return SegmentResult(run=folder.url, objects=records["objects"]["objects"],
                          threshold=records["mask"].get("threshold"), computed=tuple(computed),
-                         keys=keys)  # fmt: skip
+                         step_keys=keys)  # fmt: skip
 
 
 def _step_keys(vol: Volume, folder: RunFolder, params: SegmentParams) -> dict[str, str]:

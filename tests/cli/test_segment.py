@@ -1,0 +1,102 @@
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tests.flows.test_segment_flow import _spheres
+from voxflow.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def data(tmp_path):
+    centres, _ = _spheres(tmp_path)
+    return tmp_path, centres
+
+
+def test_segment_and_count_commands(cli_env, data):
+    path, centres = data
+    run = str(path / "run")
+    result = runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run, "--csv",
+                                 "--split", "watershed", "--min-distance", "6"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{len(centres)} objects" in result.output and "threshold" in result.output
+    assert len(pd.read_csv(path / "run/objects.csv")) == len(centres)
+    result = runner.invoke(app, ["count", run, "--atlas", str(path / "atlas.ome.zarr"),
+                                 "--regions", str(path / "regions.csv"), "--split-axis", "y"])
+    assert result.exit_code == 0, result.output
+    text = result.output.replace("\n", "")
+    assert "densest regions" in text and "qc/overview.png" in text
+    rows = pd.read_csv(path / "run/regions.csv").set_index("acronym")
+    assert rows.loc["root", "count"] == len(centres)
+    assert rows.loc["root", "count_left"] + rows.loc["root", "count_right"] == len(centres)
+    again = runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run, "--csv",
+                                "--split", "watershed", "--min-distance", "6"])  # fmt: skip
+    assert again.exit_code == 0 and "reused: mask, labels, objects" in again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "median"], "threshold"),
+        (["--mask"], "not a binary"),
+        (["--model", "missing.pt"], "missing.pt"),
+        (["--threshold", "li", "--model", "m.pt"], "choose one"),
+        (["--connectivity", "5"], "connectivity"),
+        (["--channel", "3"], "channel"),
+        (["--min-size", "10", "--max-size", "5"], "exclude every object"),
+        (["--regions", "x.csv"], "needs an atlas"),
+    ],
+)
+def test_segment_bad_input_is_one_line_and_writes_nothing(cli_env, data, args, message):
+    path, _ = data
+    result = runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o",
+                                 str(path / "run"), *args])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (path / "run").exists()
+
+
+def test_count_bad_input(cli_env, data, tmp_path):
+    path, _ = data
+    result = runner.invoke(app, ["count", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a voxflow run" in result.output
+    run = str(path / "run")
+    assert runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run]).exit_code == 0
+    from voxflow.io import write_image
+
+    write_image(str(path / "far.ome.zarr"), np.ones((2, 2, 2), np.uint8), "zyx", (1.0, 1.0, 1.0),
+                translation=(1e6, 0.0, 0.0))  # fmt: skip
+    result = runner.invoke(app, ["count", run, "--atlas", str(path / "far.ome.zarr")])
+    assert result.exit_code == 2 and "overlap" in result.output
+    result = runner.invoke(app, ["count", run, "--split-axis", "q",
+                                 "--atlas", str(path / "atlas.ome.zarr")])  # fmt: skip
+    assert result.exit_code == 2 and "split_axis" in result.output
+
+
+def test_view_names_the_extra_without_napari(cli_env, data, monkeypatch):
+    path, _ = data
+    run = str(path / "run")
+    assert runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run]).exit_code == 0
+    import sys
+
+    monkeypatch.setitem(sys.modules, "napari", None)
+    result = runner.invoke(app, ["view", run])
+    assert result.exit_code != 0
+    assert "voxflow[viewers]" in str(result.exception) + result.output
+
+
+def test_view_opens_napari_headless(cli_env, data, monkeypatch):
+    napari = pytest.importorskip("napari")  # the optional `viewers` extra
+    path, _ = data
+    run = str(path / "run")
+    assert runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run]).exit_code == 0
+    from voxflow.flows.view import run_layers, show_layers
+
+    viewer = napari.Viewer(show=False)
+    try:
+        show_layers(run_layers(run), viewer=viewer)
+        assert [layer.name for layer in viewer.layers][:3] == ["image", "mask", "labels"]
+    finally:
+        viewer.close()

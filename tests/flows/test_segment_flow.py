@@ -1,0 +1,91 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from tests.conftest import snapshot
+from voxflow.flows.segment import (
+    CountingConfig,
+    SegmentationConfig,
+    run_counting,
+    run_segmentation,
+)
+from voxflow.flows.view import run_layers
+from voxflow.io import write_image
+from voxflow.tasks.count import CountParams
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _spheres(path, shape=(24, 48, 40), seed=0):
+    """Bright spheres on a dim background, and an atlas splitting the volume in two."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 5, shape)
+    z, y, x = np.indices(shape)
+    centres = [(6, 10, 10), (12, 30, 20), (18, 12, 30), (8, 38, 32), (17, 40, 8)]
+    for cz, cy, cx in centres:
+        image[(z - cz) ** 2 + ((y - cy) / 2) ** 2 + ((x - cx) / 2) ** 2 <= 4] += 400
+    write_image(str(path / "image.ome.zarr"), image.astype(np.uint16), "zyx", (4.0, 2.0, 2.0),
+                chunks=(8, 16, 16), shards=(16, 32, 32))  # fmt: skip
+    atlas = np.where(x < shape[2] // 2, 1, 2).astype(np.uint16)
+    write_image(str(path / "atlas.ome.zarr"), atlas, "zyx", (4.0, 2.0, 2.0))
+    pd.DataFrame({"id": [3, 1, 2], "acronym": ["root", "L", "R"], "name": ["all", "a", "b"],
+                  "parent_id": [None, 3, 3]}).to_csv(path / "regions.csv", index=False)  # fmt: skip
+    return centres, image
+
+
+def test_flow_segments_counts_and_reruns_from_the_run_folder(tmp_path, settings):
+    centres, image = _spheres(tmp_path)
+    config = SegmentationConfig.model_validate({
+        "input": str(tmp_path / "image.ome.zarr"), "run": str(tmp_path / "run"),
+        "segment": {"chunks": (5, 20, 13)},
+        "count": {"atlas": str(tmp_path / "atlas.ome.zarr"),
+                  "regions": str(tmp_path / "regions.csv"), "block_um": 40.0},
+    })  # fmt: skip
+    result = run_segmentation(config, settings)
+    assert result.segment.objects == len(centres)
+    assert result.segment.computed == ("mask", "labels", "objects")
+    objects = pd.read_parquet(tmp_path / "run/objects.parquet")
+    found = objects[["z", "y", "x"]].to_numpy()
+    for c in centres:
+        assert np.linalg.norm(found - np.asarray(c), axis=1).min() < 0.5
+    rows = pd.read_csv(tmp_path / "run/regions.csv").set_index("acronym")
+    left = sum(1 for c in centres if c[2] < 20)
+    assert rows.loc["L", "count"] == left and rows.loc["R", "count"] == len(centres) - left
+    assert rows.loc["root", "count"] == len(centres)
+    assert result.count.regions.endswith("regions.csv")
+    files = snapshot(tmp_path / "run")
+    again = run_segmentation(config, settings)
+    assert again.segment.computed == () and again.count.computed == ()
+    assert {k: v[0] for k, v in snapshot(tmp_path / "run").items()} == {
+        k: v[0] for k, v in files.items()
+    }
+    # Counting again at another map resolution touches only the maps.
+    recount = run_counting(
+        CountingConfig(run=str(tmp_path / "run"), count=CountParams(block_um=20.0)), settings
+    )
+    assert recount.computed == ("counts",) and recount.regions is None
+
+
+def test_view_layers_of_a_run(tmp_path, settings):
+    centres, image = _spheres(tmp_path)
+    config = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(tmp_path / "run"))
+    run_segmentation(config, settings)
+    layers = {layer.name: layer for layer in run_layers(str(tmp_path / "run"))}
+    assert list(layers) == ["image", "mask", "labels", "counts", "density", "centroids"]
+    assert layers["labels"].kind == "labels" and layers["centroids"].kind == "points"
+    assert layers["image"].scale == (4.0, 2.0, 2.0)
+    labels = layers["labels"].data
+    labels = np.asarray(labels[0] if isinstance(labels, list) else labels)
+    ref, n = ndimage.label(labels > 0, np.ones((3, 3, 3)))
+    assert n == len(centres) == len(np.unique(labels)) - 1
+    # The points sit on their objects, in physical coordinates.
+    for z, y, x in layers["centroids"].data:
+        index = tuple(int(round(v / s)) for v, s in zip((z, y, x), (4.0, 2.0, 2.0), strict=True))
+        assert labels[index] > 0
+    assert layers["counts"].scale[0] > layers["image"].scale[0]
+
+
+def test_view_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a voxflow run"):
+        run_layers(str(tmp_path))
