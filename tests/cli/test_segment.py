@@ -23,8 +23,19 @@ def test_segment_and_count_commands(cli_env, data):
     assert result.exit_code == 0, result.output
     assert f"{len(centres)} objects" in result.output and "threshold" in result.output
     assert len(pd.read_csv(path / "run/objects.csv")) == len(centres)
-    result = runner.invoke(app, ["count", run, "--atlas", str(path / "atlas.ome.zarr"),
-                                 "--regions", str(path / "regions.csv"), "--split-axis", "y"])
+    result = runner.invoke(
+        app,
+        [
+            "count",
+            run,
+            "--atlas",
+            str(path / "atlas.ome.zarr"),
+            "--regions",
+            str(path / "regions.csv"),
+            "--split-axis",
+            "y",
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = result.output.replace("\n", "")
     assert "densest regions" in text and "qc/overview.png" in text

@@ -35,7 +35,7 @@ def _spheres(path, shape=(24, 48, 40), seed=0):
 
 
 def test_flow_segments_counts_and_reruns_from_the_run_folder(tmp_path, settings):
-    centres, image = _spheres(tmp_path)
+    centres, _image = _spheres(tmp_path)
     config = SegmentationConfig.model_validate({
         "input": str(tmp_path / "image.ome.zarr"), "run": str(tmp_path / "run"),
         "segment": {"chunks": (5, 20, 13)},
@@ -68,7 +68,7 @@ def test_flow_segments_counts_and_reruns_from_the_run_folder(tmp_path, settings)
 
 
 def test_view_layers_of_a_run(tmp_path, settings):
-    centres, image = _spheres(tmp_path)
+    centres, _image = _spheres(tmp_path)
     config = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(tmp_path / "run"))
     run_segmentation(config, settings)
     layers = {layer.name: layer for layer in run_layers(str(tmp_path / "run"))}
@@ -77,11 +77,11 @@ def test_view_layers_of_a_run(tmp_path, settings):
     assert layers["image"].scale == (4.0, 2.0, 2.0)
     labels = layers["labels"].data
     labels = np.asarray(labels[0] if isinstance(labels, list) else labels)
-    ref, n = ndimage.label(labels > 0, np.ones((3, 3, 3)))
+    _ref, n = ndimage.label(labels > 0, np.ones((3, 3, 3)))
     assert n == len(centres) == len(np.unique(labels)) - 1
     # The points sit on their objects, in physical coordinates.
     for z, y, x in layers["centroids"].data:
-        index = tuple(int(round(v / s)) for v, s in zip((z, y, x), (4.0, 2.0, 2.0), strict=True))
+        index = tuple(round(v / s) for v, s in zip((z, y, x), (4.0, 2.0, 2.0), strict=True))
         assert labels[index] > 0
     assert layers["counts"].scale[0] > layers["image"].scale[0]
 
