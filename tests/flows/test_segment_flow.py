@@ -54,6 +54,17 @@ def test_flow_segments_counts_and_reruns_from_the_run_folder(tmp_path, settings)
     assert rows.loc["L", "count"] == left and rows.loc["R", "count"] == len(centres) - left
     assert rows.loc["root", "count"] == len(centres)
     assert result.count.regions.endswith("regions.csv")
+    # The region table is also a Prefect table artifact.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        # The filter body in full: this server version refuses nulls for its optional fields.
+        found = client.request("POST", "/artifacts/latest/filter", json={
+            "artifacts": {"key": {"any_": ["voxflow-regions"]}}, "limit": 1, "offset": 0,
+            "sort": "UPDATED_DESC",
+        }).json()  # fmt: skip
+    assert found and found[0]["type"] == "table"
+    assert "root" in str(found[0]["data"])
     files = snapshot(tmp_path / "run")
     again = run_segmentation(config, settings)
     assert again.segment.computed == () and again.count.computed == ()
