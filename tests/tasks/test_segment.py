@@ -276,3 +276,39 @@ def test_input_is_never_written(lightsheet, tmp_path):
     before = snapshot(lightsheet["corrected"])
     segment(lightsheet["corrected"], str(tmp_path / "run"))
     assert snapshot(lightsheet["corrected"]) == before
+
+
+def test_global_threshold_from_a_pyramid_level_is_recorded(lightsheet, tmp_path):
+    from voxflow.core.threshold import global_threshold
+
+    ref = open_image(lightsheet["corrected"])
+    assert len(ref.levels) > 1
+    run = str(tmp_path / "run")
+    params = SegmentParams(mask=MaskParams(threshold="li", threshold_level=1))
+    result = segment(lightsheet["corrected"], run, params)
+    level1 = np.asarray(read_level(ref, 1))[0]
+    assert result.threshold == pytest.approx(global_threshold(level1, "li"))
+    record = json.loads(open(f"{run}/steps/mask.json").read())
+    assert record["histogram_level"] == 1 and record["method"] == "li"
+    group = json.loads(open(f"{run}/mask.ome.zarr/zarr.json").read())
+    assert group["attributes"]["voxflow"]["parameters"]["histogram_level"] == 1
+
+
+def test_local_threshold_equals_scikit_image_on_the_whole_volume(lightsheet, tmp_path):
+    from skimage.filters import threshold_local
+
+    run = str(tmp_path / "run")
+    params = SegmentParams(mask=MaskParams(threshold="local", block_size=15, offset=-20),
+                           chunks=(9, 40, 33))  # fmt: skip
+    segment(lightsheet["corrected"], run, params)
+    image = np.asarray(read_level(open_image(lightsheet["corrected"])))[0]
+    want = image > threshold_local(image, 15, offset=-20)
+    got = np.asarray(read_level(open_image(f"{run}/mask.ome.zarr"))).astype(bool)
+    assert (got == want).all()
+
+
+def test_threshold_level_that_does_not_exist(lightsheet, tmp_path):
+    with pytest.raises(ValueError, match="threshold_level"):
+        segment(lightsheet["corrected"], str(tmp_path / "run"),
+                SegmentParams(mask=MaskParams(threshold_level=20)))  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -8,18 +8,34 @@ from voxflow.flows.scaled import (
     scaled_processing_flow,
     validate_scaled,
 )
+from voxflow.flows.segment import (
+    CountingConfig,
+    SegmentationConfig,
+    counting_flow,
+    run_counting,
+    run_segmentation,
+    segmentation_flow,
+    validate_segmentation,
+)
 from voxflow.flows.synth import SYNTH_DEFAULTS, synthesize
 
 __all__ = [
     "SYNTH_DEFAULTS",
+    "CountingConfig",
     "PyramidConfig",
     "ScaledConfig",
+    "SegmentationConfig",
+    "counting_flow",
     "field_path",
     "pyramid_flow",
+    "run_counting",
     "run_pyramid",
     "run_scaled",
+    "run_segmentation",
     "scaled_processing_flow",
+    "segmentation_flow",
     "synthesize",
     "validate_pyramid",
     "validate_scaled",
+    "validate_segmentation",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "CountingConfig",
     "SegmentationConfig",
     "SegmentationResult",
+    "counting_flow",
     "run_counting",
     "run_segmentation",
     "segmentation_flow",
