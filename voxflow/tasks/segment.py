@@ -297,9 +297,6 @@ def check_segment(vol: Volume, params: SegmentParams) -> dict[str, Any]:
     lo, hi = _size_limits(inst, vol.voxel_um3)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"the size limits exclude every object: min {lo} > max {hi} voxels")
-    if params.chunks is not None and inst.split == "watershed" and inst.halo:
-        if any(c < 2 for c in params.chunks):
-            raise ValueError(f"`chunks` {params.chunks} too small for the watershed")
     return {"binary": binary, "range": rng}
 
 
@@ -348,7 +345,9 @@ def write_volume(
     arr = arr.rechunk(level0_chunks(plan, arr.dtype.itemsize))
     writes = level_writes(arr, out, plan, Method.MODE, dims=like.dims, ngff_version=version_)
     compute_blocks(writes, progress)
-    image_label = {"source": {"image": "../"}} if label_image else None
+    # The source image lies outside the run folder, so no relative "source" link: the
+    # provenance record names it.
+    image_label = {} if label_image else None
     write_image_metadata(out, multiscale_of(like, plan, Method.MODE), ngff_version=version_,
                          provenance=record, image_label=image_label)  # fmt: skip
 
