@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxflow-installed
 
-.PHONY: install demo test lint bench bench-scaled clean
+.PHONY: install demo test lint bench bench-scaled bench-segment clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: install
 
 bench-scaled: install
 	$(BIN)/python benchmarks/scaled.py
+
+bench-segment: install
+	$(BIN)/python benchmarks/segment.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,15 +1,18 @@
 """Connected-component labelling of chunked masks, globally consistent for any chunking.
 
-Each block is labelled with :func:`scipy.ndimage.label`; labels that touch across block faces,
-edges or corners are joined by the global step in :mod:`voxflow.core._merge`. The result equals
-``scipy.ndimage.label`` on the whole array up to the order of the labels.
+Each block is labelled with cc3d (as :func:`scipy.ndimage.label` would label it); labels that
+touch across block faces, edges or corners are joined by the global step in
+:mod:`voxflow.core._merge`. The result equals ``scipy.ndimage.label`` on the whole array up to
+the order of the labels.
 """
 
 from __future__ import annotations
 
 import functools
 
+import cc3d
 import dask.array as da
+import numba
 import numpy as np
 from dask.base import tokenize
 from scipy import ndimage
@@ -120,10 +123,58 @@ def _origin(bounds: tuple[np.ndarray, ...], index: tuple[int, ...]) -> np.ndarra
     return np.array([b[i] for b, i in zip(bounds, index, strict=True)], dtype=np.int64)
 
 
+@numba.njit(nogil=True, cache=True)
+def _count_labels(flat, count):  # pragma: no cover - compiled
+    sizes = np.zeros(count + 1, np.int64)
+    for value in flat:
+        sizes[value] += 1
+    return sizes[1:]
+
+
+@numba.njit(nogil=True, cache=True)
+def _map_labels(flat, lut, out):  # pragma: no cover - compiled
+    for i in range(flat.size):
+        out[i] = lut[flat[i]]
+
+
+def _label_sizes(flat: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per label 1..count; compiled without the GIL, so blocks count in parallel."""
+    return _count_labels(flat, count)
+
+
+def _lookup(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[labels]``, compiled without the GIL (NumPy's take holds it)."""
+    out = np.empty(labels.shape, lut.dtype)
+    _map_labels(np.ascontiguousarray(labels).ravel(), lut, out.ravel())
+    return out
+
+
+_CC3D_CONNECTIVITY = {(3, 7): 6, (3, 19): 18, (3, 27): 26}
+
+
+def _block_labels(block: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
+    """Local labels of one block, numbered in raster order as ``scipy.ndimage.label`` does.
+
+    cc3d's decision-tree scan is about four times faster than SciPy's label on cell masks;
+    SciPy takes the shapes cc3d does not (other dimensionalities) and blocks one voxel thin
+    along an axis, where cc3d can under-allocate its union-find table; those are cheap anyway.
+    """
+    connectivity = _CC3D_CONNECTIVITY.get((block.ndim, int(structure.sum())))
+    if connectivity is None or min(block.shape) < 2:
+        return ndimage.label(block, structure)
+    foreground = np.ascontiguousarray(block != 0)
+    # An explicit bound: cc3d's own estimate of the label count can fall short on thin blocks.
+    labels, count = cc3d.connected_components(
+        foreground, connectivity=connectivity, return_N=True, out_dtype=np.uint32,
+        max_labels=int(np.count_nonzero(foreground)) + 1,
+    )  # fmt: skip
+    return labels, int(count)
+
+
 def _summarise(block: np.ndarray, structure: np.ndarray, origin: np.ndarray) -> tuple:
     """Pass 1 of one block: ``((count, sizes), shell)`` of its local labels."""
-    labels, count = ndimage.label(block, structure)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    labels, count = _block_labels(block, structure)
+    sizes = _label_sizes(labels.ravel(), count)
     return (count, sizes), Shell.of(labels, origin, width=1)
 
 
@@ -158,5 +209,5 @@ def _touching_pairs(
 
 def _relabel(block: np.ndarray, lut: np.ndarray, *, structure: np.ndarray) -> np.ndarray:
     """Pass 2 of one block: label it again and map the local labels through its lookup slice."""
-    labels, _ = ndimage.label(block, structure)
-    return np.take(lut, labels)
+    labels, _ = _block_labels(block, structure)
+    return _lookup(labels, lut)
