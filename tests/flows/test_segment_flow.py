@@ -100,3 +100,26 @@ def test_view_layers_of_a_run(tmp_path, settings):
 def test_view_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a voxflow run"):
         run_layers(str(tmp_path))
+
+
+def test_flow_on_multiprocess_cluster_with_watershed(tmp_path, results_dir):
+    """Two single-threaded worker processes: the labelling graphs and plugins travel pickled."""
+    from voxflow.settings import VoxflowSettings
+
+    procs = VoxflowSettings(
+        cluster={"mode": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True},
+        prefect={"result_storage": str(results_dir)},
+    )
+    centres, _ = _spheres(tmp_path)
+    config = SegmentationConfig.model_validate({
+        "input": str(tmp_path / "image.ome.zarr"), "run": str(tmp_path / "run"),
+        "segment": {"chunks": (8, 16, 16),
+                    "instances": {"split": "watershed", "min_distance_um": 6.0}},
+        "count": {"atlas": str(tmp_path / "atlas.ome.zarr")},
+    })  # fmt: skip
+    result = run_segmentation(config, procs)
+    assert result.segment.objects == len(centres)
+    assert result.count.objects == len(centres)
+    rows = pd.read_csv(tmp_path / "run/regions.csv").set_index("id")
+    assert rows.loc[1, "count"] + rows.loc[2, "count"] == len(centres)
+    assert rows.loc[1, "acronym"] == "unlisted"  # no region table: every atlas id is unlisted

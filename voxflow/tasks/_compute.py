@@ -25,9 +25,12 @@ def flow_client() -> Iterator[Any]:
     except (ImportError, ValueError):
         yield None
         return
-    from prefect_dask import get_dask_client
+    from distributed import worker_client
 
-    with get_dask_client() as client:
+    # worker_client secedes the task's thread from the worker while it waits on the blocks it
+    # submitted, so a worker with a single thread can still run them (a plain client would
+    # hold that thread and deadlock the worker).
+    with worker_client() as client:
         yield client
 
 
