@@ -488,8 +488,6 @@ def count(
         "count": {"atlas": atlas, "regions": regions, "block_um": block,
                   "split_axis": split_axis, "midline_um": midline},
     })  # fmt: skip
-    if regions and not atlas:
-        raise ValueError("a region table (--regions) needs an atlas (--atlas)")
     start = time.perf_counter()
     counted = run_with_progress(
         lambda s, key: run_counting(config, s, progress_key=key), VoxflowSettings(), "count"

@@ -150,7 +150,7 @@ def test_count_reruns_are_cached(lightsheet, tmp_path):
     run = str(tmp_path / "run")
     segment(lightsheet["corrected"], run)
     params = CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"])
-    assert count(run, params).computed == ("counts", "regions")
+    assert count(run, params).computed == ("counts", "regions", "qc")
     assert count(run, params).computed == ()
     assert count(run, params.model_copy(update={"block_um": 50.0})).computed == ("counts",)
 
@@ -202,6 +202,7 @@ def test_atlas_in_another_space_is_refused(lightsheet, tmp_path):
     with pytest.raises(ValueError, match="overlap"):
         count(run, CountParams(atlas=far))
     assert not (tmp_path / "run/regions.csv").exists()
+    assert not (tmp_path / "run/counts.ome.zarr").exists()
 
 
 def test_region_table_missing_ids_warns_and_reports_unlisted(lightsheet, tmp_path):

@@ -61,8 +61,6 @@ class CountingConfig(BaseModel):
 def validate_segmentation(config: SegmentationConfig) -> None:
     """Check the input and the channel before a run (nothing is written)."""
     open_volume(config.input, config.segment.channel)
-    if config.count is not None and config.count.regions and not config.count.atlas:
-        raise ValueError("a region table (regions) needs an atlas (atlas)")
 
 
 @flow(

@@ -80,7 +80,8 @@ class RunFolder:
         """
         check_output(self.loc, [source.url], overwrite=True)
         doc = self.loc.read_json(MANIFEST) if self.loc.exists() else None
-        same = doc is not None and doc.get("input", {}).get("fingerprint") == source.fingerprint
+        old_input = (doc or {}).get("input", {})
+        same = old_input.get("fingerprint") == source.fingerprint
         if self.loc.exists() and not same:
             if not overwrite:
                 what = "a run of another input" if doc is not None else "data that is not a run"
@@ -89,7 +90,7 @@ class RunFolder:
                     "run folder"
                 )
             self.loc.delete()
-        if same and doc.get("input", {}).get("channel") != channel:
+        if same and old_input.get("channel") != channel:
             # Another channel of the same image: nothing of the old run applies.
             for step in list_steps(self):
                 self.invalidate(step)
@@ -97,8 +98,13 @@ class RunFolder:
             "input": {"url": source.url, "fingerprint": source.fingerprint, "channel": channel},
             "code_version": code_version(),
         }
-        if manifest != (self.loc.read_json(MANIFEST) if self.loc.exists() else None):
+        if manifest != doc:
             self.loc.write_json(MANIFEST, manifest)
+
+    def input_fingerprint(self) -> str | None:
+        """Fingerprint of the image the run was made from, None when there is no run."""
+        doc = self.loc.read_json(MANIFEST) if self.loc.exists() else None
+        return (doc or {}).get("input", {}).get("fingerprint")
 
     # -- steps ----------------------------------------------------------------------------
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import math
-import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from voxflow.core.objects import count_map, density_map
 from voxflow.core.pyramid import Method, downsample, level_transform
@@ -25,7 +25,7 @@ from voxflow.core.regions import (
     side_of,
     validate_region_table,
 )
-from voxflow.io import Location, open_image, provenance, write_image
+from voxflow.io import Location, provenance, write_image
 from voxflow.tasks._compute import ProgressFn, compute_array, on_cluster, publish_progress
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.segment import Volume, open_volume
@@ -46,13 +46,19 @@ class CountParams(BaseModel):
     atlas: str | None = Field(None, description="Atlas label image in the same physical space.")
     regions: str | None = Field(None, description="Region table (CSV: id, acronym, name, "
                                 "parent_id).")  # fmt: skip
-    split_axis: str | None = Field(
-        None, description="Split counts into left/right along this axis (z, y or x)."
+    split_axis: Literal["z", "y", "x"] | None = Field(
+        None, description="Split counts into left/right along this axis."
     )
     midline_um: float | None = Field(
         None, description="Position of the split (µm); None: the centre of the atlas."
     )
     top: int = Field(15, ge=1, le=200, description="Regions in the QC bar chart.")
+
+    @model_validator(mode="after")
+    def _regions_need_an_atlas(self) -> CountParams:
+        if self.regions is not None and self.atlas is None:
+            raise ValueError("a region table (--regions) needs an atlas (--atlas)")
+        return self
 
 
 class CountResult(BaseModel):
@@ -70,8 +76,19 @@ class CountResult(BaseModel):
     )
 
 
-def read_regions(url: str) -> pd.DataFrame:
+def _read_bytes(url: str) -> bytes:
+    loc = Location.parse(url)
+    parent, _, key = loc.path.rpartition("/")
+    raw = Location(loc.scheme, parent).read_bytes(key)
+    if raw is None:
+        raise FileNotFoundError(f"no region table at {loc.url}")
+    return raw
+
+
+def read_regions(url: str, raw: bytes | None = None) -> pd.DataFrame:
     """The region table at `url` (CSV with at least id, acronym, name, parent_id).
+
+    `raw` is its content when already read.
 
     Raises
     ------
@@ -80,16 +97,49 @@ def read_regions(url: str) -> pd.DataFrame:
     ValueError
         When it lacks a column or its ids are not unique.
     """
-    loc = Location.parse(url)
-    parent, _, key = loc.path.rpartition("/")
-    raw = Location(loc.scheme, parent).read_bytes(key)
-    if raw is None:
-        raise FileNotFoundError(f"no region table at {loc.url}")
+    raw = _read_bytes(url) if raw is None else raw
     try:
         table = pd.read_csv(_io.BytesIO(raw))
     except (ValueError, pd.errors.ParserError) as err:
-        raise ValueError(f"{loc.url} is not a CSV table: {err}") from None
+        raise ValueError(f"{Location.parse(url).url} is not a CSV table: {err}") from None
     return validate_region_table(table)
+
+
+@dataclass(frozen=True)
+class _Atlas:
+    """The atlas and region table of a count, opened and checked before anything is written."""
+
+    volume: Volume
+    table: pd.DataFrame
+    table_digest: str | None
+
+    @classmethod
+    def open(cls, vol: Volume, params: CountParams) -> _Atlas:
+        atlas = open_volume(params.atlas)
+        if "c" in atlas.ref.dims:
+            raise ValueError(f"the atlas {atlas.ref.url} must be a (z, y, x) label image")
+        if np.dtype(atlas.ref.dtype).kind not in "iu":
+            raise ValueError(f"the atlas {atlas.ref.url} must hold integer labels, got "
+                             f"{atlas.ref.dtype}")  # fmt: skip
+        check_atlas_overlap(vol.shape, vol.scale, vol.translation, atlas.shape, atlas.scale,
+                            atlas.translation)  # fmt: skip
+        if params.regions is None:
+            return cls(atlas, _bare_table(), None)
+        raw = _read_bytes(params.regions)
+        digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        return cls(atlas, read_regions(params.regions, raw), digest)
+
+    def key_inputs(self, params: CountParams) -> dict[str, Any]:
+        """What the region table depends on besides the objects."""
+        return {"atlas": self.volume.ref.fingerprint, "table": self.table_digest,
+                "split_axis": params.split_axis, "midline_um": params.midline_um}  # fmt: skip
+
+    def midline(self, axis: int, params: CountParams) -> float:
+        """Where left ends along `axis`: the given midline, else the atlas's centre."""
+        if params.midline_um is not None:
+            return params.midline_um
+        v = self.volume
+        return atlas_midline(v.shape, v.scale, v.translation, axis)
 
 
 def _block_voxels(vol: Volume, block_um: float) -> tuple[int, int, int]:
@@ -107,65 +157,22 @@ def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, recor
                     name=name.split(".")[0], provenance=record)  # fmt: skip
 
 
-def _atlas_regions(vol: Volume, objects: pd.DataFrame, params: CountParams):
-    atlas_ref = open_image(params.atlas)
-    atlas_vol = open_volume(atlas_ref.url, None) if "c" not in atlas_ref.dims else None
-    if atlas_vol is None:
-        raise ValueError(f"the atlas {atlas_ref.url} must be a (z, y, x) label image")
-    if np.dtype(atlas_ref.dtype).kind not in "iu":
-        raise ValueError(f"the atlas {atlas_ref.url} must hold integer labels, got "
-                         f"{atlas_ref.dtype}")  # fmt: skip
-    check_atlas_overlap(vol.shape, vol.scale, vol.translation, atlas_vol.shape, atlas_vol.scale,
-                        atlas_vol.translation)  # fmt: skip
-    table = read_regions(params.regions) if params.regions else _bare_table()
-    atlas = atlas_vol.read()
+def _atlas_regions(atlas: _Atlas, objects: pd.DataFrame, params: CountParams):
+    v = atlas.volume
     points = objects[[f"{a}_um" for a in _AXES]].to_numpy(np.float64).reshape(-1, 3)
     axis = None if params.split_axis is None else _AXES.index(params.split_axis)
+    midline = None if axis is None else atlas.midline(axis, params)
     with on_cluster():
-        ids = assign_regions(points, atlas, scale=atlas_vol.scale,
-                             translation=atlas_vol.translation)  # fmt: skip
-        volumes = atlas_volumes(
-            atlas,
-            scale=atlas_vol.scale,
-            translation=atlas_vol.translation,
-            split_axis=axis,
-            midline_um=_midline(atlas_vol, axis, params),
-        )
-    sides = None
-    if axis is not None:
-        sides = side_of(points, axis, _midline(atlas_vol, axis, params))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows, unlisted = quantify_regions(ids, volumes, table, sides=sides)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return rows, unlisted
-
-
-def _regions_inputs(params: CountParams) -> dict[str, Any]:
-    """What the region table depends on besides the objects: atlas and table contents."""
-    atlas = open_image(params.atlas)
-    table = None
-    if params.regions is not None:
-        loc = Location.parse(params.regions)
-        parent, _, key = loc.path.rpartition("/")
-        raw = Location(loc.scheme, parent).read_bytes(key) or b""
-        table = hashlib.blake2b(raw, digest_size=16).hexdigest()
-    return {"atlas": atlas.fingerprint, "table": table, "split_axis": params.split_axis,
-            "midline_um": params.midline_um}  # fmt: skip
+        ids = assign_regions(points, v.read(), scale=v.scale, translation=v.translation)
+        volumes = atlas_volumes(v.read(), scale=v.scale, translation=v.translation,
+                                split_axis=axis, midline_um=midline)  # fmt: skip
+    sides = None if axis is None else side_of(points, axis, midline)
+    return quantify_regions(ids, volumes, atlas.table, sides=sides)
 
 
 def _bare_table() -> pd.DataFrame:
     return pd.DataFrame({"id": pd.Series([], dtype="int64"), "acronym": [], "name": [],
                          "parent_id": pd.Series([], dtype="Int64")})  # fmt: skip
-
-
-def _midline(atlas: Volume, axis: int | None, params: CountParams) -> float | None:
-    if axis is None:
-        return None
-    if params.midline_um is not None:
-        return params.midline_um
-    return atlas_midline(atlas.shape, atlas.scale, atlas.translation, axis)
 
 
 def _qc_image(vol: Volume) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
@@ -180,12 +187,14 @@ def _qc_image(vol: Volume) -> tuple[np.ndarray, tuple[float, ...], tuple[float, 
     return compute_array(small), scale, trans
 
 
-def _write_qc(vol: Volume, run: RunFolder, objects: pd.DataFrame, rows, title: str) -> None:
+def _write_qc(vol: Volume, run: RunFolder, objects: pd.DataFrame, rows, top: int) -> dict:
     image, scale, trans = _qc_image(vol)
     points = objects[[f"{a}_um" for a in _AXES]].to_numpy(np.float64).reshape(-1, 3)
     centroids = (points - np.asarray(trans)) / np.asarray(scale)
-    png = qc_png(image, centroids, scale=scale, regions=rows, title=title)
-    run.loc.write_bytes("qc/overview.png", png)
+    title = f"{len(objects)} objects: {vol.ref.url}"
+    run.loc.write_bytes("qc/overview.png", qc_png(image, centroids, scale=scale, regions=rows,
+                                                  top=top, title=title))  # fmt: skip
+    return {}
 
 
 def count(
@@ -221,11 +230,8 @@ def count(
     if record_objects is None:
         raise FileNotFoundError(f"{folder.url} has no finished segmentation (objects); "
                                 "rerun voxflow segment")  # fmt: skip
-    if params.split_axis is not None and params.split_axis not in _AXES:
-        raise ValueError(f"`split_axis` must be one of {_AXES}, got {params.split_axis!r}")
-    if params.regions is not None and params.atlas is None:
-        raise ValueError("a region table (--regions) needs an atlas (--atlas)")
     vol = open_volume(manifest["input"]["url"], manifest["input"]["channel"])
+    atlas = None if params.atlas is None else _Atlas.open(vol, params)
     objects = folder.read_table("objects.parquet")
     upstream = record_objects["key"]
     computed = []
@@ -237,12 +243,12 @@ def count(
         ["counts.ome.zarr", "density.ome.zarr"],
     )  # fmt: skip
     computed += ["counts"] if now else []
-    rows, unlisted, regions_url = None, [], None
-    if params.atlas is not None:
-        key = folder.key("regions", upstream, _regions_inputs(params))
+    rows, unlisted, regions_url, qc_upstream = None, [], None, upstream
+    if atlas is not None:
+        key = qc_upstream = folder.key("regions", upstream, atlas.key_inputs(params))
 
         def make_regions() -> dict:
-            table, missing = _atlas_regions(vol, objects, params)
+            table, missing = _atlas_regions(atlas, objects, params)
             folder.write_table("regions.csv", table)
             return {"unlisted": [int(i) for i in missing]}
 
@@ -250,13 +256,21 @@ def count(
         computed += ["regions"] if now else []
         rows, unlisted = folder.read_table("regions.csv"), rec["unlisted"]
         regions_url = folder.child("regions.csv").url
-    _write_qc(vol, folder, objects, rows, f"{len(objects)} objects: {vol.ref.url}")
+    key = folder.key("qc", qc_upstream, {"top": params.top})
+    _, now = folder.run_step(
+        "qc", key, lambda: _write_qc(vol, folder, objects, rows, params.top), ["qc/overview.png"]
+    )
+    computed += ["qc"] if now else []
     return CountResult(
         run=folder.url, objects=len(objects), regions=regions_url,
         unlisted=tuple(int(i) for i in unlisted), computed=tuple(computed),
-        rows=tuple(rows.astype(object).where(rows.notna(), None).to_dict("records"))
-        if rows is not None else (),
+        rows=() if rows is None else _json_rows(rows),
     )  # fmt: skip
+
+
+def _json_rows(table: pd.DataFrame) -> tuple[dict[str, Any], ...]:
+    """The rows as JSON-ready dicts, missing values as None."""
+    return tuple(table.astype(object).where(table.notna(), None).to_dict("records"))
 
 
 @task(task_run_name="count {run}", persist_result=True, result_serializer="json")

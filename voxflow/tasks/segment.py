@@ -180,26 +180,39 @@ class Volume:
 
     ref: ImageRef
     channel: int | None
-    scale: tuple[float, float, float]
-    translation: tuple[float, float, float]
-    units: tuple[str | None, ...]
+
+    def _spatial(self, values: Sequence) -> tuple:
+        return tuple(v for v, s in zip(values, spatial_mask(self.ref.dims), strict=True) if s)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """Level-0 shape (z, y, x)."""
         return self.level_shape(0)
 
+    @property
+    def scale(self) -> tuple[float, float, float]:
+        """Level-0 voxel size (z, y, x)."""
+        return self.level_geometry(0)[0]
+
+    @property
+    def translation(self) -> tuple[float, float, float]:
+        """Level-0 position of the first voxel's centre (z, y, x)."""
+        return self.level_geometry(0)[1]
+
+    @property
+    def units(self) -> tuple[str | None, ...]:
+        """Units of the spatial axes."""
+        return self._spatial(self.ref.units)
+
     def level_shape(self, level: int) -> tuple[int, int, int]:
         """Shape (z, y, x) of a level."""
-        space = spatial_mask(self.ref.dims)
-        return tuple(n for n, s in zip(self.ref.levels[level].shape, space, strict=True) if s)
+        return self._spatial(self.ref.levels[level].shape)
 
     def level_geometry(self, level: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Scale and translation (z, y, x) of a level."""
-        space = spatial_mask(self.ref.dims)
         lv = self.ref.levels[level]
-        pick = lambda v: tuple(float(x) for x, s in zip(v, space, strict=True) if s)  # noqa: E731
-        return pick(lv.scale), pick(lv.translation)
+        return (tuple(map(float, self._spatial(lv.scale))),
+                tuple(map(float, self._spatial(lv.translation))))  # fmt: skip
 
     def read(self, level: int = 0, chunks: Sequence[int] | None = None) -> da.Array:
         """The channel at `level` as a lazy (z, y, x) array, in `chunks` when given."""
@@ -226,8 +239,7 @@ def open_volume(url: str, channel: int | None = None) -> Volume:
         `channel` is out of range.
     """
     ref = open_image(url)
-    space = spatial_mask(ref.dims)
-    if sum(space) != 3:
+    if sum(spatial_mask(ref.dims)) != 3:
         raise ValueError(f"segmentation needs a 3-D image (z, y, x); {ref.url} has {ref.dims}")
     if "t" in ref.dims and ref.shape[ref.dims.index("t")] != 1:
         raise ValueError(f"{ref.url} has {ref.shape[ref.dims.index('t')]} time points; "
@@ -241,9 +253,7 @@ def open_volume(url: str, channel: int | None = None) -> Volume:
         raise ValueError(f"{ref.url} has no channel axis; `channel` must be omitted, got {channel}")
     else:
         channel = None
-    pick = lambda v: tuple(float(x) for x, s in zip(v, space, strict=True) if s)  # noqa: E731
-    units = tuple(u for u, s in zip(ref.units, space, strict=True) if s)
-    return Volume(ref, channel, pick(ref.scale), pick(ref.translation), units)
+    return Volume(ref, channel)
 
 
 # -- checks before anything is written --------------------------------------------------------
@@ -446,10 +456,11 @@ def segment(
     vol = open_volume(url, params.channel)
     folder = RunFolder(run)
     keys = _step_keys(vol, folder, params)
-    current = folder.loc.read_json("run.json") or {}
-    same_input = current.get("input", {}).get("fingerprint") == vol.ref.fingerprint
     # The checks read the whole input once; a current mask step already passed them.
-    mask_done = same_input and folder.done("mask", keys["mask"]) is not None
+    mask_done = (
+        folder.input_fingerprint() == vol.ref.fingerprint
+        and folder.done("mask", keys["mask"]) is not None
+    )
     checked = {"binary": False} if mask_done else check_segment(vol, params)
     folder.start(vol.ref, vol.channel, overwrite=overwrite)
     steps = (

@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from voxflow.io import ImageRef, read_level
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.segment import open_volume
 
@@ -28,19 +27,9 @@ class Layer:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _levels(ref: ImageRef, channel: int | None) -> list:
-    arrays = []
-    for i in range(len(ref.levels)):
-        arr = read_level(ref, i)
-        if channel is not None:
-            arr = arr[(slice(None),) * ref.dims.index("c") + (channel,)]
-        arrays.append(arr)
-    return arrays
-
-
 def _image_layer(name: str, url: str, kind: str, channel: int | None = None) -> Layer:
     vol = open_volume(url, channel)
-    data = _levels(vol.ref, vol.channel)
+    data = [vol.read(level) for level in range(len(vol.ref.levels))]
     options = {"multiscale": len(data) > 1}
     if kind == "image":
         options["blending"] = "additive"
