@@ -394,3 +394,14 @@ def test_bad_local_options():
 def test_bad_histogram(counts, centers, error, match):
     with pytest.raises(error, match=match):
         threshold_from_histogram(counts, centers, "otsu")
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_histogram_with_a_known_range_equals_the_computed_one(dtype):
+    rng = np.random.default_rng(7)
+    image = (rng.random((9, 20, 17)) * 500 + 20).astype(dtype)
+    darr = da.from_array(image, chunks=(4, 7, 9))
+    counts, centers = histogram(darr)
+    known = histogram(darr, value_range=(image.min(), image.max()))
+    np.testing.assert_array_equal(known[0], counts)
+    np.testing.assert_array_equal(known[1], centers)

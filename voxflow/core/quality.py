@@ -148,8 +148,8 @@ def match_points(
     """
     from scipy.spatial import cKDTree
 
-    detected = np.asarray(detected, np.float64).reshape(-1, truth.shape[1] if truth.ndim else 3)
     truth = np.asarray(truth, np.float64)
+    detected = np.asarray(detected, np.float64).reshape(-1, truth.shape[1])
     radius = np.broadcast_to(np.asarray(radius, np.float64), (truth.shape[0],))
     empty = np.empty(0, np.intp)
     if detected.size == 0 or truth.size == 0:

@@ -181,7 +181,9 @@ def _sum_block_counts(image: da.Array, func: Callable, nbins: int, **kwargs) -> 
     return np.asarray(total, dtype=np.int64)
 
 
-def histogram(image, *, nbins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def histogram(
+    image, *, nbins: int | None = None, value_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Intensity histogram of an image of any size, computed block by block.
 
     Two passes over the data: the minimum and maximum, then one histogram per block, summed.
@@ -197,6 +199,9 @@ def histogram(image, *, nbins: int | None = None) -> tuple[np.ndarray, np.ndarra
         at most 2**16, one bin per integer value from the minimum to the maximum (exact, as
         :func:`skimage.exposure.histogram` does for integers); otherwise 256 bins, with the
         edges and centres of :func:`skimage.exposure.histogram` for floats.
+    value_range : tuple of float, optional
+        The finite minimum and maximum of `image` when already known: the first pass is
+        skipped. None: computed.
 
     Returns
     -------
@@ -209,7 +214,10 @@ def histogram(image, *, nbins: int | None = None) -> tuple[np.ndarray, np.ndarra
     image = _validate_image(image)
     nbins = None if nbins is None else _validate_int(nbins, "nbins", 1)
     image = image[None] if image.ndim == 0 else image
-    low, high = _finite_range(image)
+    if value_range is None:
+        low, high = _finite_range(image)
+    else:
+        low, high = (image.dtype.type(v) for v in value_range)
     if low is None:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     if low == high:

@@ -365,10 +365,10 @@ def write_volume(
 # -- the steps --------------------------------------------------------------------------------
 
 
-def _mask_array(vol: Volume, params: SegmentParams, binary: bool) -> tuple[da.Array, dict]:
+def _mask_array(vol: Volume, params: SegmentParams, checked: dict) -> tuple[da.Array, dict]:
     m = params.mask
     image = vol.read(chunks=params.chunks)
-    if binary:
+    if checked["binary"]:
         return (image != 0).astype(np.uint8), {"method": "input is binary", "threshold": None}
     if m.model is not None:
         with dask.annotate(resources=_gpu_request(m.device)):
@@ -380,8 +380,10 @@ def _mask_array(vol: Volume, params: SegmentParams, binary: bool) -> tuple[da.Ar
         mask = threshold_local(image, m.block_size, offset=m.offset)
         return mask.astype(np.uint8), {"method": "local", "threshold": None}
     if m.threshold in _GLOBAL:
+        # The checks already found level 0's range: the histogram needs one pass, not two.
+        known = checked.get("range") if m.threshold_level == 0 else None
         with on_cluster():
-            counts, centers = histogram(vol.read(m.threshold_level))
+            counts, centers = histogram(vol.read(m.threshold_level), value_range=known)
         value = float(threshold_from_histogram(counts, centers, m.threshold))
         info = {"method": m.threshold, "threshold": value, "histogram_level": m.threshold_level}
     else:
@@ -499,7 +501,7 @@ def _object_outputs(params: SegmentParams) -> list[str]:
 
 def _make_mask(vol: Volume, folder: RunFolder, params: SegmentParams, checked: dict,
                progress: ProgressFn | None) -> dict:  # fmt: skip
-    mask, info = _mask_array(vol, params, checked["binary"])
+    mask, info = _mask_array(vol, params, checked)
     record = provenance("segment", "mask", {**params.mask.model_dump(mode="json"), **info},
                         vol.ref)  # fmt: skip
     write_volume(vol, folder.child("mask.ome.zarr"), mask, record=record,
