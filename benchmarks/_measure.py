@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,11 @@ __all__ = [
     "bounded",
     "cpu_seconds",
     "drop_page_cache",
+    "ensure_venv",
     "format_table",
     "machine_busy_seconds",
     "peak_rss_mib",
+    "pip_install",
     "regions",
     "run_step",
     "stored_bytes",
@@ -360,3 +363,36 @@ def add_common_arguments(parser: Any, workdir: str, in_flight: int, in_flight_he
         help="timed runs per step, each from a cold cache; the fastest is reported",
     )
     add("--in-flight", type=int, default=in_flight, help=in_flight_help)
+
+
+def pip_install(python: Path, *args: str) -> None:
+    """``pip install --quiet ARGS`` with the interpreter `python`."""
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], check=True)
+
+
+def ensure_venv(
+    venv: Path,
+    base_python: str,
+    requirements: Sequence[str],
+    *,
+    name: str,
+    prepare: Callable[[Path], None] | None = None,
+) -> Path:
+    """A peer's own virtual environment, made on first use; return its interpreter.
+
+    The environment is remade when it was made for other `requirements` (a marker file holds
+    them). `prepare(python)` runs after the environment is created and before the install.
+    """
+    python = venv / "bin" / "python"
+    marker = venv / ".voxflow-bench"
+    spec = " ".join(requirements)
+    if python.exists() and marker.exists() and marker.read_text() == spec:
+        return python
+    print(f"   making {name}'s environment in {venv} ({spec})", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
+    if prepare is not None:
+        prepare(python)
+    pip_install(python, *requirements)
+    marker.write_text(spec)
+    return python

@@ -29,9 +29,11 @@ from _measure import (
     best_of,
     bounded,
     drop_page_cache,
+    ensure_venv,
     format_table,
     memory_table,
     peak_rss_mib,
+    pip_install,
     regions,
     run_step,
     stored_bytes,
@@ -733,8 +735,14 @@ def run_child(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- zarrnii's venv
 
 
-def _pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], check=True)
+def _torch_first(python: Path) -> None:
+    """Should zarrnii's requirements include torch, install the CPU build on disk first."""
+    plan = python.parent.parent / "pip-plan.json"
+    pip_install(python, "--dry-run", "--report", str(plan), ZARRNII_SPEC)
+    names = {item["metadata"]["name"].lower() for item in json.loads(plan.read_text())["install"]}
+    if "torch" in names or any(n.startswith("nvidia-") for n in names):
+        pip_install(python, TORCH_PIN)
+    plan.unlink()
 
 
 def ensure_zarrnii(venv: Path, base_python: str) -> Path:
@@ -743,22 +751,7 @@ def ensure_zarrnii(venv: Path, base_python: str) -> Path:
     zarrnii never enters voxflow's environment. Should its requirements ever include torch,
     the CPU build on disk is installed first, so pip does not fetch the CUDA build.
     """
-    python = venv / "bin" / "python"
-    marker = venv / ".voxflow-bench"
-    if python.exists() and marker.exists() and marker.read_text() == ZARRNII_SPEC:
-        return python
-    print(f"   making zarrnii's environment in {venv} ({ZARRNII_SPEC})", flush=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
-    plan = venv / "pip-plan.json"
-    _pip(python, "--dry-run", "--report", str(plan), ZARRNII_SPEC)
-    names = {item["metadata"]["name"].lower() for item in json.loads(plan.read_text())["install"]}
-    if "torch" in names or any(n.startswith("nvidia-") for n in names):
-        _pip(python, TORCH_PIN)
-    _pip(python, ZARRNII_SPEC)
-    plan.unlink()
-    marker.write_text(ZARRNII_SPEC)
-    return python
+    return ensure_venv(venv, base_python, [ZARRNII_SPEC], name="zarrnii", prepare=_torch_first)
 
 
 def _zarrnii_argv(case: Case, step: str, lowres_level: int | None) -> list[str]:

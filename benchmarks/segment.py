@@ -37,6 +37,7 @@ from _measure import (
     add_common_arguments,
     bounded,
     drop_page_cache,
+    ensure_venv,
     format_table,
     memory_table,
     peak_rss_mib,
@@ -608,18 +609,7 @@ def peer_requirements() -> list[str]:
 
 def ensure_peer_venv(venv: Path, base_python: str) -> Path:
     """Make dask-image's own virtual environment on first use; return its interpreter."""
-    python = venv / "bin" / "python"
-    marker = venv / ".voxflow-bench"
-    spec = " ".join(peer_requirements())
-    if python.exists() and marker.exists() and marker.read_text() == spec:
-        return python
-    print(f"   making dask-image's environment in {venv} ({spec})", flush=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *peer_requirements()],
-                   check=True)  # fmt: skip
-    marker.write_text(spec)
-    return python
+    return ensure_venv(venv, base_python, peer_requirements(), name="dask-image")
 
 
 # --------------------------------------------------------------------------- orchestration
