@@ -162,11 +162,13 @@ def _block_labels(block: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray,
     connectivity = _CC3D_CONNECTIVITY.get((block.ndim, int(structure.sum())))
     if connectivity is None or min(block.shape) < 2:
         return ndimage.label(block, structure)
-    foreground = np.ascontiguousarray(block != 0)
+    # Unsigned and bool masks go in as they are (cc3d's binary mode reads > 0 as foreground);
+    # signed ones are made 0/1 first, as any nonzero value is foreground.
+    foreground = np.ascontiguousarray(block if block.dtype.kind in "bu" else block != 0)
     # An explicit bound: cc3d's own estimate of the label count can fall short on thin blocks.
     labels, count = cc3d.connected_components(
         foreground, connectivity=connectivity, return_N=True, out_dtype=np.uint32,
-        max_labels=int(np.count_nonzero(foreground)) + 1,
+        binary_image=True, max_labels=int(np.count_nonzero(foreground)) + 1,
     )  # fmt: skip
     return labels, int(count)
 
