@@ -22,12 +22,18 @@ from rich.table import Table
 
 from voxflow.flows import (
     PyramidConfig,
+    RegistrationConfig,
     ScaledConfig,
+    WarpConfig,
     field_path,
     run_pyramid,
+    run_registration,
     run_scaled,
+    run_warp,
     validate_pyramid,
+    validate_registration,
     validate_scaled,
+    validate_warp,
 )
 from voxflow.flows.demo import run_demo
 from voxflow.flows.segment import (
@@ -43,6 +49,7 @@ from voxflow.io import ImageRef, open_image
 from voxflow.plugins import describe_plugins, parse_params
 from voxflow.runtime import open_client
 from voxflow.settings import VoxflowSettings
+from voxflow.tasks.register import TRANSFORMS_FILE
 
 __all__ = ["app", "main"]
 
@@ -246,9 +253,11 @@ def info(path: Annotated[str, typer.Argument(help="OME-Zarr image or zarr array.
         out.print(f"parameters: {p.get('parameters')}")
 
 
-def _synth(kind: str, output: str, shape: str | None, seed: int, overwrite: bool) -> None:
+def _synth(kind: str, output: str, shape: str | None, seed: int, overwrite: bool,
+           **options: Any) -> None:  # fmt: skip
     start = time.perf_counter()
-    written = synthesize(kind, output, shape=_ints(shape, "shape"), seed=seed, overwrite=overwrite)
+    written = synthesize(kind, output, shape=_ints(shape, "shape"), seed=seed, overwrite=overwrite,
+                         **options)  # fmt: skip
     out.print(f"wrote synthetic {kind} to [bold]{output}[/] in {time.perf_counter() - start:.1f} s")
     for name, url in written.items():
         out.print(f"  {name}: {url}")
@@ -278,10 +287,23 @@ def synth_em_stack(
         typer.Option(help=f"z,y,x (default {','.join(map(str, SYNTH_DEFAULTS['em-stack']))})."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    transform: Annotated[
+        str,
+        typer.Option(
+            help="Family of the per-slice transforms: translation, rigid, similarity or affine."
+        ),
+    ] = "affine",
+    noise: Annotated[
+        float, typer.Option(help="Gaussian noise σ as a fraction of 255, in [0, 1].")
+    ] = 0.0,
+    contrast: Annotated[
+        float, typer.Option(help="Per-slice gain range 1 ± CONTRAST, in [0, 0.5].")
+    ] = 0.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
 ) -> None:
-    """Serial-section EM-like slice stack with known per-slice affine transforms."""
-    _synth("em-stack", output, shape, seed, overwrite)
+    """Serial-section EM-like slice stack with known per-slice transforms."""
+    _synth("em-stack", output, shape, seed, overwrite, transform=transform, noise=noise,
+           contrast=contrast)  # fmt: skip
 
 
 @app.command()
@@ -509,6 +531,139 @@ def view(run: Annotated[str, typer.Argument(help="Run folder made by voxflow seg
 
     napari.run()
     viewer.close()
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"`{name}` needs comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"`{name}` needs at least one number, got {text!r}")
+    return values
+
+
+def _one_or_many(values: tuple | None) -> Any:
+    return values[0] if values and len(values) == 1 else values
+
+
+def _storage(ngff_version: str | None) -> dict[str, Any]:
+    store = VoxflowSettings().storage
+    return {
+        "ngff_version": ngff_version or store.ngff_version, "chunks": store.chunks,
+        "shards": store.shards, "compressor": store.compressor, "clevel": store.clevel,
+    }  # fmt: skip
+
+
+def _print_alignment(ref: ImageRef, seconds: float) -> None:
+    doc = (ref.provenance or {}).get("transforms") or {}
+    pairs = doc.get("pairs", [])
+    failed = [p for p in pairs if not p["converged"]]
+    (y0, y1), (x0, x1) = doc.get("crop", {}).get("box", [[0, 0], [0, 0]])
+    out.print(f"wrote [bold]{ref.url}[/] in {seconds:.1f} s: {len(pairs)} pairs, crop box "
+              f"y {y0}:{y1}, x {x0}:{x1}")  # fmt: skip
+    if failed:
+        listed = ", ".join(f"{p['moving']}→{p['fixed']}" for p in failed[:10])
+        out.print(f"[yellow]{len(failed)} pair(s) did not converge[/] ({listed}); those slices "
+                  "carry their neighbour's transform")  # fmt: skip
+    out.print(f"transforms: {ref.url.rstrip('/')}/{TRANSFORMS_FILE}")
+    _print_levels(ref)
+
+
+@app.command()
+@_user_errors
+def register(
+    input: Annotated[str, typer.Argument(help="Slice stack: OME-Zarr (or zarr array), (c)zyx.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="New OME-Zarr, aligned.")],
+    transform: Annotated[
+        str, typer.Option(help="translation | rigid | similarity | affine.")
+    ] = "rigid",
+    loss: Annotated[str, typer.Option(help="ncc | mse | lncc (local NCC).")] = "ncc",
+    levels: Annotated[str, typer.Option(help="Factor per level, coarse to fine.")] = "8,4,2,1",
+    epochs: Annotated[str | None, typer.Option(help="Most steps per level (N or N,N,…).")] = None,
+    lr: Annotated[str | None, typer.Option(help="Learning rate per level (x or x,x,…).")] = None,
+    patience: Annotated[int, typer.Option(help="Early stop: steps without gain.")] = 10,
+    min_delta: Annotated[float, typer.Option(help="Early stop: smallest gain.")] = 1e-4,
+    penalty: Annotated[float, typer.Option(help="L2 penalty on scale and shear.")] = 0.0,
+    window: Annotated[int, typer.Option(help="Window of --loss lncc, pixels.")] = 9,
+    batch_size: Annotated[int, typer.Option(help="Pairs optimised as one batch.")] = 16,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
+    neighbours: Annotated[
+        int, typer.Option(help="Register to i-1 … i-k; k > 1 solves for drift.")
+    ] = 1,
+    channel: Annotated[int, typer.Option(help="Channel to register on.")] = 0,
+    reference: Annotated[int, typer.Option(help="Slice that stays fixed.")] = 0,
+    interpolation: Annotated[str, typer.Option(help="linear | cubic.")] = "linear",
+    no_crop: Annotated[
+        bool, typer.Option("--no-crop", help="Keep the input's frame and shape.")
+    ] = False,
+    margin: Annotated[int, typer.Option(help="Extra pixels cropped on each side.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the optimisation.")] = 0,
+    ngff_version: Annotated[
+        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+) -> None:
+    """Align a stack of slices: batched pairwise registration, composed, warped and cropped.
+
+    The transforms (pixels and physical units, per-pair loss, steps and convergence, crop box)
+    land in OUTPUT/transforms.json; voxflow warp re-applies them.
+    """
+    config = RegistrationConfig.model_validate({
+        "input": input, "output": output, "overwrite": overwrite,
+        "registration": {
+            "transform": transform, "loss": loss, "levels": _ints(levels, "levels"),
+            "epochs": _one_or_many(_ints(epochs, "epochs")),
+            "lr": _one_or_many(_floats(lr, "lr")), "patience": patience,
+            "min_delta": min_delta, "penalty": penalty, "window": window,
+            "batch_size": batch_size, "device": device, "neighbours": neighbours,
+            "channel": channel, "reference": reference, "interpolation": interpolation,
+            "crop": not no_crop, "margin": margin, "seed": seed,
+            "pyramid": _storage(ngff_version),
+        },
+    })  # fmt: skip
+    validate_registration(config)
+    start = time.perf_counter()
+    ref = run_with_progress(
+        lambda s, key: run_registration(config, s, progress_key=key), VoxflowSettings(),
+        f"register ({transform})",
+    )  # fmt: skip
+    _print_alignment(ref, time.perf_counter() - start)
+
+
+@app.command()
+@_user_errors
+def warp(
+    input: Annotated[str, typer.Argument(help="Slice stack to warp, (c)zyx.")],
+    transforms: Annotated[
+        str, typer.Option(help="transforms.json, or the aligned image holding one.")
+    ],
+    output: Annotated[str, typer.Option("-o", "--output", help="New OME-Zarr, warped.")],
+    interpolation: Annotated[str, typer.Option(help="linear | cubic.")] = "linear",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
+    ngff_version: Annotated[
+        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
+) -> None:
+    """Re-apply the transforms of an earlier registration to another copy of the stack.
+
+    Another channel, or a full-resolution copy of a stack registered at a coarser level: the
+    physical transforms are converted to this stack's pixels.
+    """
+    config = WarpConfig.model_validate({
+        "input": input, "transforms": transforms, "output": output, "overwrite": overwrite,
+        "registration": {"interpolation": interpolation, "device": device,
+                         "pyramid": _storage(ngff_version)},
+    })  # fmt: skip
+    validate_warp(config)
+    start = time.perf_counter()
+    ref = run_with_progress(
+        lambda s, key: run_warp(config, s, progress_key=key), VoxflowSettings(), "warp"
+    )
+    _print_alignment(ref, time.perf_counter() - start)
 
 
 @app.command("plugins")

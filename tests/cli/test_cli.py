@@ -119,3 +119,25 @@ def test_in_place_on_a_plain_array_is_refused(cli_env, tmp_path):
     result = runner.invoke(app, ["pyramid", plain, "--in-place"])
     assert result.exit_code == 2 and "plain zarr array cannot hold levels" in result.output
     assert snapshot(tmp_path) == before
+
+
+def test_synth_em_stack_options_reach_ground_truth(tmp_path):
+    out = tmp_path / "em"
+    result = runner.invoke(
+        app, ["synth", "em-stack", str(out), "--shape", "3,64,64", "--seed", "3",
+              "--transform", "similarity", "--noise", "0.05", "--contrast", "0.2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    truth = json.loads((out / "ground_truth.json").read_text())
+    assert truth["transform"] == "similarity"
+    assert truth["noise"] == 0.05 and truth["contrast"] == 0.2
+    gain = np.array(truth["gain"])
+    assert gain[0] == 1.0 and np.all(np.abs(gain - 1) <= 0.2) and np.ptp(gain) > 0
+    linear = np.array(truth["transforms"])[:, :2, :2]
+    np.testing.assert_allclose(linear[:, 0, 0], linear[:, 1, 1], atol=1e-12)
+    assert truth["shear"] == [0.0, 0.0, 0.0]
+    bad = runner.invoke(app, ["synth", "em-stack", str(tmp_path / "x"), "--transform", "warp"])
+    assert bad.exit_code == 2 and "`transform` must be one of" in bad.output
+    bad = runner.invoke(app, ["synth", "em-stack", str(tmp_path / "x"), "--noise", "2"])
+    assert bad.exit_code == 2 and "`noise` must lie in" in bad.output
+    assert not (tmp_path / "x").exists()

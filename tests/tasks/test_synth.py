@@ -55,3 +55,27 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     write_em_stack(str(out), shape=(2, 32, 32), overwrite=True, seed=5)
     with pytest.raises(ValueError, match="ngff_version"):
         write_em_stack(str(tmp_path / "x"), ngff_version="0.3")
+
+
+def test_em_dataset_options_reach_images_and_ground_truth(tmp_path):
+    options = {"transform": "rigid", "noise": 0.02, "contrast": 0.1}
+    written = write_em_stack(str(tmp_path / "em"), shape=(3, 64, 64), seed=2, **options)
+    expected = synth.em_stack((3, 64, 64), seed=2, **options)
+    image = open_image(written["image"])
+    np.testing.assert_array_equal(read_level(image).compute(), expected.image)
+    np.testing.assert_array_equal(read_level(open_image(written["aligned"])).compute(),
+                                  expected.aligned)  # fmt: skip
+    truth = json.loads((tmp_path / "em" / "ground_truth.json").read_text())
+    assert truth["transform"] == "rigid"
+    assert truth["noise"] == 0.02 and truth["contrast"] == 0.1
+    np.testing.assert_array_equal(truth["gain"], expected.gain)
+    np.testing.assert_allclose(truth["transforms"], expected.transforms)
+    assert {k: image.provenance["parameters"][k] for k in options} == options
+    # The defaults write the stack the generator gives without options.
+    plain = write_em_stack(str(tmp_path / "plain"), shape=(3, 64, 64), seed=2)
+    np.testing.assert_array_equal(read_level(open_image(plain["image"])).compute(),
+                                  synth.em_stack((3, 64, 64), seed=2).image)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="`transform` must be one of"):
+        write_em_stack(str(tmp_path / "bad"), shape=(3, 64, 64), transform="shear")
+    assert not (tmp_path / "bad").exists()

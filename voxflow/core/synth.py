@@ -48,13 +48,17 @@ _EM_Z_STRETCH = 2.0
 _EM_CELL_PX = 32.0  # typical cell diameter in pixels
 _EM_MEMBRANE_PX = 1.3
 _EM_VESICLE_EVERY = 1500  # one vesicle per this many voxels
+_EM_TRANSFORMS = ("translation", "rigid", "similarity", "affine")  # nested families
 
 _CONVENTION = (
     "transforms[k] is a 3x3 homogeneous matrix on (y, x, 1) pixel coordinates; "
     "observed[k] = scipy.ndimage.affine_transform(aligned[k], transforms[k], order=1, "
     "mode='constant', cval=0); pairwise[k] = inv(transforms[k-1]) @ transforms[k] maps pixel "
     "coordinates of observed slice k into observed slice k-1; valid_box is half-open "
-    "((y0, y1), (x0, x1)) in aligned coordinates"
+    "((y0, y1), (x0, x1)) in aligned coordinates; with gain or noise, observed[k] = "
+    "clip(rint(affine_transform(m[k] + gain[k] * (aligned[k] - m[k]), transforms[k], order=1, "
+    "mode='constant', cval=0, output=float64) + N(0, (noise * 255)^2)), 0, 255) with m[k] the "
+    "mean of aligned[k]"
 )
 
 
@@ -321,9 +325,20 @@ class EMStack:
     dims : str
         ``"zyx"``.
     rotation_deg, shift_px, scale, shear : ndarray
-        Parameters of each slice's affine, shapes (Z,), (Z, 2), (Z, 2), (Z,).
+        Parameters of each slice's affine, shapes (Z,), (Z, 2), (Z, 2), (Z,); zero where the
+        transform family excludes them.
     seed : int
         Seed the stack was generated from.
+    transform : str
+        Family of the per-slice transforms: ``"translation"``, ``"rigid"``, ``"similarity"``
+        or ``"affine"``.
+    noise : float
+        Standard deviation of the additive Gaussian noise as a fraction of 255.
+    contrast : float
+        Half-width of the range of the per-slice gains around 1.
+    gain : ndarray of float64, shape (Z,)
+        Contrast gain of each slice about the mean grey level of its aligned slice;
+        ``gain[0]`` is 1.
     """
 
     image: np.ndarray
@@ -339,6 +354,10 @@ class EMStack:
     scale: np.ndarray
     shear: np.ndarray
     seed: int
+    transform: str
+    noise: float
+    contrast: float
+    gain: np.ndarray
 
     @property
     def transforms_um(self) -> np.ndarray:
@@ -355,7 +374,9 @@ class EMStack:
             Keys: ``kind``, ``dims``, ``shape``, ``spacing_um``, ``seed``, ``convention``,
             ``transforms``, ``transforms_um``, ``pairwise`` (Z × 3 × 3 nested lists),
             ``valid_box`` ``[[y0, y1], [x0, x1]]`` (half-open, pixels), ``valid_box_um``,
-            ``rotation_deg``, ``shift_px``, ``scale`` and ``shear``.
+            ``rotation_deg``, ``shift_px``, ``scale``, ``shear``, ``transform`` (the family),
+            ``noise`` (σ / 255), ``noise_sigma`` (σ in grey levels), ``contrast`` and ``gain``
+            (one per slice).
         """
         (y0, y1), (x0, x1) = self.valid_box
         sy, sx = self.spacing[1], self.spacing[2]
@@ -375,6 +396,11 @@ class EMStack:
             "shift_px": self.shift_px.tolist(),
             "scale": self.scale.tolist(),
             "shear": self.shear.tolist(),
+            "transform": self.transform,
+            "noise": self.noise,
+            "noise_sigma": self.noise * 255.0,
+            "contrast": self.contrast,
+            "gain": self.gain.tolist(),
         }
 
 
@@ -486,6 +512,20 @@ def _validate_em(shape, seed, max_rotation_deg, max_shift_px, max_scale, max_she
         _validate_range(max_shear, "max_shear", 0.0, 0.25),
     )
     return shape, _validate_seed(seed), limits
+
+
+def _validate_em_appearance(transform, noise, contrast) -> tuple[str, float, float]:
+    if not isinstance(transform, str):
+        raise TypeError(
+            f"`transform` must be a string, one of {_EM_TRANSFORMS}, got {type(transform).__name__}"
+        )
+    if transform not in _EM_TRANSFORMS:
+        raise ValueError(f"`transform` must be one of {_EM_TRANSFORMS}, got {transform!r}")
+    return (
+        transform,
+        _validate_range(noise, "noise", 0.0, 1.0),
+        _validate_range(contrast, "contrast", 0.0, 0.5),
+    )
 
 
 # --------------------------------------------------------------------------- lightsheet
@@ -804,23 +844,29 @@ def lightsheet(
 
 
 def _membranes(rng, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Membrane darkness in [0, 1] and a per-cell grey level from a 3D Voronoi of seeds."""
+    """Membrane darkness in [0, 1] and a per-cell grey level from a Voronoi of seeds.
+
+    The cell walls run perpendicular to the sections (a 2D Voronoi, the same in every
+    slice): oblique walls would move from one section to the next, an apparent motion that
+    no registration could tell from the known transforms. Slices still differ by their
+    texture and vesicles.
+    """
     z, y, x = shape
     pad = _EM_CELL_PX
-    lo = np.array([-pad, -pad, -pad])
-    hi = np.array([(z - 1) * _EM_Z_STRETCH + pad, y - 1 + pad, x - 1 + pad])
-    n_seeds = max(4, math.ceil(np.prod(hi - lo) / _EM_CELL_PX**3))
-    seeds = rng.uniform(lo, hi, size=(n_seeds, 3))
+    lo = np.array([-pad, -pad])
+    hi = np.array([y - 1 + pad, x - 1 + pad])
+    n_seeds = max(4, math.ceil(np.prod(hi - lo) / _EM_CELL_PX**2))
+    seeds = rng.uniform(lo, hi, size=(n_seeds, 2))
     grey = rng.uniform(150.0, 205.0, size=n_seeds)
-    points = np.stack(
-        np.meshgrid(np.arange(z) * _EM_Z_STRETCH, np.arange(y), np.arange(x), indexing="ij"), -1
-    ).reshape(-1, 3)
-    dist, index = cKDTree(seeds).query(points, k=2)
+    points = np.stack(np.meshgrid(np.arange(y), np.arange(x), indexing="ij"), -1).reshape(-1, 2)
+    # Each point's query is independent, so threads change the speed, not the result.
+    dist, index = cKDTree(seeds).query(points, k=2, workers=-1)
     apart = np.linalg.norm(seeds[index[:, 0]] - seeds[index[:, 1]], axis=1)
-    # Distance to the bisecting plane of the two nearest seeds: the cell wall.
+    # Distance to the bisecting line of the two nearest seeds: the cell wall.
     wall = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2 * apart)
-    membrane = np.exp(-0.5 * (wall / _EM_MEMBRANE_PX) ** 2).reshape(shape)
-    return membrane, grey[index[:, 0]].reshape(shape)
+    membrane = np.exp(-0.5 * (wall / _EM_MEMBRANE_PX) ** 2).reshape(y, x)
+    cells = grey[index[:, 0]].reshape(y, x)
+    return np.broadcast_to(membrane, shape), np.broadcast_to(cells, shape)
 
 
 def _vesicles(rng, shape) -> np.ndarray:
@@ -854,8 +900,12 @@ def _em_content(rng, shape) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _draw_affines(rng, shape, limits):
-    """Per-slice affine parameters and matrices, about the slice centre; slice 0 is identity."""
+def _draw_affines(rng, shape, limits, family: str = "affine"):
+    """Per-slice parameters and matrices of `family`, about the slice centre; slice 0 is identity.
+
+    Every family makes the same draws, so one seed gives the same shifts (and, where kept, the
+    same rotations and scales) whatever the family.
+    """
     z, y, x = shape
     max_rot, max_shift, max_scale, max_shear = limits
     rotation = rng.uniform(-max_rot, max_rot, size=z)
@@ -863,6 +913,14 @@ def _draw_affines(rng, shape, limits):
     scale = rng.uniform(-max_scale, max_scale, size=(z, 2))
     shear = rng.uniform(-max_shear, max_shear, size=z)
     rotation[0], shift[0], scale[0], shear[0] = 0.0, 0.0, 0.0, 0.0
+    if family == "translation":
+        rotation[:] = 0.0
+    if family in ("translation", "rigid"):
+        scale[:] = 0.0
+    if family == "similarity":
+        scale[:, 1] = scale[:, 0]
+    if family != "affine":
+        shear[:] = 0.0
     centre = np.array([(y - 1) / 2, (x - 1) / 2])
     transforms = np.tile(np.eye(3), (z, 1, 1))
     for k in range(z):
@@ -873,6 +931,29 @@ def _draw_affines(rng, shape, limits):
         transforms[k, :2, 2] = centre + shift[k] - linear @ centre
     transforms[0] = np.eye(3)
     return transforms, rotation, shift, scale, shear
+
+
+def _observe_em(rng, aligned, transforms, gain, noise: float) -> np.ndarray:
+    """Warp each aligned slice by its transform; apply its gain and the noise, if any."""
+    if noise == 0 and np.all(gain == 1):
+        # SciPy's own rounding into uint8: the stacks made before gain and noise existed.
+        return np.stack(
+            [
+                ndimage.affine_transform(a, t, order=1, mode="constant", cval=0)
+                for a, t in zip(aligned, transforms, strict=True)
+            ]
+        )
+    observed = np.empty(aligned.shape, np.uint8)
+    for k, (a, t, g) in enumerate(zip(aligned, transforms, gain, strict=True)):
+        # The gain acts on the content, so the empty border the warp brings in stays 0.
+        mean = a.mean()
+        warped = ndimage.affine_transform(
+            mean + g * (a - mean), t, order=1, mode="constant", cval=0, output=np.float64
+        )
+        if noise > 0:
+            warped += rng.normal(0.0, noise * 255.0, warped.shape)
+        observed[k] = np.clip(np.rint(warped), 0, 255)
+    return observed
 
 
 def _valid_masks(transforms: np.ndarray, shape) -> np.ndarray:
@@ -915,15 +996,30 @@ def em_stack(
     max_shift_px: float = 6.0,
     max_scale: float = 0.03,
     max_shear: float = 0.02,
+    transform: str = "affine",
+    noise: float = 0.0,
+    contrast: float = 0.0,
 ) -> EMStack:
     """Generate a misaligned serial-section EM-like stack with known per-slice affines.
 
     The aligned slices are sections of one smooth 3D volume: cell walls of a random Voronoi
-    partition (dark membranes), per-cell grey levels, filtered-noise texture and dark
-    vesicles, so consecutive slices are similar but not identical. Each slice ``k >= 1`` is
+    partition (dark membranes) that cross the sections at right angles, per-cell grey levels,
+    filtered-noise texture and dark vesicles, so consecutive slices are similar but not
+    identical, and hold no apparent motion of their own (the known transforms are the true
+    alignment). Each slice ``k >= 1`` is
     then warped by a random affine about the slice centre: rotation within
     ±`max_rotation_deg`, shift within ±`max_shift_px` per axis, scale ``1 ± max_scale`` per
-    axis and shear within ±`max_shear`.
+    axis and shear within ±`max_shear`. A narrower `transform` family zeroes what it excludes:
+    ``"translation"`` keeps only the shift, ``"rigid"`` adds the rotation, ``"similarity"``
+    adds one isotropic scale (the y draw on both axes) and ``"affine"`` keeps everything. The
+    draws do not depend on the family, so for one seed the families share their shifts.
+
+    Optionally each slice ``k >= 1`` gets a contrast gain ``g[k]`` drawn from
+    ``U(1 − contrast, 1 + contrast)``, applied about the mean grey level ``m[k]`` of the
+    aligned slice before the warp (``m + g (x − m)``, so the empty border stays 0), and every
+    observed slice gets additive Gaussian noise of σ = ``noise × 255`` after the warp; the
+    result is then rounded and clipped into uint8. With both 0 (the default) the observed
+    slices are exactly the warps below, and the stack is the same as without these options.
 
     Conventions. ``transforms`` is (Z, 3, 3) homogeneous matrices acting on ``(y, x, 1)``
     pixel coordinates, and
@@ -956,6 +1052,12 @@ def em_stack(
         Largest relative scale change per axis, in [0, 0.25].
     max_shear : float, optional
         Largest shear, in [0, 0.25].
+    transform : {"affine", "similarity", "rigid", "translation"}, optional
+        Family of the per-slice transforms.
+    noise : float, optional
+        Standard deviation of the additive Gaussian noise as a fraction of 255, in [0, 1].
+    contrast : float, optional
+        Half-width of the per-slice gain range around 1, in [0, 0.5].
 
     Returns
     -------
@@ -966,25 +1068,26 @@ def em_stack(
     Raises
     ------
     TypeError
-        When `shape`, `seed` or a limit has the wrong type.
+        When `shape`, `seed`, a limit, `transform`, `noise` or `contrast` has the wrong type.
     ValueError
         When `shape` does not have 3 positive sizes or is too small, `seed` is negative, a
-        limit is outside its range, or the transforms leave no common valid region.
+        limit, `noise` or `contrast` is outside its range, `transform` is not a known family,
+        or the transforms leave no common valid region.
     """
     shape, seed, limits = _validate_em(
         shape, seed, max_rotation_deg, max_shift_px, max_scale, max_shear
     )
-    rng_content, rng_affine = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)
+    transform, noise, contrast = _validate_em_appearance(transform, noise, contrast)
+    # Spawned children are keyed by index: children 0 and 1 are those of the stacks made
+    # before gain and noise existed, so those stacks are unchanged.
+    rng_content, rng_affine, rng_appearance = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
     aligned = _em_content(rng_content, shape)
-    transforms, rotation, shift, scale, shear = _draw_affines(rng_affine, shape, limits)
-    observed = np.stack(
-        [
-            ndimage.affine_transform(a, t, order=1, mode="constant", cval=0)
-            for a, t in zip(aligned, transforms, strict=True)
-        ]
-    )
+    transforms, rotation, shift, scale, shear = _draw_affines(rng_affine, shape, limits, transform)
+    gain = rng_appearance.uniform(1 - contrast, 1 + contrast, size=shape[0])
+    gain[0] = 1.0
+    observed = _observe_em(rng_appearance, aligned, transforms, gain, noise)
     pairwise = np.tile(np.eye(3), (shape[0], 1, 1))
     pairwise[1:] = np.linalg.inv(transforms[:-1]) @ transforms[1:]
     masks = _valid_masks(transforms, shape)
@@ -1008,4 +1111,8 @@ def em_stack(
         scale=_frozen(scale),
         shear=_frozen(shear),
         seed=seed,
+        transform=transform,
+        noise=noise,
+        contrast=contrast,
+        gain=_frozen(gain),
     )

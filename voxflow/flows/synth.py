@@ -20,8 +20,13 @@ def synthesize(
     seed: int = 0,
     overwrite: bool = False,
     ngff_version: str = "0.5",
+    **options,
 ) -> dict[str, str]:
     """Write a synthetic dataset of `kind` ("lightsheet" or "em-stack") to `output`.
+
+    `options` are generator options of `kind`, passed on to its writer: for "em-stack"
+    ``transform``, ``noise`` and ``contrast`` (see `voxflow.tasks.write_em_stack`);
+    "lightsheet" takes none.
 
     Returns
     -------
@@ -30,11 +35,13 @@ def synthesize(
 
     Raises
     ------
+    TypeError
+        For an option that `kind` does not take.
     ValueError
         For an unknown kind or bad generator parameters (nothing is written).
     """
     if kind not in _WRITERS:
         raise ValueError(f"`kind` must be one of {tuple(_WRITERS)}, got {kind!r}")
     return _WRITERS[kind](
-        output, shape=shape, seed=seed, overwrite=overwrite, ngff_version=ngff_version
+        output, shape=shape, seed=seed, overwrite=overwrite, ngff_version=ngff_version, **options
     )

@@ -14,6 +14,7 @@ __all__ = [
     "level_means",
     "physical_extents",
     "read_json",
+    "registration_figures",
     "segmentation_figures",
 ]
 
@@ -150,3 +151,37 @@ def segmentation_figures(run: str, truth: dict, *, min_cells: int = 50) -> dict[
                        max_region_error=max(errors.values(), default=0.0),
                        region_errors=errors)  # fmt: skip
     return figures
+
+
+def registration_figures(aligned: ImageRef, truth: dict) -> dict[str, float]:
+    """Residual misalignment and crop box of an aligned synthetic EM stack against its truth.
+
+    Parameters
+    ----------
+    aligned : ImageRef
+        Output of the registration (its ``transforms`` provenance is read).
+    truth : dict
+        The stack's ``ground_truth.json``.
+
+    Returns
+    -------
+    dict
+        ``rms_max`` and ``rms_mean`` (per-slice RMS over the frame of the distance between
+        the recovered and the true composed transforms, pixels), ``rms_last`` (the last
+        slice), ``box_error`` (largest difference of a crop-box edge, pixels), ``pairs`` and
+        ``converged`` (counts).
+    """
+    from voxflow.core.stack import pixel_rms
+
+    doc = (aligned.provenance or {})["transforms"]
+    frame = tuple(doc["frame"])
+    rms = pixel_rms(np.asarray(doc["composed"]), np.asarray(truth["transforms"]), frame)
+    box = np.asarray(doc["crop"]["box"]) - np.asarray(truth["valid_box"])
+    return {
+        "rms_max": float(rms.max()),
+        "rms_mean": float(rms.mean()),
+        "rms_last": float(rms[-1]),
+        "box_error": float(np.abs(box).max()),
+        "pairs": float(len(doc["pairs"])),
+        "converged": float(sum(p["converged"] for p in doc["pairs"])),
+    }

@@ -45,17 +45,23 @@ def _regions_csv(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _start(kind: str, output: str, overwrite: bool, ngff_version: str, generate, shape, seed):
+def _start(
+    kind: str, output: str, overwrite: bool, ngff_version: str, generate, shape, seed, **options
+):
     """Check the output (before any work), generate the data, clear the output.
 
-    Returns the output location, the generated dataset and its provenance record.
+    `options` go to `generate`; the provenance record takes their values as the dataset
+    holds them (validated, plain types). Returns the output location, the generated dataset
+    and its provenance record.
     """
     if ngff_version not in NGFF_VERSIONS:
         raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
     out = check_output(output, [], overwrite=overwrite)
-    data = generate(shape, seed=seed) if shape else generate(seed=seed)
+    data = generate(shape, seed=seed, **options) if shape else generate(seed=seed, **options)
     clear_output(out)
-    record = provenance("synth", kind, {"shape": list(data.image.shape), "seed": seed}, None)
+    parameters = {"shape": list(data.image.shape), "seed": seed}
+    parameters.update({name: getattr(data, name) for name in options})
+    record = provenance("synth", kind, parameters, None)
     return out, data, record
 
 
@@ -121,14 +127,17 @@ def write_em_stack(
     *,
     shape: Sequence[int] | None = None,
     seed: int = 0,
+    transform: str = "affine",
+    noise: float = 0.0,
+    contrast: float = 0.0,
     overwrite: bool = False,
     ngff_version: str = "0.5",
 ) -> dict[str, str]:
     """Write a synthetic serial-section EM stack.
 
     Layout below `output`: ``image.ome.zarr`` (zyx uint8, the misaligned slices),
-    ``aligned.ome.zarr`` (the reference slices) and ``ground_truth.json`` (per-slice affines,
-    pairwise transforms, valid box).
+    ``aligned.ome.zarr`` (the reference slices) and ``ground_truth.json`` (per-slice
+    transforms, pairwise transforms, valid box, transform family, noise, contrast and gains).
 
     Parameters
     ----------
@@ -138,6 +147,12 @@ def write_em_stack(
         (Z, Y, X); the generator's default when None.
     seed : int, optional
         Random seed.
+    transform : {"affine", "similarity", "rigid", "translation"}, optional
+        Family of the per-slice transforms.
+    noise : float, optional
+        Standard deviation of the additive Gaussian noise as a fraction of 255, in [0, 1].
+    contrast : float, optional
+        Half-width of the per-slice gain range around 1, in [0, 0.5].
     overwrite : bool, optional
         Replace an existing `output`.
     ngff_version : {"0.5", "0.4"}, optional
@@ -147,10 +162,15 @@ def write_em_stack(
     -------
     dict
         Name → location of everything written.
+
+    See Also
+    --------
+    voxflow.core.synth.em_stack : the generator and the meaning of its options.
     """
     out, stack, record = _start(
-        "em-stack", output, overwrite, ngff_version, synth.em_stack, shape, seed
-    )
+        "em-stack", output, overwrite, ngff_version, synth.em_stack, shape, seed,
+        transform=transform, noise=noise, contrast=contrast,
+    )  # fmt: skip
     for name, data in (("aligned.ome.zarr", stack.aligned), ("image.ome.zarr", stack.image)):
         write_image(
             out.child(name), data, "zyx", stack.spacing, name=name.split(".")[0],

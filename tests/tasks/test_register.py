@@ -1,0 +1,279 @@
+import json
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+from voxflow.core import synth
+from voxflow.core.stack import pixel_rms
+from voxflow.io import Location, open_image, read_level, write_image
+from voxflow.tasks.register import (
+    INCOMPLETE_MARKER,
+    TRANSFORMS_FILE,
+    PairResult,
+    RegistrationParams,
+    align_stack,
+    apply_transforms,
+    check_registration,
+    check_transforms,
+    compose_stack,
+    pair_batches,
+    read_transforms,
+    register_pairs_of,
+    stack_geometry,
+)
+
+SPACING = (0.05, 0.004, 0.004)
+FAST = {"levels": (4, 2, 1), "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def em():
+    return synth.em_stack((6, 96, 112), seed=3, max_rotation_deg=2.0, max_shift_px=4.0)
+
+
+def _write(path, data, dims="zyx", scale=SPACING, translation=None):
+    write_image(str(path), data, dims, scale, translation=translation, chunks=32, shards=64)
+    return open_image(str(path))
+
+
+def _reference_warp(image, composed, box):
+    (y0, y1), (x0, x1) = box
+    out = []
+    for sl, t in zip(image, composed, strict=True):
+        inv = np.linalg.inv(t)
+        shift = np.array([[1, 0, y0], [0, 1, x0], [0, 0, 1.0]])
+        got = ndimage.affine_transform(sl.astype(float), inv @ shift, order=1, mode="constant",
+                                       output_shape=(y1 - y0, x1 - x0))  # fmt: skip
+        out.append(np.clip(np.rint(got), 0, 255))
+    return np.stack(out)
+
+
+# -- geometry and validation --------------------------------------------------------------------
+
+
+def test_stack_geometry_of_zyx_and_czyx(tmp_path, em):
+    ref = _write(tmp_path / "a.ome.zarr", em.image, translation=(0, 1.0, 2.0))
+    geo = stack_geometry(ref)
+    assert (geo.z, geo.c, geo.n_slices, geo.n_channels) == (0, None, 6, 1)
+    assert geo.frame == (96, 112) and geo.spacing == SPACING[1:] and geo.origin == (1.0, 2.0)
+    both = np.stack([em.image, 255 - em.image])
+    ref = _write(tmp_path / "b.ome.zarr", both, "czyx", (1.0, *SPACING))
+    geo = stack_geometry(ref)
+    assert (geo.z, geo.c, geo.n_channels) == (1, 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "dims", "match"),
+    [
+        (np.zeros((32, 32), np.uint8), "yx", "2D image"),
+        (np.zeros((1, 32, 32), np.uint8), "zyx", "one slice"),
+        (np.zeros((2, 3, 32, 32), np.uint8), "tzyx", "one time point"),
+        (np.zeros((3, 16, 16), np.uint8), "cyx", "no z axis"),
+    ],
+)
+def test_not_a_stack_is_refused(tmp_path, data, dims, match):
+    scale = (1.0,) * len(dims)
+    write_image(str(tmp_path / "x.ome.zarr"), data, dims, scale)
+    ref = open_image(str(tmp_path / "x.ome.zarr"))
+    with pytest.raises(ValueError, match=match):
+        check_registration(ref, str(tmp_path / "out.ome.zarr"), RegistrationParams())
+    assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_bad_channel_reference_and_existing_output(tmp_path, em):
+    ref = _write(tmp_path / "a.ome.zarr", em.image)
+    out = str(tmp_path / "out.ome.zarr")
+    with pytest.raises(ValueError, match="`channel` 1 is out of range"):
+        check_registration(ref, out, RegistrationParams(channel=1))
+    with pytest.raises(ValueError, match="`reference` 6 is out of range"):
+        check_registration(ref, out, RegistrationParams(reference=6))
+    (tmp_path / "out.ome.zarr").mkdir()
+    (tmp_path / "out.ome.zarr" / "something").write_text("x")
+    with pytest.raises(FileExistsError):
+        check_registration(ref, out, RegistrationParams())
+    with pytest.raises(ValueError, match=r"is the input|inside|contains"):
+        check_registration(ref, ref.url, RegistrationParams(), overwrite=True)
+
+
+def test_params_per_level_lengths_are_checked():
+    with pytest.raises(ValueError, match="`epochs` needs one value or one per level"):
+        RegistrationParams(levels=(4, 2, 1), epochs=(10, 20))
+    assert RegistrationParams(levels=(4, 2, 1), epochs=(10,), lr=(0.1, 0.2, 0.3)).lr[2] == 0.3
+
+
+@pytest.mark.parametrize(("n", "k", "size"), [(6, 1, 4), (6, 3, 4), (2, 1, 16), (9, 2, 5)])
+def test_pair_batches(n, k, size):
+    batches = pair_batches(n, k, size)
+    pairs = [p for b in batches for p in b]
+    want = {(i, j) for i in range(n) for j in range(max(0, i - k), i)}
+    assert set(pairs) == want and len(pairs) == len(want)
+    assert all(len(b) <= size for b in batches)
+    assert pairs[: n - 1] == [(i, i - 1) for i in range(1, n)], "the chain comes first"
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+
+def _result(moving, fixed, matrix, converged=True):
+    return PairResult(moving=moving, fixed=fixed, matrix=tuple(map(tuple, matrix)), loss=0.1,
+                      steps=5, converged=converged)  # fmt: skip
+
+
+def test_compose_chain_and_a_pair_that_did_not_converge(em):
+    results = [_result(k, k - 1, em.pairwise[k]) for k in range(1, 6)]
+    composed = compose_stack(6, results, em.image.shape[1:])
+    np.testing.assert_allclose(composed, em.transforms, atol=1e-9)
+    results[2] = _result(3, 2, np.full((3, 3), 7.0), converged=False)
+    composed = compose_stack(6, results, em.image.shape[1:])
+    np.testing.assert_allclose(composed[3], composed[2], atol=1e-12)
+    assert np.isfinite(composed).all()
+
+
+def test_compose_with_neighbours_uses_every_pair(em):
+    truth = em.transforms
+    results = [
+        _result(i, j, np.linalg.inv(truth[j]) @ truth[i]) for i in range(1, 6)
+        for j in range(max(0, i - 2), i)
+    ]  # fmt: skip
+    # The chain link 3→2 failed; 3→1 still ties slice 3 to the stack.
+    results = [_result(3, 2, np.eye(3), False) if (r.moving, r.fixed) == (3, 2) else r
+               for r in results]  # fmt: skip
+    composed = compose_stack(6, results, em.image.shape[1:])
+    assert pixel_rms(composed, truth, em.image.shape[1:]).max() < 1e-3
+
+
+def test_compose_needs_every_chain_pair(em):
+    results = [_result(k, k - 1, em.pairwise[k]) for k in (1, 2, 4, 5)]
+    with pytest.raises(ValueError, match=r"no registration result.*\[3\]"):
+        compose_stack(6, results, em.image.shape[1:])
+
+
+# -- the whole stage -----------------------------------------------------------------------------
+
+
+def test_register_and_align_matches_truth_and_reference_warp(tmp_path, em):
+    ref = _write(tmp_path / "a.ome.zarr", em.image, translation=(0.0, 10.0, 20.0))
+    params = RegistrationParams(transform="affine", **FAST)
+    pairs = [p for b in pair_batches(6, 1, 4) for p in b]
+    results = register_pairs_of(ref, pairs, params)
+    assert [(r.moving, r.fixed) for r in results] == pairs
+    assert all(r.converged and r.steps > 0 for r in results)
+    out = str(tmp_path / "out.ome.zarr")
+    aligned = align_stack(ref, results, out, params)
+    doc = json.loads((tmp_path / "out.ome.zarr" / TRANSFORMS_FILE).read_text())
+    composed = np.array(doc["composed"])
+    frame = em.image.shape[1:]
+    assert pixel_rms(composed, em.transforms, frame).max() < 0.5
+    box = tuple(tuple(b) for b in doc["crop"]["box"])
+    assert np.abs(np.array(box) - np.array(em.valid_box)).max() <= 2
+    (y0, y1), (x0, x1) = box
+    assert aligned.shape == (6, y1 - y0, x1 - x0)
+    assert aligned.translation == pytest.approx((0.0, 10.0 + y0 * 0.004, 20.0 + x0 * 0.004))
+    got = read_level(aligned, 0).compute()
+    want = _reference_warp(em.image, composed, box)
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert aligned.provenance["transforms"]["composed"] == doc["composed"]
+    phys = np.array(doc["composed_physical"])
+    h = np.array([[0.004, 0, 10.0], [0, 0.004, 20.0], [0, 0, 1]])
+    np.testing.assert_allclose(phys, h @ composed @ np.linalg.inv(h), atol=1e-9)
+    assert not Location.parse(out).exists(INCOMPLETE_MARKER)
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(zarr.open_group(out, mode="r"))
+    assert np.array_equal(zarr.open_array(f"{out}/0", mode="r")[:], got)
+
+
+def test_no_crop_keeps_frame_and_translation(tmp_path, em):
+    ref = _write(tmp_path / "a.ome.zarr", em.image, translation=(0.0, 1.0, 2.0))
+    params = RegistrationParams(crop=False, **FAST)
+    results = [_result(k, k - 1, em.pairwise[k]) for k in range(1, 6)]
+    aligned = align_stack(ref, results, str(tmp_path / "o.ome.zarr"), params)
+    assert aligned.shape == em.image.shape and aligned.translation == (0.0, 1.0, 2.0)
+    got = read_level(aligned, 0).compute()
+    want = _reference_warp(em.image, em.transforms, ((0, 96), (0, 112)))
+    assert np.abs(got.astype(int) - want).max() <= 1
+    # Where the slice covers the frame, the aligned slices are the true ones.
+    inside = em.valid_mask & ndimage.binary_erosion(em.valid_mask, iterations=2)
+    assert np.abs(got.astype(int) - em.aligned)[inside].mean() < 3
+
+
+def test_channels_share_the_transforms_of_the_registered_channel(tmp_path, em):
+    both = np.stack([255 - em.image, em.image])
+    ref = _write(tmp_path / "c.ome.zarr", both, "czyx", (1.0, *SPACING))
+    params = RegistrationParams(channel=1, transform="affine", **FAST)
+    results = register_pairs_of(ref, [(k, k - 1) for k in range(1, 6)], params)
+    aligned = align_stack(ref, results, str(tmp_path / "o.ome.zarr"), params)
+    doc = aligned.provenance["transforms"]
+    got = read_level(aligned, 0).compute()
+    for c in range(2):
+        want = _reference_warp(both[c], np.array(doc["composed"]), doc["crop"]["box"])
+        assert np.abs(got[c].astype(int) - want).max() <= 1
+
+
+def test_blank_slice_carries_its_neighbour(tmp_path, em):
+    image = em.image.copy()
+    image[3] = 0
+    ref = _write(tmp_path / "a.ome.zarr", image)
+    params = RegistrationParams(transform="rigid", crop=False, **FAST)
+    results = register_pairs_of(ref, [(k, k - 1) for k in range(1, 6)], params)
+    bad = {(r.moving, r.fixed) for r in results if not r.converged}
+    assert bad == {(3, 2), (4, 3)}
+    assert all(np.isfinite(r.matrix).all() for r in results)
+    aligned = align_stack(ref, results, str(tmp_path / "o.ome.zarr"), params)
+    composed = np.array(aligned.provenance["transforms"]["composed"])
+    assert np.isfinite(composed).all()
+    np.testing.assert_allclose(composed[3], composed[2])
+    np.testing.assert_allclose(composed[4], composed[3])
+
+
+# -- re-applying transforms ----------------------------------------------------------------------
+
+
+def test_transforms_reapply_to_a_full_resolution_copy(tmp_path, em):
+    # Register a 2 × 2 block mean, apply to level 0: the physical transforms carry over.
+    y, x = em.image.shape[1:]
+    coarse = em.image.reshape(6, y // 2, 2, x // 2, 2).mean(axis=(2, 4)).round().astype(np.uint8)
+    half = (SPACING[0], SPACING[1] * 2, SPACING[2] * 2)
+    low = _write(tmp_path / "low.ome.zarr", coarse, scale=half,
+                 translation=(0.0, SPACING[1] / 2, SPACING[2] / 2))  # fmt: skip
+    params = RegistrationParams(transform="affine", levels=(2, 1), batch_size=8)
+    results = register_pairs_of(low, [(k, k - 1) for k in range(1, 6)], params)
+    align_stack(low, results, str(tmp_path / "low.aligned.ome.zarr"), params)
+    doc = read_transforms(str(tmp_path / "low.aligned.ome.zarr"))
+    assert doc == read_transforms(str(tmp_path / "low.aligned.ome.zarr" / TRANSFORMS_FILE))
+    full = _write(tmp_path / "full.ome.zarr", em.image)
+    composed, box = check_transforms(full, doc)
+    assert pixel_rms(composed, em.transforms, (y, x)).max() < 1.0
+    aligned = apply_transforms(full, doc, str(tmp_path / "full.aligned.ome.zarr"), params)
+    assert aligned.shape == (6, box[0][1] - box[0][0], box[1][1] - box[1][0])
+    low_box = np.array(doc["crop"]["box"])
+    assert np.abs(np.array(box) - 2 * low_box).max() <= 2
+    # Same physical place: the aligned copies start within a coarse pixel of each other.
+    low_ref = open_image(str(tmp_path / "low.aligned.ome.zarr"))
+    assert np.allclose(aligned.translation[1:], low_ref.translation[1:], atol=half[1])
+    got = read_level(aligned, 0).compute()
+    want = _reference_warp(em.image, composed, box)
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_transforms_that_do_not_match_are_refused(tmp_path, em):
+    ref = _write(tmp_path / "a.ome.zarr", em.image)
+    results = [_result(k, k - 1, em.pairwise[k]) for k in range(1, 6)]
+    align_stack(ref, results, str(tmp_path / "o.ome.zarr"), RegistrationParams(**FAST))
+    doc = read_transforms(str(tmp_path / "o.ome.zarr"))
+    fewer = _write(tmp_path / "b.ome.zarr", em.image[:4])
+    with pytest.raises(ValueError, match="for 6 slices; the stack has 4"):
+        check_transforms(fewer, doc)
+    other = _write(tmp_path / "c.ome.zarr", em.image[:, :64, :])
+    with pytest.raises(ValueError, match="frame"):
+        check_transforms(other, doc)
+    with pytest.raises(ValueError, match="not a voxflow transforms document"):
+        check_transforms(ref, {"schema": 99})
+    with pytest.raises(FileNotFoundError, match="no transforms document"):
+        read_transforms(str(tmp_path / "nothing.json"))
+    out = tmp_path / "never.ome.zarr"
+    with pytest.raises(ValueError):
+        apply_transforms(fewer, doc, str(out), RegistrationParams())
+    assert not out.exists()

@@ -1,0 +1,135 @@
+"""The registration flow: a slice stack in, an aligned (cropped) OME-Zarr and its transforms out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxflow.flows._run import run_flow, submit_stage
+from voxflow.runtime import make_task_runner
+from voxflow.settings import VoxflowSettings
+from voxflow.tasks import ImageRef, open_input
+from voxflow.tasks.register import (
+    PairResult,
+    RegistrationParams,
+    align_image,
+    check_registration,
+    check_transforms,
+    gpu_request,
+    pair_batches,
+    read_transforms,
+    register_batch,
+    stack_geometry,
+    warp_image,
+)
+
+__all__ = [
+    "RegistrationConfig",
+    "WarpConfig",
+    "registration_flow",
+    "run_registration",
+    "run_warp",
+    "validate_registration",
+    "validate_warp",
+    "warp_flow",
+]
+
+
+class RegistrationConfig(BaseModel):
+    """Everything a registration run needs; the form the Prefect UI shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: str = Field(description="Slice stack: OME-Zarr image (or zarr array), axes (c)zyx.")
+    output: str = Field(description="New OME-Zarr for the aligned stack.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+    registration: RegistrationParams = Field(
+        default_factory=RegistrationParams,
+        description="Transform, loss, levels, batching, drift control, crop and storage.",
+    )
+
+
+class WarpConfig(BaseModel):
+    """Re-applying a transforms document to another copy of a stack."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: str = Field(description="Slice stack to warp (another channel, a full-size copy).")
+    transforms: str = Field(description="transforms.json, or the aligned image holding one.")
+    output: str = Field(description="New OME-Zarr for the warped stack.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+    registration: RegistrationParams = Field(
+        default_factory=RegistrationParams,
+        description="Interpolation, device and storage (the registration fields are unused).",
+    )
+
+
+def validate_registration(config: RegistrationConfig) -> ImageRef:
+    """Check `config` before a run (nothing is written); return the input's description."""
+    source = open_input.fn(config.input)
+    check_registration(source, config.output, config.registration, overwrite=config.overwrite)
+    return source
+
+
+def validate_warp(config: WarpConfig) -> tuple[ImageRef, dict[str, Any]]:
+    """Check a warp before it runs: the stack, the document and the output."""
+    source = open_input.fn(config.input)
+    document = read_transforms(config.transforms)
+    check_transforms(source, document)
+    params = config.registration.model_copy(update={"channel": 0, "reference": 0})
+    check_registration(source, config.output, params, overwrite=config.overwrite)
+    return source, document
+
+
+@flow(
+    name="registration",
+    task_runner=make_task_runner(VoxflowSettings()),
+    validate_parameters=True,
+    log_prints=True,
+)
+def registration_flow(config: RegistrationConfig, progress_key: str | None = None) -> ImageRef:
+    """Register consecutive (and neighbouring) slices in batches, compose, crop, warp, write."""
+    params = config.registration
+    source = open_input.submit(config.input).result()
+    check_registration(source, config.output, params, overwrite=config.overwrite)
+    geo = stack_geometry(source)
+    batches = pair_batches(geo.n_slices, params.neighbours, params.batch_size)
+    with dask.annotate(resources=gpu_request(params.device)):
+        futures = [register_batch.submit(source, batch, params) for batch in batches]
+    results: list[PairResult] = [r for f in futures for r in f.result()]
+    return submit_stage(align_image, source, results, config.output, params, config.overwrite,
+                        progress_key)  # fmt: skip
+
+
+@flow(
+    name="warp",
+    task_runner=make_task_runner(VoxflowSettings()),
+    validate_parameters=True,
+    log_prints=True,
+)
+def warp_flow(config: WarpConfig, progress_key: str | None = None) -> ImageRef:
+    """Warp a stack with the transforms of an earlier registration."""
+    source = open_input.submit(config.input).result()
+    document = read_transforms(config.transforms)
+    return warp_image.submit(source, document, config.output, config.registration,
+                             config.overwrite, progress_key).result()  # fmt: skip
+
+
+def run_registration(
+    config: RegistrationConfig,
+    settings: VoxflowSettings | None = None,
+    *,
+    progress_key: str | None = None,
+) -> ImageRef:
+    """Run :func:`registration_flow` with the cluster and Prefect settings of `settings`."""
+    return run_flow(registration_flow, settings, config, progress_key)
+
+
+def run_warp(
+    config: WarpConfig, settings: VoxflowSettings | None = None, *, progress_key: str | None = None
+) -> ImageRef:
+    """Run :func:`warp_flow` with the cluster and Prefect settings of `settings`."""
+    return run_flow(warp_flow, settings, config, progress_key)
