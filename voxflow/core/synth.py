@@ -851,7 +851,7 @@ def _membranes(rng, shape) -> tuple[np.ndarray, np.ndarray]:
     no registration could tell from the known transforms. Slices still differ by their
     texture and vesicles.
     """
-    z, y, x = shape
+    _, y, x = shape
     pad = _EM_CELL_PX
     lo = np.array([-pad, -pad])
     hi = np.array([y - 1 + pad, x - 1 + pad])

@@ -1,0 +1,428 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from voxflow.core import register as register_module
+from voxflow.core.register import (
+    Level,
+    Loss,
+    Optimizer,
+    PairwiseResult,
+    TransformKind,
+    make_levels,
+    register_pairs,
+)
+from voxflow.core.synth import em_stack
+
+SHAPE = (128, 128)
+
+
+def _rms(matrices, truth, shape):
+    """RMS over every pixel of the frame of the distance between the two mappings."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    points = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)])
+    diff = (np.asarray(matrices) - np.asarray(truth)) @ points
+    return np.sqrt((diff[:, :2] ** 2).sum(1).mean(1))
+
+
+def _matrix(shape, shift=(0.0, 0.0), theta_deg=0.0, scale=(1.0, 1.0), shear=0.0):
+    """A matrix about the frame centre, factorised as in synth: R @ shear @ diag(scale)."""
+    t = math.radians(theta_deg)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    linear = rot @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag(scale)
+    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
+    out = np.eye(3)
+    out[:2, :2] = linear
+    out[:2, 2] = centre + np.asarray(shift) - linear @ centre
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small images gain nothing from intra-op threads; one keeps the tests quick on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    """Aligned float slices of one synthetic EM volume, 128 x 160."""
+    return em_stack((4, 128, 160), seed=7).aligned.astype(np.float64)
+
+
+def _pairs(slices, matrices, shape=(128, 160)):
+    """Fixed slices and moving = fixed resampled by the known matrices (same content)."""
+    fixed = slices[: len(matrices), : shape[0], : shape[1]]
+    moving = np.stack(
+        [ndimage.affine_transform(f, m, order=3) for f, m in zip(fixed, matrices, strict=True)]
+    )
+    return fixed, moving
+
+
+FAMILY_TRUTH = {
+    "translation": [{"shift": (3.4, -2.7)}, {"shift": (-5.2, 1.3)}],
+    "rigid": [{"shift": (2.1, -3.0), "theta_deg": 3.5}, {"shift": (-1.5, 4.2), "theta_deg": -2.5}],
+    "similarity": [
+        {"shift": (1.2, 2.5), "theta_deg": 2.0, "scale": (1.03, 1.03)},
+        {"shift": (-2.4, -1.1), "theta_deg": -3.0, "scale": (0.97, 0.97)},
+    ],
+    "affine": [
+        {"shift": (2.2, -1.8), "theta_deg": 2.5, "scale": (1.03, 0.98), "shear": 0.02},
+        {"shift": (-3.1, 2.6), "theta_deg": -1.5, "scale": (0.97, 1.02), "shear": -0.015},
+    ],
+}
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("kind", list(FAMILY_TRUTH))
+def test_each_family_recovers_a_transform_of_its_family(slices, kind):
+    shape = (128, 160)
+    truth = np.stack([_matrix(shape, **p) for p in FAMILY_TRUTH[kind]])
+    fixed, moving = _pairs(slices, truth)
+    result = register_pairs(fixed, moving, transform=kind)
+    assert isinstance(result, PairwiseResult)
+    assert result.matrices.shape == (2, 3, 3) and result.matrices.dtype == np.float64
+    assert result.params.shape == (2, len(register_module._PARAM_NAMES[TransformKind(kind)]))
+    np.testing.assert_array_less(_rms(result.matrices, truth, shape), 0.1)
+    assert _rms(np.eye(3)[None], truth, shape).min() > 2
+    assert result.converged.all()
+    np.testing.assert_allclose(
+        result.matrices,
+        register_module._matrices(TransformKind(kind), result.params, shape),
+        atol=1e-9,
+    )
+
+
+def test_affine_params_are_in_physical_units(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(2.0, -1.0), theta_deg=2.0, scale=(1.02, 0.98), shear=0.01)
+    fixed, moving = _pairs(slices, truth[None])
+    params = register_pairs(fixed, moving, transform="affine").params[0]
+    expected = [2.0, -1.0, math.radians(2.0), math.log(1.02), math.log(0.98), 0.01]
+    np.testing.assert_array_less(np.abs(params - expected), [0.05, 0.05, 1e-3, 5e-4, 5e-4, 2e-3])
+
+
+def test_rigid_on_a_non_square_frame_stays_orthonormal(slices):
+    shape = (96, 160)
+    truth = _matrix(shape, shift=(-2.0, 3.0), theta_deg=4.0)
+    fixed, moving = _pairs(slices, truth[None], shape)
+    result = register_pairs(fixed, moving, transform="rigid")
+    linear = result.matrices[0, :2, :2]
+    np.testing.assert_allclose(linear.T @ linear, np.eye(2), atol=1e-6)
+    assert np.linalg.det(linear) == pytest.approx(1.0, abs=1e-6)
+    assert _rms(result.matrices, truth[None], shape)[0] < 0.1
+
+
+def test_em_stack_pairs_with_noise_and_contrast():
+    stack = em_stack((4, 128, 128), seed=5)
+    rng = np.random.default_rng(0)
+    gain = rng.uniform(0.9, 1.1, size=(4, 1, 1))
+    images = stack.image * gain + rng.normal(0, 0.05 * 255, stack.image.shape)
+    result = register_pairs(images[:-1], images[1:], transform="affine")
+    truth = stack.pairwise[1:]
+    error = _rms(result.matrices, truth, SHAPE)
+    # Consecutive sections differ, so the optimum is not the truth exactly; identity is px off.
+    np.testing.assert_array_less(error, 0.6)
+    assert (_rms(np.eye(3)[None], truth, SHAPE) > 2).all()
+
+
+def test_ncc_ignores_the_padding_of_a_large_shift(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(30.0, -38.0), theta_deg=1.0)
+    fixed, moving = _pairs(slices, truth[None])
+    # A third of the frame is padding in both images; counted, it would pull the optimum.
+    held = register_pairs(fixed, moving, transform="rigid", initial=truth[None])
+    assert _rms(held.matrices, truth[None], shape)[0] < 0.1
+    near = _matrix(shape, shift=(27.0, -35.0))
+    found = register_pairs(fixed, moving, transform="rigid", initial=near[None])
+    assert _rms(found.matrices, truth[None], shape)[0] < 0.1
+    truth = _matrix(shape, shift=(9.0, -11.0), theta_deg=1.0)
+    fixed, moving = _pairs(slices, truth[None])
+    cold = register_pairs(fixed, moving, transform="rigid")
+    assert _rms(cold.matrices, truth[None], shape)[0] < 0.1
+
+
+def test_lncc_tolerates_a_smooth_contrast_change(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(3.0, -4.0), theta_deg=2.0)
+    fixed, moving = _pairs(slices, truth[None])
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    # Gain from 0.2 to 2 and a bright offset across the frame: no global intensity relation.
+    ramp = xx / (shape[1] - 1)
+    moving = moving * (0.2 + 1.8 * ramp**2) + 300 * np.sin(np.pi * yy / shape[0])
+    lncc = register_pairs(fixed, moving, transform="rigid", loss="lncc", window=9)
+    mse = register_pairs(fixed, moving, transform="rigid", loss="mse")
+    lncc_error = _rms(lncc.matrices, truth[None], shape)[0]
+    assert lncc_error < 0.1
+    assert _rms(mse.matrices, truth[None], shape)[0] > 3 * lncc_error
+
+
+def test_mse_registers_a_translation(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(4.5, -3.5))
+    fixed, moving = _pairs(slices, truth[None])
+    result = register_pairs(fixed, moving, transform="translation", loss=Loss.MSE)
+    assert _rms(result.matrices, truth[None], shape)[0] < 0.1
+
+
+def test_sgd_registers_with_its_own_learning_rate(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(2.5, -1.5), theta_deg=1.5)
+    fixed, moving = _pairs(slices, truth[None])
+    levels = make_levels((4, 2, 1), epochs=300, lr=(20.0, 10.0, 5.0))
+    result = register_pairs(
+        fixed, moving, transform="rigid", optimizer=Optimizer.SGD, levels=levels
+    )
+    assert _rms(result.matrices, truth[None], shape)[0] < 0.1
+
+
+def test_dtype_and_intensity_scale_do_not_matter(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(1.5, 2.5), theta_deg=-2.0)
+    fixed, moving = _pairs(slices, truth[None])
+    as_uint8 = register_pairs(
+        np.clip(np.rint(fixed), 0, 255).astype(np.uint8),
+        np.clip(np.rint(moving), 0, 255).astype(np.uint8),
+    )
+    as_uint16 = register_pairs(
+        (np.clip(np.rint(fixed), 0, 255) * 257).astype(np.uint16),
+        (np.clip(np.rint(moving), 0, 255) * 257).astype(np.uint16),
+    )
+    for result in (as_uint8, as_uint16):
+        assert _rms(result.matrices, truth[None], shape)[0] < 0.1
+    np.testing.assert_allclose(as_uint8.matrices, as_uint16.matrices, atol=1e-3)
+
+
+def test_penalty_keeps_scales_near_one(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(1.0, 1.0), scale=(1.04, 1.04))
+    fixed, moving = _pairs(slices, truth[None])
+    free = register_pairs(fixed, moving, transform="similarity")
+    held = register_pairs(fixed, moving, transform="similarity", penalty=100.0)
+    assert free.params[0, 3] == pytest.approx(math.log(1.04), abs=2e-3)
+    assert abs(held.params[0, 3]) < abs(free.params[0, 3]) - 0.01
+
+
+def test_small_images_skip_coarse_levels(slices):
+    shape = (40, 48)
+    truth = _matrix(shape, shift=(1.5, -2.0))
+    fixed, moving = _pairs(slices, truth[None], shape)
+    result = register_pairs(fixed, moving, transform="translation")
+    assert _rms(result.matrices, truth[None], shape)[0] < 0.1
+    kept = register_module._fit_levels(make_levels(), shape)
+    assert [level.factor for level in kept] == [2, 1]
+    clipped = register_module._fit_levels(make_levels((16, 8)), shape)
+    assert [level.factor for level in clipped] == [2]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batch_equals_single_pairs_and_pairs_stop_on_their_own(slices):
+    shape = (128, 160)
+    truth = np.stack(
+        [
+            _matrix(shape, shift=(3.0, -2.0), theta_deg=2.0),
+            _matrix(shape, shift=(-6.0, 5.0), theta_deg=-3.5),
+            _matrix(shape, shift=(0.5, 0.2), theta_deg=0.3),
+        ]
+    )
+    fixed, moving = _pairs(slices, truth)
+    batch = register_pairs(fixed, moving, transform="rigid")
+    singles = [register_pairs(f, m, transform="rigid") for f, m in zip(fixed, moving, strict=True)]
+    single_matrices = np.concatenate([s.matrices for s in singles])
+    np.testing.assert_array_less(_rms(batch.matrices, single_matrices, shape), 0.01)
+    np.testing.assert_allclose(batch.loss, [s.loss[0] for s in singles], atol=1e-4)
+    assert len(set(batch.steps.tolist())) > 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stopped_rows_do_not_move(optimizer):
+    param = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = register_module._make_optimizer(Optimizer(optimizer), param, 0.1)
+    active = torch.tensor([True, True, True, True])
+    for step in range(6):
+        opt.zero_grad()
+        (param * torch.arange(1.0, 5.0)[:, None]).sum().backward()
+        if step == 2:
+            active[[1, 3]] = False
+            frozen = param.detach().clone()
+        register_module._step_rows(opt, param, active)
+    # Momentum alone would have kept rows 1 and 3 moving.
+    assert torch.equal(param.detach()[[1, 3]], frozen[[1, 3]])
+    assert not torch.equal(param.detach()[[0, 2]], frozen[[0, 2]])
+
+
+def test_a_blank_pair_is_skipped_without_disturbing_the_others(slices):
+    shape = (128, 160)
+    truth = np.stack([_matrix(shape, shift=(2.0, 1.0), theta_deg=1.0)] * 3)
+    fixed, moving = _pairs(slices, truth)
+    fixed[1] = 17.0
+    start = np.stack([np.eye(3), _matrix(shape, shift=(1.0, 1.0)), np.eye(3)])
+    batch = register_pairs(fixed, moving, initial=start)
+    assert np.isfinite(batch.matrices).all()
+    np.testing.assert_array_equal(batch.matrices[1], start[1])
+    assert math.isnan(batch.loss[1]) and batch.steps[1] == 0 and not batch.converged[1]
+    np.testing.assert_allclose(batch.params[1], [1.0, 1.0, 0.0], atol=1e-12)
+    np.testing.assert_array_less(_rms(batch.matrices[[0, 2]], truth[[0, 2]], shape), 0.1)
+    alone = register_pairs(fixed[0], moving[0])
+    assert _rms(batch.matrices[:1], alone.matrices, shape)[0] < 0.01
+    blank = register_pairs(np.zeros((32, 32)), np.zeros((32, 32)))
+    np.testing.assert_array_equal(blank.matrices[0], np.eye(3))
+
+
+def test_a_pair_without_overlap_is_skipped(slices):
+    fixed, moving = slices[0, :64, :64], slices[1, :64, :64]
+    # Starting 60 px off leaves almost no overlap in a 64-pixel frame.
+    start = _matrix((64, 64), shift=(60.0, 60.0))
+    result = register_pairs(fixed, moving, transform="translation", initial=start)
+    np.testing.assert_array_equal(result.matrices[0], start)
+    assert math.isnan(result.loss[0]) and result.steps[0] == 0 and not result.converged[0]
+
+
+def test_runs_are_deterministic(slices):
+    shape = (128, 160)
+    truth = np.stack([_matrix(shape, shift=(2.0, 1.0), theta_deg=1.0, scale=(1.01, 0.99))] * 2)
+    fixed, moving = _pairs(slices, truth)
+    first = register_pairs(fixed, moving, transform="affine", seed=3)
+    second = register_pairs(fixed, moving, transform="affine", seed=3)
+    for name in ("matrices", "loss", "steps", "converged", "params"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_initial_is_honoured(slices):
+    shape = (128, 160)
+    truth = _matrix(shape, shift=(-4.0, 3.0), theta_deg=3.0, scale=(1.02, 0.99), shear=0.01)
+    fixed, moving = _pairs(slices, truth[None])
+    cold = register_pairs(fixed, moving, transform="affine")
+    warm = register_pairs(fixed, moving, transform="affine", initial=truth[None])
+    assert _rms(warm.matrices, truth[None], shape)[0] < 0.1
+    assert warm.steps[0] < cold.steps[0]
+    # A family that cannot express the start begins from its projection: rigid keeps the
+    # rotation and the centre's displacement.
+    rigid = register_pairs(
+        fixed, moving, transform="rigid", initial=truth, levels=[Level(1, 1, 1e-9)]
+    )
+    assert rigid.params[0, 2] == pytest.approx(math.radians(3.0), abs=0.01)
+    assert rigid.params[0, :2] == pytest.approx([-4.0, 3.0], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- levels
+
+
+def test_make_levels_defaults():
+    levels = make_levels()
+    assert [level.factor for level in levels] == [8, 4, 2, 1]
+    assert all(level.epochs >= 1 for level in levels)
+    assert [level.lr for level in levels] == pytest.approx([0.8, 0.4, 0.2, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("factors", "epochs", "lr", "expected"),
+    [
+        (2, 50, 0.5, [(2, 50, 0.5)]),
+        ([4], [30], [0.3], [(4, 30, 0.3)]),
+        ([4, 1], 30, 0.3, [(4, 30, 0.3), (1, 30, 0.3)]),
+        (1, [10, 20, 30], 0.1, [(1, 10, 0.1), (1, 20, 0.1), (1, 30, 0.1)]),
+        (
+            (16, 8, 4, 2, 1),
+            40,
+            [5, 4, 3, 2, 1],
+            [(16, 40, 5), (8, 40, 4), (4, 40, 3), (2, 40, 2), (1, 40, 1)],
+        ),
+        ([3, 1], [7], None, [(3, 7, 0.30000000000000004), (1, 7, 0.1)]),
+    ],
+)
+def test_make_levels_broadcasts(factors, epochs, lr, expected):
+    levels = make_levels(factors, epochs, lr)
+    assert [(v.factor, v.epochs, v.lr) for v in levels] == [
+        (f, e, pytest.approx(r)) for f, e, r in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"factors": [4, 2], "epochs": [1, 2, 3]}, ValueError, "one length"),
+        ({"factors": []}, ValueError, "at least one value"),
+        ({"factors": 0}, ValueError, "`factors` must be >= 1"),
+        ({"factors": 2.0}, TypeError, "`factors` must be an integer"),
+        ({"factors": "8"}, TypeError, "`factors` must be a number or a sequence"),
+        ({"epochs": 0}, ValueError, "`epochs` must be >= 1"),
+        ({"lr": 0.0}, ValueError, r"`lr` must be a finite number > 0"),
+        ({"lr": -1.0}, ValueError, r"`lr` must be a finite number > 0"),
+        ({"lr": float("nan")}, ValueError, r"`lr` must be a finite number > 0"),
+        ({"lr": "fast"}, TypeError, "`lr` must be a number or a sequence"),
+        ({"lr": [None]}, TypeError, "`lr` must be a real number"),
+    ],
+)
+def test_make_levels_validates(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_levels(**kwargs)
+
+
+def test_level_validates_itself():
+    with pytest.raises(ValueError, match="`factor` must be >= 1"):
+        Level(0, 1, 0.1)
+    with pytest.raises(TypeError, match="`lr` must be a real number"):
+        Level(1, 1, "x")
+
+
+# --------------------------------------------------------------------------- validation
+
+GOOD = np.zeros((2, 16, 16), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((GOOD.tolist(), GOOD), {}, TypeError, "`fixed` must be a numpy array"),
+        ((GOOD, GOOD.astype(complex)), {}, TypeError, "`moving` must have a real numeric"),
+        ((GOOD, GOOD.astype(bool)), {}, TypeError, "`moving` must have a real numeric"),
+        ((GOOD[0, 0], GOOD[0, 0]), {}, ValueError, r"must be \(B, Y, X\) or \(Y, X\)"),
+        ((GOOD, GOOD[:1]), {}, ValueError, "must have one shape"),
+        ((GOOD[:, :7], GOOD[:, :7]), {}, ValueError, "at least 8x8"),
+        ((GOOD, np.full_like(GOOD, np.nan)), {}, ValueError, "NaN or infinite"),
+        ((GOOD, GOOD), {"transform": "projective"}, ValueError, "`transform` must be one of"),
+        ((GOOD, GOOD), {"loss": "mi"}, ValueError, "`loss` must be one of"),
+        ((GOOD, GOOD), {"optimizer": "lbfgs"}, ValueError, "`optimizer` must be one of"),
+        ((GOOD, GOOD), {"levels": [(1, 2, 0.1)]}, TypeError, "`levels` must be a sequence"),
+        ((GOOD, GOOD), {"levels": []}, ValueError, "`levels` must hold at least one"),
+        ((GOOD, GOOD), {"patience": 0}, ValueError, "`patience` must be >= 1"),
+        ((GOOD, GOOD), {"window": 8}, ValueError, "`window` must be odd"),
+        ((GOOD, GOOD), {"window": 1}, ValueError, "`window` must be >= 3"),
+        ((GOOD, GOOD), {"min_delta": -1.0}, ValueError, "`min_delta` must be a finite"),
+        ((GOOD, GOOD), {"penalty": "big"}, TypeError, "`penalty` must be a real number"),
+        ((GOOD, GOOD), {"seed": -1}, ValueError, "`seed` must be >= 0"),
+        ((GOOD, GOOD), {"device": "tpu"}, ValueError, "`device` must be"),
+        ((GOOD, GOOD), {"initial": np.eye(3)[None]}, ValueError, r"shape \(2, 3, 3\)"),
+        ((GOOD, GOOD), {"initial": np.zeros((2, 3, 3))}, ValueError, "last row"),
+        (
+            (GOOD, GOOD),
+            {"initial": np.stack([np.diag([1.0, -1.0, 1.0])] * 2)},
+            ValueError,
+            "positive determinant",
+        ),
+        ((GOOD, GOOD), {"initial": "identity"}, TypeError, "`initial` must be an array"),
+    ],
+)
+def test_register_pairs_validates(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        register_pairs(*args, **kwargs)
+
+
+def test_a_single_2d_pair_and_device_auto(slices):
+    shape = (64, 64)
+    truth = _matrix(shape, shift=(1.0, -1.0))
+    fixed, moving = _pairs(slices, truth[None], shape)
+    result = register_pairs(fixed[0], moving[0], transform="translation", device="auto")
+    assert result.matrices.shape == (1, 3, 3)
+    assert result.steps.dtype == np.int64 and result.converged.dtype == bool
+    assert _rms(result.matrices, truth[None], shape)[0] < 0.1

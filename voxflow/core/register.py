@@ -1,0 +1,749 @@
+"""Batched pairwise 2D registration of image pairs in torch.
+
+Every pair ``(fixed[b], moving[b])`` gets the transform of one family (translation, rigid,
+similarity or affine) that best aligns the fixed image onto the moving one. All pairs run as
+one batch through a coarse-to-fine pyramid; each pair stops on its own when its loss stops
+improving, and a stopped pair costs nothing further.
+
+Conventions. Matrices are 3x3 homogeneous and act on ``(y, x, 1)`` PIXEL coordinates in
+SciPy's output → input sense: ``matrices[b]`` maps pixel coordinates of ``moving[b]`` into
+``fixed[b]``, so ``scipy.ndimage.affine_transform(fixed[b], matrices[b])`` resamples the fixed
+image onto the moving one. The parameters live in full-resolution pixel space about the image
+centre ``c = ((Y - 1) / 2, (X - 1) / 2)``: ``P(p) = A (p - c) + c + t`` with
+
+- translation: ``A = I``;
+- rigid: ``A = R(theta)``, ``R = [[cos, -sin], [sin, cos]]`` on ``(y, x)``;
+- similarity: ``A = exp(log_scale) R(theta)``;
+- affine: ``A = R(theta) @ [[1, shear], [0, 1]] @ diag(exp(log_sy), exp(log_sx))``.
+
+so a rigid result is a rotation in pixel space whatever the aspect ratio of the image.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from voxflow.core._validate import validate_int as _validate_int
+from voxflow.core.predict import resolve_device
+
+__all__ = [
+    "Level",
+    "Loss",
+    "Optimizer",
+    "PairwiseResult",
+    "TransformKind",
+    "make_levels",
+    "register_pairs",
+]
+
+
+class TransformKind(StrEnum):
+    """Family of transforms a pair is registered with."""
+
+    TRANSLATION = "translation"
+    RIGID = "rigid"
+    SIMILARITY = "similarity"
+    AFFINE = "affine"
+
+
+class Loss(StrEnum):
+    """Dissimilarity between the moving image and the resampled fixed image."""
+
+    NCC = "ncc"
+    MSE = "mse"
+    LNCC = "lncc"
+
+
+class Optimizer(StrEnum):
+    """Gradient optimiser of the parameters."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+# Parameter names per family, in the order of `PairwiseResult.params`.
+_PARAM_NAMES = {
+    TransformKind.TRANSLATION: ("ty", "tx"),
+    TransformKind.RIGID: ("ty", "tx", "theta"),
+    TransformKind.SIMILARITY: ("ty", "tx", "theta", "log_scale"),
+    TransformKind.AFFINE: ("ty", "tx", "theta", "log_sy", "log_sx", "shear"),
+}
+_DEFAULT_FACTORS = (8, 4, 2, 1)
+_DEFAULT_EPOCHS = 200
+# Adam moves each parameter by about `lr` per step; parameters are scaled so one unit is about
+# one full-resolution pixel at the image edge, so a level's step is this many of its pixels.
+_DEFAULT_LR_PER_FACTOR = 0.1
+_MIN_LEVEL_PX = 16  # coarse levels keep at least this many pixels on the short side
+_MIN_SIZE = 8
+_EDGE_RAMP = 1.0  # level pixels over which a pixel's weight rises inside the fixed frame
+_MIN_OVERLAP = 0.1  # a pair whose overlap falls below this fraction of the frame is dropped
+_STD_TINY = 1e-6  # relative standard deviation below which an image counts as constant
+_LNCC_EPS = 1e-3  # variance floor of the local correlation, for flat windows
+_SGD_MOMENTUM = 0.9
+_GAIN_DECAY = 0.7  # per-pair learning-rate factor applied after each step that did not improve
+# Pixels per forward/backward pass: on a CPU one pass should stay within the cache (batching
+# large images only thrashes it); on a GPU as many as memory comfortably holds.
+_CPU_CHUNK_PIXELS = 2**18
+_GPU_CHUNK_PIXELS = 2**25
+
+
+# --------------------------------------------------------------------------- levels
+
+
+def _validate_lr(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of the coarse-to-fine optimisation.
+
+    Parameters
+    ----------
+    factor : int
+        Downsampling factor (block mean) of both images, >= 1.
+    epochs : int
+        Largest number of optimisation steps at this level, >= 1.
+    lr : float
+        Learning rate, > 0, in the scaled parameter units (about one full-resolution pixel
+        of motion at the image edge per unit).
+    """
+
+    factor: int
+    epochs: int
+    lr: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "factor", _validate_int(self.factor, "factor", 1))
+        object.__setattr__(self, "epochs", _validate_int(self.epochs, "epochs", 1))
+        object.__setattr__(self, "lr", _validate_lr(self.lr, "lr"))
+
+
+def _as_list(value: object, name: str) -> list:
+    if isinstance(value, str | bytes):
+        raise TypeError(f"`{name}` must be a number or a sequence of numbers, got {value!r}")
+    if isinstance(value, Sequence | np.ndarray):
+        values = list(value)
+        if not values:
+            raise ValueError(f"`{name}` must hold at least one value, got an empty sequence")
+        return values
+    return [value]
+
+
+def make_levels(
+    factors: int | Sequence[int] = _DEFAULT_FACTORS,
+    epochs: int | Sequence[int] | None = None,
+    lr: float | Sequence[float] | None = None,
+) -> tuple[Level, ...]:
+    """A coarse-to-fine schedule of levels.
+
+    Each argument is a scalar, broadcast to every level, or a sequence with one entry per
+    level; sequences longer than one must agree in length. Any number of levels is allowed.
+
+    Parameters
+    ----------
+    factors : int or sequence of int, optional
+        Downsampling factor per level, coarse first; default ``(8, 4, 2, 1)``.
+    epochs : int or sequence of int, optional
+        Largest number of steps per level; None gives 200 (early stopping ends most sooner).
+    lr : float or sequence of float, optional
+        Learning rate per level; None gives ``0.1 * factor``, i.e. a tenth of a level pixel.
+
+    Returns
+    -------
+    tuple of Level
+
+    Raises
+    ------
+    TypeError
+        When an entry has the wrong type.
+    ValueError
+        When sequences of length > 1 disagree in length, a sequence is empty, a factor or an
+        epoch count is < 1, or a learning rate is not > 0.
+    """
+    lists = {"factors": _as_list(factors, "factors")}
+    if epochs is not None:
+        lists["epochs"] = _as_list(epochs, "epochs")
+    if lr is not None:
+        lists["lr"] = _as_list(lr, "lr")
+    lengths = {name: len(v) for name, v in lists.items() if len(v) > 1}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"`factors`, `epochs` and `lr` sequences must have one length, got lengths {lengths}"
+        )
+    n = max(len(v) for v in lists.values())
+    f = [_validate_int(v, "factors", 1) for v in lists["factors"]]
+    f = f * n if len(f) == 1 else f
+    e = lists.get("epochs", [_DEFAULT_EPOCHS])
+    e = e * n if len(e) == 1 else e
+    r = lists.get("lr", [_DEFAULT_LR_PER_FACTOR * x for x in f])
+    r = r * n if len(r) == 1 else r
+    return tuple(
+        Level(
+            _validate_int(fi, "factors", 1), _validate_int(ei, "epochs", 1), _validate_lr(ri, "lr")
+        )
+        for fi, ei, ri in zip(f, e, r, strict=True)
+    )
+
+
+def _fit_levels(levels: tuple[Level, ...], shape: tuple[int, int]) -> tuple[Level, ...]:
+    """Drop levels coarser than the image allows; keep the finest, clipped, if none remains."""
+    largest = max(1, min(shape) // _MIN_LEVEL_PX)
+    kept = tuple(level for level in levels if level.factor <= largest)
+    if kept:
+        return kept
+    last = levels[-1]
+    return (Level(largest, last.epochs, last.lr),)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class PairwiseResult:
+    """Transforms found for a batch of pairs.
+
+    Attributes
+    ----------
+    matrices : ndarray of float64, shape (B, 3, 3)
+        Map pixel coordinates ``(y, x, 1)`` of the moving image into the fixed image:
+        ``affine_transform(fixed[b], matrices[b])`` approximates ``moving[b]``.
+    loss : ndarray of float64, shape (B,)
+        Loss at the final parameters on the finest level; NaN for a skipped pair.
+    steps : ndarray of int64, shape (B,)
+        Optimisation steps taken over all levels; 0 for a skipped pair.
+    converged : ndarray of bool, shape (B,)
+        True when early stopping ended the last level (rather than its epoch limit) and the
+        pair was not skipped.
+    params : ndarray of float64, shape (B, n_params)
+        Final parameters in physical units: translation ``(ty, tx)`` in pixels, then for
+        rigid ``theta`` (radians), similarity ``theta, log_scale``, affine
+        ``theta, log_sy, log_sx, shear`` (natural-log scales, shear dimensionless).
+    """
+
+    matrices: np.ndarray
+    loss: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+    params: np.ndarray
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _units(kind: TransformKind, shape: tuple[int, int]) -> np.ndarray:
+    """Physical size of one scaled parameter unit: 1 px for shifts, 1 / radius otherwise."""
+    radius = max(1.0, math.hypot((shape[0] - 1) / 2, (shape[1] - 1) / 2))
+    units = np.full(len(_PARAM_NAMES[kind]), 1.0 / radius)
+    units[:2] = 1.0
+    return units
+
+
+def _linear(kind: TransformKind, phys: torch.Tensor) -> torch.Tensor:
+    """The (B, 2, 2) linear part A of the physical parameters (B, n) on (y, x)."""
+    if kind is TransformKind.TRANSLATION:
+        return torch.eye(2, dtype=phys.dtype, device=phys.device).expand(len(phys), 2, 2)
+    cos, sin = torch.cos(phys[:, 2]), torch.sin(phys[:, 2])
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    if kind is TransformKind.RIGID:
+        return rot
+    if kind is TransformKind.SIMILARITY:
+        return rot * torch.exp(phys[:, 3])[:, None, None]
+    sy, sx, shear = torch.exp(phys[:, 3]), torch.exp(phys[:, 4]), phys[:, 5]
+    upper = torch.stack(
+        [torch.stack([sy, shear * sx], -1), torch.stack([torch.zeros_like(sx), sx], -1)], -2
+    )
+    return rot @ upper
+
+
+def _matrices(kind: TransformKind, phys: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(B, 3, 3) float64 matrices of physical parameters (B, n)."""
+    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
+    linear = _linear(kind, torch.from_numpy(np.asarray(phys, np.float64))).numpy()
+    out = np.tile(np.eye(3), (len(phys), 1, 1))
+    out[:, :2, :2] = linear
+    out[:, :2, 2] = centre + phys[:, :2] - linear @ centre
+    return out
+
+
+def _params_of(kind: TransformKind, matrix: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Physical parameters of the family closest to one matrix (least squares over the frame).
+
+    The translation keeps the image of the centre; the linear part is projected on the family:
+    rotation of the polar decomposition, mean singular value as scale, and for affine the
+    QR factorisation ``A = R(theta) @ upper`` which represents it exactly.
+    """
+    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
+    linear = matrix[:2, :2]
+    shift = linear @ centre + matrix[:2, 2] - centre
+    if kind is TransformKind.TRANSLATION:
+        return shift
+    u, s, vt = np.linalg.svd(linear)
+    rot = u @ vt
+    if kind is not TransformKind.AFFINE:
+        theta = math.atan2(rot[1, 0], rot[0, 0])
+        extra = [] if kind is TransformKind.RIGID else [math.log(s.mean())]
+        return np.array([*shift, theta, *extra])
+    q, r = np.linalg.qr(linear)
+    signs = np.sign(np.diag(r))
+    q, r = q * signs, r * signs[:, None]
+    theta = math.atan2(q[1, 0], q[0, 0])
+    return np.array([*shift, theta, math.log(r[0, 0]), math.log(r[1, 1]), r[0, 1] / r[1, 1]])
+
+
+def _validate_initial(initial: object, batch: int) -> np.ndarray:
+    if initial is None:
+        return np.tile(np.eye(3), (batch, 1, 1))
+    try:
+        matrices = np.asarray(initial, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`initial` must be an array of 3x3 matrices, got {initial!r}") from err
+    if matrices.shape == (3, 3):
+        matrices = matrices[None]
+    if matrices.shape != (batch, 3, 3):
+        raise ValueError(f"`initial` must have shape ({batch}, 3, 3), got {matrices.shape}")
+    if not np.isfinite(matrices).all():
+        raise ValueError("`initial` must hold finite values only")
+    if not np.allclose(matrices[:, 2], [0.0, 0.0, 1.0]):
+        raise ValueError("`initial` matrices must have the last row (0, 0, 1)")
+    det = np.linalg.det(matrices[:, :2, :2])
+    if (det <= 0).any():
+        raise ValueError(
+            f"`initial` linear parts must have a positive determinant (no reflection), got "
+            f"{det[det <= 0].tolist()}"
+        )
+    return matrices
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _validate_images(fixed: object, moving: object) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for name, value in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"`{name}` must be a numpy array, got {type(value).__name__}")
+        if value.dtype == bool or not np.issubdtype(value.dtype, np.number):
+            raise TypeError(f"`{name}` must have a real numeric dtype, got {value.dtype}")
+        if np.issubdtype(value.dtype, np.complexfloating):
+            raise TypeError(f"`{name}` must have a real numeric dtype, got {value.dtype}")
+        if value.ndim not in (2, 3):
+            raise ValueError(f"`{name}` must be (B, Y, X) or (Y, X), got shape {value.shape}")
+        arrays.append(value[None] if value.ndim == 2 else value)
+    if arrays[0].shape != arrays[1].shape:
+        raise ValueError(
+            f"`fixed` and `moving` must have one shape, got {arrays[0].shape} and {arrays[1].shape}"
+        )
+    if min(arrays[0].shape[1:]) < _MIN_SIZE or arrays[0].shape[0] < 1:
+        raise ValueError(
+            f"images must be at least {_MIN_SIZE}x{_MIN_SIZE} pixels in a batch of >= 1, got "
+            f"shape {arrays[0].shape}"
+        )
+    return arrays[0], arrays[1]
+
+
+def _normalised(images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """Zero-mean unit-variance float32 images and a flag per image that it is constant."""
+    out = np.empty(images.shape, np.float32)
+    flat = np.zeros(len(images), bool)
+    for b, image in enumerate(images):
+        image = image.astype(np.float64)
+        if not np.isfinite(image).all():
+            raise ValueError(f"image {b} holds NaN or infinite values")
+        mean, std = image.mean(), image.std()
+        flat[b] = std <= _STD_TINY * max(float(np.abs(image).max()), 1e-30)
+        out[b] = (image - mean) / (1.0 if flat[b] else std)
+    return torch.from_numpy(out).to(device), flat
+
+
+@dataclass(frozen=True)
+class _LevelData:
+    """Both images of every pair at one level, and where their pixels sit at full resolution."""
+
+    fixed: torch.Tensor  # (B, 1, H, W)
+    moving: torch.Tensor  # (B, H, W)
+    xs: torch.Tensor  # (W,) centred full-resolution x of the level columns
+    ys: torch.Tensor  # (H,) centred full-resolution y of the level rows
+    scale: torch.Tensor  # (2,) full-resolution (x, y) -> normalised grid, per axis
+    offset: torch.Tensor  # (2,) added after `scale`
+    half_size: torch.Tensor  # (2,) level pixels per unit of the normalised grid, (x, y)
+
+
+def _level_data(fixed: torch.Tensor, moving: torch.Tensor, factor: int) -> _LevelData:
+    """Block means (edge blocks over the pixels they have) and the level's pixel geometry.
+
+    Level pixel ``j`` sits at full-resolution coordinate ``j * factor + (factor - 1) / 2``,
+    so parameters in full-resolution pixels carry over between levels unchanged.
+    """
+    full = fixed.shape[-2:]
+    if factor > 1:
+        fixed = F.avg_pool2d(fixed[:, None], factor, ceil_mode=True)[:, 0]
+        moving = F.avg_pool2d(moving[:, None], factor, ceil_mode=True)[:, 0]
+    h, w = fixed.shape[-2:]
+    half = (factor - 1) / 2
+    kw = {"dtype": torch.float32, "device": fixed.device}
+    ys = torch.arange(h, **kw) * factor + half - (full[0] - 1) / 2
+    xs = torch.arange(w, **kw) * factor + half - (full[1] - 1) / 2
+    scale = torch.tensor([2 / (factor * max(w - 1, 1)), 2 / (factor * max(h - 1, 1))], **kw)
+    offset = torch.tensor([(full[1] - 1) / 2 - half, (full[0] - 1) / 2 - half], **kw) * scale - 1
+    half_size = torch.tensor([(w - 1) / 2, (h - 1) / 2], **kw)
+    return _LevelData(
+        fixed[:, None].contiguous(), moving.contiguous(), xs, ys, scale, offset, half_size
+    )
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _moments(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor):
+    """Weighted sums n, Σm, Σs, Σm², Σs², Σms per pair (s: the warped fixed image).
+
+    Batched dot products read every image once, forward and backward.
+    """
+    flat_w, flat_m, flat_s = weight.flatten(1), moving.flatten(1), warped.flatten(1)
+    known = torch.stack([flat_w, flat_w * flat_m], 1)  # no gradient needed
+    own = known @ torch.stack([torch.ones_like(flat_m), flat_m], 2)
+    cross = (known @ flat_s[:, :, None])[:, :, 0]
+    s_ss = ((flat_w * flat_s)[:, None] @ flat_s[:, :, None])[:, 0, 0]
+    return own[:, 0, 0], own[:, 0, 1], cross[:, 0], own[:, 1, 1], s_ss, cross[:, 1]
+
+
+def _ncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
+    n, s_m, s_s, s_mm, s_ss, s_ms = _moments(moving, warped, weight)
+    n = n.clamp_min(1)
+    cov = s_ms - s_m * s_s / n
+    var_m = (s_mm - s_m * s_m / n).clamp_min(0)
+    var_s = (s_ss - s_s * s_s / n).clamp_min(0)
+    return 1 - cov / torch.sqrt(var_m * var_s + 1e-12)
+
+
+def _mse(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
+    n, _, _, s_mm, s_ss, s_ms = _moments(moving, warped, weight)
+    return (s_mm - 2 * s_ms + s_ss).clamp_min(0) / n.clamp_min(1)
+
+
+def _lncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
+    wm, ww = weight * moving, weight * warped
+    stack = torch.stack([weight, wm, ww, wm * moving, ww * warped, wm * warped], 1)
+    # Ratios of box sums cancel the divisor, so zero padding at the frame edge is harmless.
+    box = F.avg_pool2d(stack, window, stride=1, padding=window // 2)
+    support = box[:, 0].clamp_min(1e-6)
+    mean_m, mean_w = box[:, 1] / support, box[:, 2] / support
+    var_m = (box[:, 3] / support - mean_m**2).clamp_min(0)
+    var_w = (box[:, 4] / support - mean_w**2).clamp_min(0)
+    cov = box[:, 5] / support - mean_m * mean_w
+    local = cov / torch.sqrt(var_m * var_w + _LNCC_EPS)
+    return 1 - (weight * local).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1e-6)
+
+
+_LOSSES = {Loss.NCC: _ncc, Loss.MSE: _mse, Loss.LNCC: _lncc}
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What stays fixed while the parameters move."""
+
+    kind: TransformKind
+    loss: Loss
+    units: torch.Tensor  # (n,) physical size of one scaled unit
+    penalty: float
+    window: int
+
+
+def _evaluate(problem: _Problem, data: _LevelData, u: torch.Tensor, rows: torch.Tensor | None):
+    """Loss (n,) and overlap fraction (n,) of scaled parameters `u` for the pairs `rows`."""
+    phys = u * problem.units
+    linear = _linear(problem.kind, phys)
+    # Rows and columns in (x, y) order: grid_sample wants the last grid axis as (x, y).
+    lin_xy = linear.flip(1).flip(2) * data.scale[None, :, None]
+    off_xy = phys[:, :2].flip(1) * data.scale + data.offset
+    # The grid is affine in the pixel position: a column term plus a row term.
+    grid = (
+        lin_xy[:, None, None, :, 0] * data.xs[None, None, :, None] + off_xy[:, None, None]
+    ) + lin_xy[:, None, None, :, 1] * data.ys[None, :, None, None]
+    fixed = data.fixed if rows is None else data.fixed[rows]
+    moving = data.moving if rows is None else data.moving[rows]
+    warped = F.grid_sample(fixed, grid, "bilinear", "zeros", align_corners=True)[:, 0]
+    with torch.no_grad():
+        # Only points that interpolate inside the fixed frame count, so padding has no say;
+        # the weight ramps up over one level pixel inside the edge, so the loss does not jump
+        # as pixels cross it.
+        inside = (1 - grid.abs()) * data.half_size
+        weight = (inside.amin(-1) / _EDGE_RAMP).clamp(0, 1)
+    loss = _LOSSES[problem.loss](moving, warped, weight, problem.window)
+    if problem.penalty and problem.kind in (TransformKind.SIMILARITY, TransformKind.AFFINE):
+        loss = loss + problem.penalty * (phys[:, 3:] ** 2).sum(1)
+    overlap = weight.sum((1, 2)) / weight[0].numel()
+    return loss, overlap
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class _State:
+    """Per-pair progress over the levels."""
+
+    u: torch.Tensor  # (B, n) scaled parameters
+    alive: torch.Tensor  # (B,) bool, False once a pair is skipped as degenerate
+    steps: torch.Tensor  # (B,) int64
+    loss: torch.Tensor  # (B,) float64, best loss at the latest level
+    early: torch.Tensor  # (B,) bool, early stopping ended the latest level
+
+
+def _make_optimizer(kind: Optimizer, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    if kind is Optimizer.SGD:
+        return torch.optim.SGD([param], lr=lr, momentum=_SGD_MOMENTUM)
+    return torch.optim.Adam([param], lr=lr)
+
+
+def _step_rows(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    active: torch.Tensor,
+    gain: torch.Tensor | None = None,
+):
+    """One optimiser step that leaves the rows of stopped pairs exactly where they are.
+
+    Momentum would otherwise keep moving a row whose gradient is no longer computed. `gain`
+    (B,) scales each row's update: a per-pair learning rate, since neither Adam's nor SGD's
+    state depends on the learning rate.
+    """
+    before = param.detach().clone()
+    optimizer.step()
+    with torch.no_grad():
+        if gain is not None:
+            param.copy_(before + gain[:, None] * (param - before))
+        param[~active] = before[~active]
+
+
+def _chunk_size(data: _LevelData) -> int:
+    """Pairs per forward/backward pass: the whole batch on a GPU, cache-sized on a CPU."""
+    pixels = _CPU_CHUNK_PIXELS if data.fixed.device.type == "cpu" else _GPU_CHUNK_PIXELS
+    return max(1, pixels // (len(data.xs) * len(data.ys)))
+
+
+def _loss_and_gradient(problem, data, param, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (float64) and degenerate flag of the pairs `rows`; their gradients land in `param`.
+
+    The rows go in chunks so that on a CPU the images of one pass stay in cache; the loss of a
+    pair depends on its own row only, so chunking changes nothing but speed.
+    """
+    values, bads = [], []
+    for part in rows.split(_chunk_size(data)):
+        if len(part) == len(param):
+            loss, overlap = _evaluate(problem, data, param, None)
+        else:
+            loss, overlap = _evaluate(problem, data, param[part], part)
+        bad = ~torch.isfinite(loss.detach()) | (overlap < _MIN_OVERLAP)
+        loss[~bad].sum().backward()
+        values.append(loss.detach().double())
+        bads.append(bad)
+    return torch.cat(values), torch.cat(bads)
+
+
+def _run_level(problem, data, level, state, patience, min_delta, optimizer) -> None:
+    """Optimise every live pair at one level; each takes its best parameters at the end."""
+    param = torch.nn.Parameter(state.u.clone())
+    opt = _make_optimizer(optimizer, param, level.lr)
+    active = state.alive.clone()
+    best = torch.full_like(state.loss, math.inf)
+    best_u = state.u.clone()
+    reference = best.clone()
+    wait = torch.zeros_like(state.steps)
+    gain = torch.ones_like(best, dtype=param.dtype)
+    state.early[:] = False
+    for _ in range(level.epochs):
+        rows = active.nonzero()[:, 0]
+        if not len(rows):
+            break
+        opt.zero_grad(set_to_none=False)
+        value, bad = _loss_and_gradient(problem, data, param, rows)
+        state.alive[rows[bad]] = False
+        active[rows[bad]] = False
+        better = ~bad & (value < best[rows])
+        # A step that fails to improve means the pair oscillates about its optimum: slow it.
+        gain[rows[~better]] *= _GAIN_DECAY
+        best[rows[better]] = value[better]
+        best_u[rows[better]] = param.detach()[rows[better]]
+        progress = ~bad & (value < reference[rows] - min_delta)
+        reference[rows[progress]] = value[progress]
+        wait[rows] = torch.where(progress, 0, wait[rows] + 1)
+        state.steps[rows] += 1
+        done = rows[~bad & (wait[rows] >= patience)]
+        state.early[done] = True
+        active[done] = False
+        _step_rows(opt, param, active, gain)
+    state.u = torch.where(state.alive[:, None], best_u, state.u)
+    state.loss = best
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _validate_enum(value: object, enum: type[Enum], name: str) -> Enum:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}") from None
+
+
+def _validate_options(transform, loss, optimizer, levels, patience, min_delta, penalty, window):
+    kind = _validate_enum(transform, TransformKind, "transform")
+    loss = _validate_enum(loss, Loss, "loss")
+    optimizer = _validate_enum(optimizer, Optimizer, "optimizer")
+    if levels is None:
+        levels = make_levels()
+    if isinstance(levels, Level):
+        levels = (levels,)
+    if not isinstance(levels, Sequence) or not all(isinstance(v, Level) for v in levels):
+        raise TypeError(f"`levels` must be a sequence of Level (see make_levels), got {levels!r}")
+    if not levels:
+        raise ValueError("`levels` must hold at least one Level, got an empty sequence")
+    patience = _validate_int(patience, "patience", 1)
+    window = _validate_int(window, "window", 3)
+    if window % 2 == 0:
+        raise ValueError(f"`window` must be odd, got {window}")
+    for name, value in (("min_delta", min_delta), ("penalty", penalty)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+    return kind, loss, optimizer, tuple(levels), patience, float(min_delta), float(penalty), window
+
+
+def register_pairs(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    *,
+    transform: TransformKind | str = "rigid",
+    loss: Loss | str = "ncc",
+    levels: Sequence[Level] | None = None,
+    patience: int = 10,
+    min_delta: float = 1e-4,
+    penalty: float = 0.0,
+    optimizer: Optimizer | str = "adam",
+    window: int = 9,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    initial: np.ndarray | None = None,
+) -> PairwiseResult:
+    """Register a batch of 2D image pairs, each with its own transform.
+
+    For every pair the transform ``P`` minimises the loss between ``moving[b]`` and
+    ``fixed[b]`` sampled at ``P(p)`` for every pixel ``p`` of the moving image, counting only
+    pixels whose ``P(p)`` falls inside the fixed frame. Images are normalised to zero mean and
+    unit variance first, so learning rates do not depend on dtype or intensity scale. A pixel's
+    weight rises linearly from 0 at the fixed frame's edge to 1 one level pixel inside it, so
+    the loss stays continuous as pixels cross the edge.
+
+    The optimisation runs coarse to fine, all pairs as one batch. At each level a pair stops
+    when its loss has not improved by `min_delta` for `patience` steps (its parameters are then
+    frozen and it is no longer computed), and every pair takes its best parameters of the
+    level. Each step that does not improve a pair's best loss multiplies that pair's learning
+    rate by 0.7, so an optimiser oscillating about the optimum settles into it.
+
+    Parameters
+    ----------
+    fixed, moving : ndarray, shape (B, Y, X) or (Y, X)
+        Pairs of images of any real dtype, one shape, Y and X >= 8; a 2-D pair means B = 1.
+    transform : {'translation', 'rigid', 'similarity', 'affine'}, optional
+        Family of the transform, see the module docstring for the parameterisation.
+    loss : {'ncc', 'mse', 'lncc'}, optional
+        ``'ncc'``: 1 − Pearson correlation over the overlap; ``'mse'``: mean squared
+        difference of the normalised images; ``'lncc'``: 1 − mean correlation over
+        `window`-pixel boxes, which tolerates smooth contrast changes.
+    levels : sequence of Level, optional
+        Coarse-to-fine schedule; None gives :func:`make_levels` ``()``. A level whose factor
+        would leave fewer than 16 pixels on the short side is skipped; if every level is, the
+        last runs at the largest factor allowed.
+    patience : int, optional
+        Steps without an improvement of `min_delta` after which a pair stops at a level.
+    min_delta : float, optional
+        Smallest loss decrease that counts as an improvement.
+    penalty : float, optional
+        Weight of the sum of squared log-scales and shear added to the loss (similarity and
+        affine only).
+    optimizer : {'adam', 'sgd'}, optional
+        Adam, or SGD with momentum 0.9 (whose learning rates need choosing by the caller).
+    window : int, optional
+        Odd box size in level pixels of the local correlation (``'lncc'`` only), >= 3.
+    seed : int, optional
+        Seed of the generator for random draws; the present algorithm draws none, so equal
+        inputs give equal outputs (bit for bit on the CPU) whatever the seed.
+    device : str or torch.device, optional
+        As for :func:`voxflow.core.predict.resolve_device`; None picks CUDA when available.
+    initial : ndarray, shape (B, 3, 3), optional
+        Starting matrices in the convention of the result; default identity. A matrix the
+        family cannot express starts from its projection on the family (translation of the
+        centre kept, rotation of the polar decomposition, mean singular value as scale).
+
+    Returns
+    -------
+    PairwiseResult
+        Matrices, final losses, step counts, convergence flags and parameters. A pair where
+        either image is constant, or whose overlap falls below 10 % of the frame, is skipped:
+        its matrix is its starting matrix, its loss NaN, steps 0 and converged False.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When an argument has a bad value: mismatched or too small images, non-finite pixels,
+        an unknown option, a bad `initial` (wrong shape, reflection) or an unknown device.
+    """
+    fixed, moving = _validate_images(fixed, moving)
+    kind, loss, optimizer, levels, patience, min_delta, penalty, window = _validate_options(
+        transform, loss, optimizer, levels, patience, min_delta, penalty, window
+    )
+    _validate_int(seed, "seed", 0)
+    start = _validate_initial(initial, len(fixed))
+    dev = resolve_device(None if isinstance(device, str) and device == "auto" else device)
+    shape = fixed.shape[1:]
+    units = _units(kind, shape)
+    problem = _Problem(
+        kind, loss, torch.tensor(units, dtype=torch.float32, device=dev), penalty, window
+    )
+    with torch.no_grad():
+        fixed_t, flat_f = _normalised(fixed, dev)
+        moving_t, flat_m = _normalised(moving, dev)
+    start_u = np.stack([_params_of(kind, m, shape) for m in start]) / units
+    batch = len(fixed)
+    state = _State(
+        u=torch.tensor(start_u, dtype=torch.float32, device=dev),
+        alive=torch.from_numpy(~(flat_f | flat_m)).to(dev),
+        steps=torch.zeros(batch, dtype=torch.int64, device=dev),
+        loss=torch.full((batch,), math.nan, dtype=torch.float64, device=dev),
+        early=torch.zeros(batch, dtype=torch.bool, device=dev),
+    )
+    for level in _fit_levels(levels, shape):
+        with torch.no_grad():
+            data = _level_data(fixed_t, moving_t, level.factor)
+        _run_level(problem, data, level, state, patience, min_delta, optimizer)
+    return _result(kind, shape, start, units, state)
+
+
+def _result(kind, shape, start, units, state: _State) -> PairwiseResult:
+    alive = state.alive.cpu().numpy()
+    params = state.u.double().cpu().numpy() * units
+    matrices = _matrices(kind, params, shape)
+    matrices[~alive] = start[~alive]
+    params[~alive] = [_params_of(kind, m, shape) for m in start[~alive]] or params[~alive]
+    loss = np.where(alive, state.loss.cpu().numpy(), math.nan)
+    steps = np.where(alive, state.steps.cpu().numpy(), 0).astype(np.int64)
+    converged = alive & state.early.cpu().numpy()
+    return PairwiseResult(matrices, loss, steps, converged, params)
