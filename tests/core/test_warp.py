@@ -236,4 +236,4 @@ def test_recovers_synthetic_aligned_stack(order):
     np.testing.assert_array_equal(got[0], want[0])  # the reference slice is copied
     # Observed slices were resampled once already: two interpolations blur a little.
     error = np.abs(got[1:].astype(float) - want[1:])
-    assert error.mean() < 2.5 and np.corrcoef(got[1:].ravel(), want[1:].ravel())[0, 1] > 0.995
+    assert error.mean() < 3.5 and np.corrcoef(got[1:].ravel(), want[1:].ravel())[0, 1] > 0.995
