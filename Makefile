@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxflow-installed
 
-.PHONY: install demo test lint bench bench-scaled bench-segment clean
+.PHONY: install demo test lint bench bench-scaled bench-segment bench-register clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-scaled: install
 
 bench-segment: install
 	$(BIN)/python benchmarks/segment.py
+
+bench-register: install
+	$(BIN)/python benchmarks/register.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

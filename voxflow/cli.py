@@ -36,6 +36,7 @@ from voxflow.flows import (
     validate_warp,
 )
 from voxflow.flows.demo import run_demo
+from voxflow.flows.register import TRANSFORMS_FILE
 from voxflow.flows.segment import (
     CountingConfig,
     SegmentationConfig,
@@ -49,7 +50,6 @@ from voxflow.io import ImageRef, open_image
 from voxflow.plugins import describe_plugins, parse_params
 from voxflow.runtime import open_client
 from voxflow.settings import VoxflowSettings
-from voxflow.tasks.register import TRANSFORMS_FILE
 
 __all__ = ["app", "main"]
 

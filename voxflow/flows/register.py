@@ -13,6 +13,7 @@ from voxflow.runtime import make_task_runner
 from voxflow.settings import VoxflowSettings
 from voxflow.tasks import ImageRef, open_input
 from voxflow.tasks.register import (
+    TRANSFORMS_FILE,
     PairResult,
     RegistrationParams,
     align_image,
@@ -27,6 +28,7 @@ from voxflow.tasks.register import (
 )
 
 __all__ = [
+    "TRANSFORMS_FILE",
     "RegistrationConfig",
     "WarpConfig",
     "registration_flow",
