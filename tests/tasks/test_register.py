@@ -277,3 +277,18 @@ def test_transforms_that_do_not_match_are_refused(tmp_path, em):
     with pytest.raises(ValueError):
         apply_transforms(fewer, doc, str(out), RegistrationParams())
     assert not out.exists()
+
+
+def test_gpu_resource_is_asked_for_only_where_workers_offer_one():
+    from distributed import Client, LocalCluster
+
+    from voxflow.tasks.register import gpu_request
+
+    assert gpu_request("auto") == {}  # no cluster
+    one = {"n_workers": 1, "threads_per_worker": 1, "processes": False, "dashboard_address": None}
+    with LocalCluster(**one, resources={"GPU": 1}) as cluster, Client(cluster):
+        assert gpu_request("auto") == {"GPU": 1}
+        assert gpu_request("cuda") == {"GPU": 1}
+        assert gpu_request("cpu") == {}
+    with LocalCluster(**one) as cluster, Client(cluster):
+        assert gpu_request("auto") == {}
