@@ -234,7 +234,8 @@ def _rerun(out: Location, source: ImageRef) -> bool:
         return False
     record = done.provenance or {}
     return record.get("stage") == "register" and record.get("input") == {
-        "url": source.url, "fingerprint": source.fingerprint
+        "url": source.url,
+        "fingerprint": source.fingerprint,
     }
 
 
