@@ -292,3 +292,30 @@ def test_gpu_resource_is_asked_for_only_where_workers_offer_one():
         assert gpu_request("cpu") == {}
     with LocalCluster(**one) as cluster, Client(cluster):
         assert gpu_request("auto") == {}
+
+
+def test_an_interrupted_write_never_looks_complete_and_a_rerun_finishes_it(
+    tmp_path, em, monkeypatch
+):
+    import voxflow.tasks.register as reg
+
+    ref = _write(tmp_path / "a.ome.zarr", em.image)
+    results = [_result(k, k - 1, em.pairwise[k]) for k in range(1, 6)]
+    out = tmp_path / "o.ome.zarr"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reg, "compute_blocks", fail)
+    with pytest.raises(OSError, match="disk full"):
+        align_stack(ref, results, str(out), RegistrationParams(**FAST))
+    assert (out / INCOMPLETE_MARKER).exists()
+    assert not (out / "zarr.json").exists() and not (out / TRANSFORMS_FILE).exists()
+    with pytest.raises(ValueError):
+        open_image(str(out))
+    monkeypatch.undo()
+    # The same output is taken up again without --overwrite, and completed.
+    check_registration(ref, str(out), RegistrationParams(**FAST))
+    aligned = align_stack(ref, results, str(out), RegistrationParams(**FAST))
+    assert not (out / INCOMPLETE_MARKER).exists() and (out / TRANSFORMS_FILE).exists()
+    assert aligned.shape[0] == 6
