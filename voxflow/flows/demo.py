@@ -144,7 +144,7 @@ def _register_em(runner: Runner, settings: VoxflowSettings, root: Path, overwrit
     em = synthesize("em-stack", str(root / "em"), overwrite=overwrite, transform="affine",
                     noise=0.05, contrast=0.1)  # fmt: skip
     config = RegistrationConfig(
-        input=em["image"], output=str(root / "em" / "aligned.ome.zarr"), overwrite=True,
+        input=em["image"], output=str(root / "em" / "registered.ome.zarr"), overwrite=True,
         registration=RegistrationParams(transform="affine"),
     )  # fmt: skip
     t0 = time.perf_counter()
