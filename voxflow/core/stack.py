@@ -314,11 +314,16 @@ def solve_stack(
 # --------------------------------------------------------------------------- valid box
 
 
-def _row_intervals(inverse: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Real bounds [lo, hi] on x, per slice and row y, from the four frame half-planes."""
-    rows = np.arange(shape[0], dtype=np.float64)
-    lo = np.full((len(inverse), shape[0]), -np.inf)
-    hi = np.full((len(inverse), shape[0]), np.inf)
+def _row_intervals(
+    inverse: np.ndarray, shape: tuple[int, int], rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Real bounds [lo, hi] on x, per slice and row y, from the four frame half-planes.
+
+    `rows` are the reference rows (default: those of the frame, 0 … Y − 1).
+    """
+    rows = np.arange(shape[0], dtype=np.float64) if rows is None else np.asarray(rows, float)
+    lo = np.full((len(inverse), len(rows)), -np.inf)
+    hi = np.full((len(inverse), len(rows)), np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         for c, upper in enumerate((shape[0] - 1, shape[1] - 1)):
             slope = inverse[:, c, 1][:, None]

@@ -15,12 +15,13 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from voxflow.core.predict import resolve_device
-from voxflow.core.stack import VALID_EPS, _validate_matrices
+from voxflow.core.stack import VALID_EPS, _row_intervals, _validate_matrices
 
 __all__ = ["Interpolation", "warp_slices"]
 
@@ -213,11 +214,97 @@ def _sample(
     out = torch.clamp(
         out, image.amin(dim=(2, 3), keepdim=True), image.amax(dim=(2, 3), keepdim=True)
     )
-    out = torch.where(inside[:, None], out, torch.tensor(fill, dtype=out.dtype, device=out.device))
-    if np.issubdtype(source.dtype, np.integer):
-        info = np.iinfo(source.dtype)
-        out = torch.round(out).clamp(float(info.min), float(info.max))
-    return out.cpu().numpy().astype(source.dtype)
+    return _finish(out, inside[:, None], fill, source.dtype)
+
+
+def _finish(out: torch.Tensor, inside: torch.Tensor, fill: float, dtype: np.dtype) -> np.ndarray:
+    """Fill outside the frame, round and clip integers, return in `dtype`."""
+    out = torch.where(inside, out, torch.tensor(fill, dtype=out.dtype, device=out.device))
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        out = torch.round(out).clamp_(float(info.min), float(info.max))
+        if dtype == np.uint8:
+            return out.to(torch.uint8).cpu().numpy()
+    return out.cpu().numpy().astype(dtype)
+
+
+def _grid(inverse: np.ndarray, box: _Box, frame: tuple[int, int], device, dtype) -> torch.Tensor:
+    """`grid_sample` grid (B, Yo, Xo, 2): each output pixel's preimage, normalised per axis.
+
+    The map is affine, so the grid is a column term plus a row term: one pass over the
+    output, and the sampling points are those of the pixel-space maps (rigid stays rigid).
+    """
+    (y0, y1), (x0, x1) = box
+    h, w = frame
+    norm = np.array([2 / (w - 1), 2 / (h - 1)])
+    # Rows (x, y) of the source grid coordinate as functions of the reference (y, x, 1).
+    rows = inverse[:, [1, 0], :] * norm[None, :, None]
+    rows[:, :, 2] -= 1
+    kw = {"device": device, "dtype": torch.float64}
+    a = torch.from_numpy(rows).to(**kw)
+    ys = torch.arange(y0, y1, **kw)
+    xs = torch.arange(x0, x1, **kw)
+    col = a[:, None, :, 1] * xs[None, :, None] + a[:, None, :, 2]  # (B, Xo, 2)
+    row = a[:, None, :, 0] * ys[None, :, None]  # (B, Yo, 2)
+    return row.to(dtype)[:, :, None, :] + col.to(dtype)[:, None, :, :]
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_outside(out, lo, hi, x0, fill):  # pragma: no cover - compiled
+    """Set output pixels outside each row's valid x range [lo, hi] (reference x) to fill."""
+    nb, nc, ny, nx = out.shape
+    for b in range(nb):
+        for i in range(ny):
+            left = min(max(lo[b, i] - x0, 0), nx)
+            right = min(max(hi[b, i] - x0 + 1, left), nx)
+            if left == 0 and right == nx:
+                continue
+            for c in range(nc):
+                out[b, c, i, :left] = fill
+                out[b, c, i, right:] = fill
+
+
+def _row_bounds(inverse: np.ndarray, box: _Box, frame: tuple[int, int]):
+    """Inclusive integer x range of valid preimages per slice and output row (exact)."""
+    lo, hi = _row_intervals(inverse, frame, np.arange(*box[0]))
+    big = box[1][1] + 1
+    lo = np.ceil(np.clip(lo, -1, big)).astype(np.int64)
+    hi = np.floor(np.clip(hi, -1, big)).astype(np.int64)
+    return lo, hi
+
+
+_CHUNK_PIXELS = 1 << 22
+
+
+def _sample_linear(
+    source: np.ndarray, inverse: np.ndarray, box: _Box, fill: float, device
+) -> np.ndarray:
+    """Bilinear warp through `grid_sample`, a chunk of slices at a time.
+
+    Bilinear samples never leave the range of their four pixels, so no clamp is needed.
+    Chunks of about 4 M output pixels bound the memory whatever the batch; the pixels whose
+    preimage leaves the frame are filled row by row from exact bounds.
+    """
+    values_dtype, _ = _compute_dtypes(source.dtype, device)
+    frame = source.shape[-2:]
+    size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
+    out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
+    step = max(1, _CHUNK_PIXELS // (size[0] * size[1] * source.shape[1]))
+    integer = np.issubdtype(source.dtype, np.integer)
+    info = np.iinfo(source.dtype) if integer else None
+    for start in range(0, len(source), step):
+        part = slice(start, start + step)
+        image = torch.from_numpy(np.ascontiguousarray(source[part])).to(device)
+        grid = _grid(inverse[part], box, frame, device, values_dtype)
+        sampled = F.grid_sample(image.to(values_dtype), grid, "bilinear", "border", True)
+        if integer:
+            sampled = sampled.round_().clamp_(float(info.min), float(info.max))
+        if source.dtype == np.uint8:
+            sampled = sampled.to(torch.uint8)
+        out[part] = sampled.cpu().numpy()
+    lo, hi = _row_bounds(inverse, box, frame)
+    _fill_outside(out, lo, hi, box[1][0], out.dtype.type(fill))
+    return out
 
 
 def warp_slices(
@@ -258,7 +345,8 @@ def warp_slices(
         (and channel), then rounded to nearest for integer dtypes. Computation is float32,
         float64 for float64 slices and for integers of 32 bits or more (float32 on MPS).
         Whole-pixel translations (the identity included) are copied, so they are exact.
-        The whole batch is sampled at once: memory grows with ``B × C × box area``.
+        Bilinear warps run in chunks of slices (about 4 M output pixels each), so memory
+        stays bounded; cubic warps sample the whole batch at once.
 
     Raises
     ------
@@ -285,5 +373,9 @@ def warp_slices(
         _shift_copy(source[k], composed[k, :2, 2], box, fill, out[k])
     if not copied.all():
         rest = ~copied
-        out[rest] = _sample(source[rest], np.linalg.inv(composed[rest]), box, order, fill, device)
+        inverse = np.linalg.inv(composed[rest])
+        if order is Interpolation.LINEAR and min(source.shape[-2:]) > 1:
+            out[rest] = _sample_linear(source[rest], inverse, box, fill, device)
+        else:
+            out[rest] = _sample(source[rest], inverse, box, order, fill, device)
     return out if np.ndim(slices) == 4 else out[:, 0]
