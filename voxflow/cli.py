@@ -588,6 +588,9 @@ def register(
     min_delta: Annotated[float, typer.Option(help="Early stop: smallest gain.")] = 1e-4,
     penalty: Annotated[float, typer.Option(help="L2 penalty on scale and shear.")] = 0.0,
     window: Annotated[int, typer.Option(help="Window of --loss lncc, pixels.")] = 9,
+    smoothing: Annotated[
+        float, typer.Option(help="Gaussian sigma at the finest level, pixels (0: none).")
+    ] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Pairs optimised as one batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
     neighbours: Annotated[
@@ -617,7 +620,7 @@ def register(
             "transform": transform, "loss": loss, "levels": _ints(levels, "levels"),
             "epochs": _one_or_many(_ints(epochs, "epochs")),
             "lr": _one_or_many(_floats(lr, "lr")), "patience": patience,
-            "min_delta": min_delta, "penalty": penalty, "window": window,
+            "min_delta": min_delta, "penalty": penalty, "window": window, "smoothing": smoothing,
             "batch_size": batch_size, "device": device, "neighbours": neighbours,
             "channel": channel, "reference": reference, "interpolation": interpolation,
             "crop": not no_crop, "margin": margin, "seed": seed,
