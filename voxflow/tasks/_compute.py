@@ -109,3 +109,21 @@ def compute_array(arr: da.Array) -> np.ndarray:
         if client is None:
             return np.asarray(arr.compute(num_workers=max(4, 2 * (os.cpu_count() or 1))))
         return np.asarray(client.compute(arr).result())
+
+
+def gpu_request(device: str | None) -> dict[str, int]:
+    """Dask resources that torch work on `device` (registration, warps, prediction) asks for.
+
+    ``{"GPU": 1}`` when the device may be a GPU and the cluster this process talks to has
+    workers that offer one; otherwise nothing, so CPU-only clusters run the work anywhere.
+    """
+    if device == "cpu":
+        return {}
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return {}
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else {}

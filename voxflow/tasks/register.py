@@ -24,7 +24,13 @@ from voxflow.io import (
     write_image_metadata,
 )
 from voxflow.tasks._cache import content_key
-from voxflow.tasks._compute import ProgressFn, compute_blocks, flow_client, publish_progress
+from voxflow.tasks._compute import (
+    ProgressFn,
+    compute_blocks,
+    flow_client,
+    gpu_request,
+    publish_progress,
+)
 from voxflow.tasks.pyramid import PyramidParams, level0_chunks, level_writes, multiscale_of
 from voxflow.tasks.pyramid import plan_pyramid as _plan_pyramid
 
@@ -432,24 +438,6 @@ def _output_like(source: ImageRef, geo: StackGeometry, box) -> ImageRef:
     trans[-1] = geo.origin[1] + x0 * geo.spacing[1]
     first = source.levels[0].model_copy(update={"shape": shape, "translation": tuple(trans)})
     return source.model_copy(update={"levels": (first,)})
-
-
-def gpu_request(device: str) -> dict[str, int]:
-    """Dask resources a registration or warp on `device` asks for.
-
-    ``{"GPU": 1}`` when the device may be a GPU and the cluster this process talks to has
-    workers that offer one; otherwise nothing, so CPU-only clusters run the work anywhere.
-    """
-    if device == "cpu":
-        return {}
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        return {}
-    workers = client.scheduler_info().get("workers", {}).values()
-    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else {}
 
 
 def warp_stack(

@@ -42,7 +42,7 @@ from voxflow.io import (
 from voxflow.tasks._compute import (
     ProgressFn,
     compute_blocks,
-    flow_client,
+    gpu_request,
     on_cluster,
     publish_progress,
 )
@@ -371,7 +371,7 @@ def _mask_array(vol: Volume, params: SegmentParams, checked: dict) -> tuple[da.A
     if checked["binary"]:
         return (image != 0).astype(np.uint8), {"method": "input is binary", "threshold": None}
     if m.model is not None:
-        with dask.annotate(resources=_gpu_request(m.device)):
+        with dask.annotate(resources=gpu_request(m.device)):
             prob = predict(image, m.model, halo=m.halo, tile=m.tile, batch_size=m.batch_size,
                            device=m.device)  # fmt: skip
         mask = (prob > m.probability).astype(np.uint8)
@@ -390,18 +390,6 @@ def _mask_array(vol: Volume, params: SegmentParams, checked: dict) -> tuple[da.A
         value = float(m.threshold)
         info = {"method": "absolute", "threshold": value}
     return apply_threshold(image, value).astype(np.uint8), info
-
-
-def _gpu_request(device: str | None) -> dict[str, int]:
-    """Ask Dask for a GPU per prediction block when the cluster's workers offer one."""
-    if device == "cpu":
-        return {}
-    with flow_client() as client:
-        if client is None:
-            return {}
-        workers = client.scheduler_info().get("workers", {}).values()
-        has_gpu = any(w.get("resources", {}).get("GPU") for w in workers)
-    return {"GPU": 1} if has_gpu else {}
 
 
 def _labels_array(vol: Volume, run: RunFolder, params: SegmentParams) -> tuple[da.Array, int]:
