@@ -6,7 +6,7 @@ import zarr
 from scipy import ndimage
 
 from voxflow.core import synth
-from voxflow.core.stack import pixel_rms
+from voxflow.core.stack import pixel_rms, solve_stack
 from voxflow.io import Location, open_image, read_level, write_image
 from voxflow.tasks.register import (
     INCOMPLETE_MARKER,
@@ -123,10 +123,11 @@ def _result(moving, fixed, matrix, converged=True):
 
 def test_compose_chain_and_a_pair_that_did_not_converge(em):
     results = [_result(k, k - 1, em.pairwise[k]) for k in range(1, 6)]
-    composed = compose_stack(6, results, em.image.shape[1:])
+    composed, rejected = compose_stack(6, results, em.image.shape[1:])
     np.testing.assert_allclose(composed, em.transforms, atol=1e-9)
+    assert rejected == []
     results[2] = _result(3, 2, np.full((3, 3), 7.0), converged=False)
-    composed = compose_stack(6, results, em.image.shape[1:])
+    composed, _ = compose_stack(6, results, em.image.shape[1:])
     np.testing.assert_allclose(composed[3], composed[2], atol=1e-12)
     assert np.isfinite(composed).all()
 
@@ -140,8 +141,32 @@ def test_compose_with_neighbours_uses_every_pair(em):
     # The chain link 3→2 failed; 3→1 still ties slice 3 to the stack.
     results = [_result(3, 2, np.eye(3), False) if (r.moving, r.fixed) == (3, 2) else r
                for r in results]  # fmt: skip
-    composed = compose_stack(6, results, em.image.shape[1:])
+    composed, rejected = compose_stack(6, results, em.image.shape[1:])
     assert pixel_rms(composed, truth, em.image.shape[1:]).max() < 1e-3
+    assert rejected == []
+
+
+def test_a_failed_far_pair_is_dropped_from_the_drift_solve():
+    em = synth.em_stack((12, 96, 112), seed=3)
+    truth, frame = em.transforms, em.image.shape[1:]
+    rng = np.random.default_rng(0)
+
+    def measured(i, j):
+        noise = np.eye(3)
+        noise[:2, 2] = rng.normal(0, 0.05, 2)  # a registration error of ~0.05 px
+        return noise @ np.linalg.inv(truth[j]) @ truth[i]
+
+    results = [_result(i, j, measured(i, j)) for i in range(1, 12)
+               for j in range(max(0, i - 3), i)]  # fmt: skip
+    wrong = np.linalg.inv(truth[5]) @ truth[8]
+    wrong[:2, 2] += (15.0, -9.0)  # converged, but on the wrong structure
+    results = [_result(8, 5, wrong) if (r.moving, r.fixed) == (8, 5) else r for r in results]
+    plain = solve_stack(12, np.array([(r.moving, r.fixed) for r in results]),
+                        np.array([r.matrix for r in results]), frame)  # fmt: skip
+    composed, rejected = compose_stack(12, results, frame)
+    assert pixel_rms(plain, truth, frame).max() > 1.0, "the outlier matters to a plain solve"
+    assert rejected == [(8, 5)]
+    assert pixel_rms(composed, truth, frame).max() < 0.2
 
 
 def test_compose_needs_every_chain_pair(em):

@@ -328,23 +328,33 @@ def register_pairs_of(
 # -- composition and crop ----------------------------------------------------------------------
 
 
+_OUTLIER_PX = 1.0  # a measurement this far (RMS px) from the solved stack, and ...
+_OUTLIER_MEDIANS = 5.0  # ... this many median residuals, is dropped as a failed registration
+_CARRY = 1e-6  # weight of the identity standing in for a consecutive pair that failed
+
+
 def compose_stack(
     n_slices: int, results: Sequence[PairResult], frame: tuple[int, int], *, reference: int = 0
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Composed transforms of every slice from the pairwise results.
 
     With consecutive pairs only, the composed transform of slice i is the prefix product
     of the pairwise ones; with farther neighbours too, a least-squares solve over the
     stack. A pair that did not converge is dropped; a consecutive one is replaced by the
     identity (the slice carries its neighbour's transform), kept with a negligible
-    weight so that any other measurement of the slice wins.
+    weight so that any other measurement of the slice wins. In the solve, a measurement
+    that disagrees with the solved stack by more than 1 px RMS and five times the median
+    disagreement is dropped as a failed registration and the stack solved again (up to
+    three rounds), as long as every slice stays connected.
 
     Returns
     -------
-    ndarray of float64, shape (Z, 3, 3)
+    composed : ndarray of float64, shape (Z, 3, 3)
         ``composed[k]`` maps pixel coordinates of slice k into the reference frame.
+    rejected : list of (int, int)
+        ``(moving, fixed)`` of the measurements dropped as outliers.
     """
-    from voxflow.core.stack import compose, solve_stack
+    from voxflow.core.stack import compose
 
     chain = {r.moving: r for r in results if r.fixed == r.moving - 1}
     missing = [i for i in range(1, n_slices) if i not in chain]
@@ -354,13 +364,35 @@ def compose_stack(
         pairwise = np.tile(np.eye(3), (n_slices, 1, 1))
         for i, r in chain.items():
             pairwise[i] = np.asarray(r.matrix) if r.converged else np.eye(3)
-        return compose(pairwise, reference=reference)
+        return compose(pairwise, reference=reference), []
     pairs = np.array([(r.moving, r.fixed) for r in results], dtype=np.int64)
     mats = np.array([r.matrix if r.converged else np.eye(3) for r in results])
     weights = np.array([
-        1.0 if r.converged else (1e-6 if r.fixed == r.moving - 1 else 0.0) for r in results
+        1.0 if r.converged else (_CARRY if r.fixed == r.moving - 1 else 0.0) for r in results
     ])  # fmt: skip
-    return solve_stack(n_slices, pairs, mats, frame, weights=weights, reference=reference)
+    return _solve_robust(n_slices, pairs, mats, weights, frame, reference)
+
+
+def _solve_robust(n, pairs, mats, weights, frame, reference):
+    from voxflow.core.stack import pixel_rms, solve_stack
+
+    composed = solve_stack(n, pairs, mats, frame, weights=weights, reference=reference)
+    rejected: list[tuple[int, int]] = []
+    for _ in range(3):
+        residual = pixel_rms(composed[pairs[:, 1]] @ mats, composed[pairs[:, 0]], frame)
+        used = weights > _CARRY  # measured pairs; the stand-ins are not judged
+        limit = max(_OUTLIER_PX, _OUTLIER_MEDIANS * float(np.median(residual[used])))
+        bad = used & (residual > limit)
+        if not bad.any():
+            break
+        trial = np.where(bad, 0.0, weights)
+        try:
+            composed = solve_stack(n, pairs, mats, frame, weights=trial, reference=reference)
+        except ValueError:  # dropping them would cut slices off: keep what we have
+            break
+        weights = trial
+        rejected += [(int(i), int(j)) for i, j in pairs[bad]]
+    return composed, rejected
 
 
 def _box_physical(box, spacing, origin) -> list[list[float]]:
@@ -378,6 +410,7 @@ def transforms_document(
     results: Sequence[PairResult],
     composed: np.ndarray,
     box: tuple[tuple[int, int], tuple[int, int]],
+    rejected: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """The transforms document (the ``transforms.json`` schema of the README)."""
     from voxflow.core.stack import to_physical
@@ -390,6 +423,7 @@ def transforms_document(
             "moving": r.moving, "fixed": r.fixed, "matrix": m.tolist(),
             "matrix_physical": to_physical(m[None], geo.spacing, geo.origin)[0].tolist(),
             "loss": r.loss, "steps": r.steps, "converged": r.converged,
+            "outlier": (r.moving, r.fixed) in set(map(tuple, rejected)),
         })  # fmt: skip
     return {
         "schema": _SCHEMA,
@@ -671,12 +705,13 @@ def align_stack(
     from voxflow.core.stack import valid_box
 
     geo = stack_geometry(source)
-    composed = compose_stack(geo.n_slices, results, geo.frame, reference=params.reference)
+    composed, rejected = compose_stack(geo.n_slices, results, geo.frame,
+                                       reference=params.reference)  # fmt: skip
     box = (
         valid_box(composed, geo.frame, margin=params.margin) if params.crop
         else ((0, geo.frame[0]), (0, geo.frame[1]))
     )  # fmt: skip
-    document = transforms_document(source, geo, params, results, composed, box)
+    document = transforms_document(source, geo, params, results, composed, box, rejected)
     return warp_stack(source, document, composed, box, output, params, overwrite=overwrite,
                       progress=progress)  # fmt: skip
 
