@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import math
+import os
 from typing import Any
 
 import dask.array as da
+import numba
 import numpy as np
 from scipy import ndimage
 
@@ -37,7 +41,6 @@ _RIDGE = 1e-9
 # Where the mask's Gaussian weight falls below this fraction of its peak, the local fit has
 # no data to stand on and the field continues the nearest fitted value instead.
 _SUPPORT = 1e-2
-_SOLVE_BATCH = 1 << 18
 
 
 # --------------------------------------------------------------------------- local fit
@@ -75,56 +78,114 @@ def _raw_moments(values, weights, coords):
 def _moments(values, weights, coords, steps, sigma):
     """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin."""
     smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
-    # Each full-size product is reduced to blocks at once: memory stays near two arrays.
-    return {
-        key: ndimage.gaussian_filter(_block_sum(a, steps), smooth, mode="constant")
-        for key, a in _raw_moments(values, weights, coords)
-    }
+
+    def reduce(item):
+        key, a = item
+        return key, ndimage.gaussian_filter(_block_sum(a, steps), smooth, mode="constant")
+
+    # Each full-size product is reduced to blocks at once, a few at a time on as many threads
+    # (SciPy's filters release the GIL): memory stays near a few arrays.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    products = _raw_moments(values, weights, coords)
+    out: dict[str, np.ndarray] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        while chunk := list(itertools.islice(products, workers)):
+            out.update(pool.map(reduce, chunk))
+    return out
 
 
 def _solve(m: dict, centres: list[np.ndarray], mode: str, support: np.ndarray):
     """Intercept (at the origin) and slopes of the local fit at every supported block centre."""
     ndim = len(centres)
     s0 = m["w"]
-    slopes = np.zeros((ndim, *s0.shape))
     if mode == "mean":
-        return m["wf"] / np.where(s0 > 0, s0, 1.0), slopes
-    # Moments about each block centre p: sum w (u - p)... from the moments about the origin.
-    s = [m[f"w{i}"] - centres[i] * s0 for i in range(ndim)]
-    t = [m[f"wf{i}"] - centres[i] * m["wf"] for i in range(ndim)]
-    a = np.empty((*s0.shape, ndim + 1, ndim + 1))
-    b = np.empty((*s0.shape, ndim + 1))
-    a[..., 0, 0], b[..., 0] = s0, m["wf"]
+        return m["wf"] / np.where(s0 > 0, s0, 1.0), np.zeros((ndim, *s0.shape))
+    flat = [np.ascontiguousarray(m[k]).ravel() for k in ("w", "wf")]
+    flat += [np.ascontiguousarray(m[f"w{i}"]).ravel() for i in range(ndim)]
+    flat += [np.ascontiguousarray(m[f"wf{i}"]).ravel() for i in range(ndim)]
+    flat += [np.ascontiguousarray(m[f"w{i}{j}"]).ravel() for i in range(ndim)
+             for j in range(i, ndim)]  # fmt: skip
+    axes = tuple(np.ascontiguousarray(c.ravel(), dtype=np.float64) for c in centres)
+    axes += (np.zeros(1),) * (3 - ndim)
+    shape = np.array(list(s0.shape) + [1] * (3 - ndim), dtype=np.int64)
+    intercept = np.empty(s0.size)
+    slopes = np.empty((ndim, s0.size))
+    _solve_points(tuple(flat), axes, shape, ndim, np.ascontiguousarray(support).ravel(),
+                  _RIDGE, intercept, slopes)  # fmt: skip
+    return intercept.reshape(s0.shape), slopes.reshape((ndim, *s0.shape))
+
+
+@numba.njit(cache=True, nogil=True)
+def _solve_points(
+    moments, axes, shape, ndim, support, ridge, intercept, slopes
+):  # pragma: no cover
+    """Solve every point's (ndim + 1)² normal equations in place, without a batch of matrices.
+
+    `moments` holds w, wf, w_i, wf_i and w_ij (i <= j), each flat over the block grid; the
+    system is moved to the point's own centre (well conditioned), solved by Gaussian
+    elimination with partial pivoting, and the intercept moved back to the origin.
+    Unsupported points get zeros (their fit is replaced later).
+    """
+    d = ndim + 1
+    a = np.empty((d, d))
+    b = np.empty(d)
+    c = np.zeros(3)
+    pair = np.zeros((3, 3), dtype=np.int64)
+    k = 2 + 2 * ndim
     for i in range(ndim):
-        a[..., 0, i + 1] = a[..., i + 1, 0] = s[i]
-        b[..., i + 1] = t[i]
         for j in range(i, ndim):
-            sij = (
-                m[f"w{i}{j}"]
-                - centres[i] * m[f"w{j}"]
-                - centres[j] * m[f"w{i}"]
-                + centres[i] * centres[j] * s0
-            )
-            a[..., i + 1, j + 1] = a[..., j + 1, i + 1] = sij
-        a[..., i + 1, i + 1] += _RIDGE * s0
-    # Unsupported centres get a trivial system; their fit is replaced by _extend.
-    a[~support] = np.eye(ndim + 1)
-    b[~support] = 0.0
-    solution = _batched_solve(a, b)
-    slopes = np.moveaxis(solution[..., 1:], -1, 0)
-    intercept = solution[..., 0] - sum(slopes[i] * centres[i] for i in range(ndim))
-    return intercept, slopes
-
-
-def _batched_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``solve(a[p], b[p])`` for every point p, a bounded number of points at a time."""
-    size = a.shape[-1]
-    a_flat, b_flat = a.reshape(-1, size, size), b.reshape(-1, size, 1)
-    out = np.empty(b_flat.shape[:2])
-    for start in range(0, a_flat.shape[0], _SOLVE_BATCH):
-        part = slice(start, start + _SOLVE_BATCH)
-        out[part] = np.linalg.solve(a_flat[part], b_flat[part])[..., 0]
-    return out.reshape(b.shape)
+            pair[i, j] = k
+            pair[j, i] = k
+            k += 1
+    for p in range(support.size):
+        if not support[p]:
+            intercept[p] = 0.0
+            for i in range(ndim):
+                slopes[i, p] = 0.0
+            continue
+        rest = p
+        for axis in range(2, -1, -1):
+            if axis < ndim:
+                c[axis] = axes[axis][rest % shape[axis]]
+                rest //= shape[axis]
+        s0, f0 = moments[0][p], moments[1][p]
+        a[0, 0] = s0
+        b[0] = f0
+        for i in range(ndim):
+            si = moments[2 + i][p] - c[i] * s0
+            a[0, i + 1] = si
+            a[i + 1, 0] = si
+            b[i + 1] = moments[2 + ndim + i][p] - c[i] * f0
+            for j in range(i, ndim):
+                sij = (moments[pair[i, j]][p] - c[i] * moments[2 + j][p]
+                       - c[j] * moments[2 + i][p] + c[i] * c[j] * s0)  # fmt: skip
+                a[i + 1, j + 1] = sij
+                a[j + 1, i + 1] = sij
+            a[i + 1, i + 1] += ridge * s0
+        for col in range(d):
+            best = col
+            for row in range(col + 1, d):
+                if abs(a[row, col]) > abs(a[best, col]):
+                    best = row
+            if best != col:
+                for q in range(d):
+                    a[col, q], a[best, q] = a[best, q], a[col, q]
+                b[col], b[best] = b[best], b[col]
+            for row in range(col + 1, d):
+                factor = a[row, col] / a[col, col]
+                for q in range(col, d):
+                    a[row, q] -= factor * a[col, q]
+                b[row] -= factor * b[col]
+        for row in range(d - 1, -1, -1):
+            total = b[row]
+            for q in range(row + 1, d):
+                total -= a[row, q] * b[q]
+            b[row] = total / a[row, row]
+        value = b[0]
+        for i in range(ndim):
+            slopes[i, p] = b[i + 1]
+            value -= b[i + 1] * c[i]
+        intercept[p] = value
 
 
 def _extend(intercept, slopes, centres, support):
