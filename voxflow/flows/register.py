@@ -6,12 +6,14 @@ from typing import Any
 
 import dask
 from prefect import flow
+from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxflow.flows._run import run_flow, submit_stage
 from voxflow.runtime import make_task_runner
 from voxflow.settings import VoxflowSettings
 from voxflow.tasks import ImageRef, open_input
+from voxflow.tasks._compute import publish_progress
 from voxflow.tasks.register import (
     TRANSFORMS_FILE,
     PairResult,
@@ -101,6 +103,11 @@ def registration_flow(config: RegistrationConfig, progress_key: str | None = Non
     batches = pair_batches(geo.n_slices, params.neighbours, params.batch_size)
     with dask.annotate(resources=gpu_request(params.device)):
         futures = [register_batch.submit(source, batch, params) for batch in batches]
+    post = publish_progress(progress_key)
+    if post is not None:
+        # The command's bar counts batches of pairs first, then the warp's blocks.
+        for done, _ in enumerate(as_completed(futures), start=1):
+            post(done, len(futures))
     results: list[PairResult] = [r for f in futures for r in f.result()]
     return submit_stage(align_image, source, results, config.output, params, config.overwrite,
                         progress_key)  # fmt: skip
