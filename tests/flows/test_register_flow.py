@@ -41,3 +41,24 @@ def test_flow_registers_in_batches_and_reruns_from_cache(tmp_path, settings, em)
     )
     assert np.array_equal(read_level(warped, 0).compute(), read_level(ref, 0).compute())
     assert open_image(warped.url).translation == ref.translation
+
+
+def test_flow_on_multiprocess_cluster(tmp_path, results_dir, em):
+    """Two single-threaded worker processes: batches, the warp and torch travel pickled."""
+    from voxflow.settings import VoxflowSettings
+
+    procs = VoxflowSettings(
+        cluster={"mode": "local", "n_workers": 2, "threads_per_worker": 1, "processes": True},
+        prefect={"result_storage": str(results_dir)},
+    )
+    src = str(tmp_path / "in.ome.zarr")
+    write_image(src, em.image, "zyx", em.spacing, chunks=32, shards=64)
+    params = RegistrationParams(transform="affine", levels=(4, 2, 1), batch_size=3, neighbours=2)
+    ref = run_registration(
+        RegistrationConfig(input=src, output=str(tmp_path / "o.ome.zarr"), registration=params),
+        procs,
+    )
+    doc = ref.provenance["transforms"]
+    assert pixel_rms(np.array(doc["composed"]), em.transforms, (80, 96)).max() < 0.5
+    (y0, y1), (x0, x1) = doc["crop"]["box"]
+    assert read_level(ref, 0).compute().shape == (7, y1 - y0, x1 - x0)
