@@ -305,7 +305,7 @@ def test_bad_method_lists_the_choices():
         global_threshold(np.zeros(3), "kmeans")
     with pytest.raises(ValueError, match="one of 'otsu'"):
         threshold_from_histogram([1, 2], [0.0, 1.0], "isodata")
-    with pytest.raises(TypeError, match="`method` must be a string"):
+    with pytest.raises(TypeError, match="`method` must be a str or ThresholdMethod"):
         global_threshold(np.zeros(3), 1)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import numbers
+from typing import TypeVar
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 def validate_int(value: object, name: str, minimum: int) -> int:
@@ -12,3 +16,16 @@ def validate_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
     return int(value)
+
+
+def validate_choice(value: object, enum: type[E], name: str) -> E:
+    """A member of the str-valued `enum`, given as a member or as its value."""
+    if isinstance(value, enum):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str or {enum.__name__}, got {type(value).__name__}")
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}") from None

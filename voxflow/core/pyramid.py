@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from voxflow.core import _kernels
 from voxflow.core._kernels import reduced_shape
+from voxflow.core._validate import validate_choice
 from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = ["Method", "downsample", "downsample_array", "level_transform"]
@@ -62,15 +63,7 @@ _DTYPES = {
 
 
 def _validate_method(method: Method | str) -> Method:
-    if isinstance(method, Method):
-        return method
-    if not isinstance(method, str):
-        raise TypeError(f"`method` must be a str or Method, got {type(method).__name__}")
-    try:
-        return Method(method)
-    except ValueError:
-        valid = ", ".join(repr(m.value) for m in Method)
-        raise ValueError(f"`method` must be one of {valid}; got {method!r}") from None
+    return validate_choice(method, Method, "method")
 
 
 def _validate_ints(values: Sequence[int], n: int, name: str, what: str) -> tuple[int, ...]:

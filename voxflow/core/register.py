@@ -25,12 +25,13 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import StrEnum
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from voxflow.core._validate import validate_choice
 from voxflow.core._validate import validate_int as _validate_int
 from voxflow.core.predict import resolve_device
 
@@ -666,18 +667,10 @@ def _run_level(problem, data, level, state, patience, min_delta, optimizer) -> N
 # --------------------------------------------------------------------------- entry point
 
 
-def _validate_enum(value: object, enum: type[Enum], name: str) -> Enum:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}") from None
-
-
 def _validate_options(transform, loss, optimizer, levels, patience, min_delta, penalty, window):
-    kind = _validate_enum(transform, TransformKind, "transform")
-    loss = _validate_enum(loss, Loss, "loss")
-    optimizer = _validate_enum(optimizer, Optimizer, "optimizer")
+    kind = validate_choice(transform, TransformKind, "transform")
+    loss = validate_choice(loss, Loss, "loss")
+    optimizer = validate_choice(optimizer, Optimizer, "optimizer")
     if levels is None:
         levels = make_levels()
     if isinstance(levels, Level):

@@ -22,6 +22,7 @@ import dask.array as da
 import numpy as np
 import skimage.filters
 
+from voxflow.core._validate import validate_choice
 from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = [
@@ -67,13 +68,7 @@ def _validate_image(image: object, name: str = "image") -> da.Array:
 
 
 def _validate_method(method: object) -> ThresholdMethod:
-    choices = ", ".join(repr(m.value) for m in ThresholdMethod)
-    if not isinstance(method, str):
-        raise TypeError(f"`method` must be a string, one of {choices}; got {method!r}")
-    try:
-        return ThresholdMethod(method)
-    except ValueError:
-        raise ValueError(f"`method` must be one of {choices}, got {method!r}") from None
+    return validate_choice(method, ThresholdMethod, "method")
 
 
 def _validate_real(value: object, name: str) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from voxflow.core._validate import validate_choice
 from voxflow.core.predict import resolve_device
 from voxflow.core.stack import VALID_EPS, _row_intervals, _validate_matrices
 
@@ -70,18 +71,6 @@ def _validate_box(box: object, shape: tuple[int, int]) -> _Box:
     if y1 <= y0 or x1 <= x0:
         raise ValueError(f"`box` must be non-empty, y0 < y1 and x0 < x1, got {box!r}")
     return (int(y0), int(y1)), (int(x0), int(x1))
-
-
-def _validate_order(order: object) -> Interpolation:
-    if isinstance(order, Interpolation):
-        return order
-    if not isinstance(order, str):
-        raise TypeError(f"`order` must be a str or Interpolation, got {type(order).__name__}")
-    try:
-        return Interpolation(order)
-    except ValueError:
-        valid = ", ".join(repr(m.value) for m in Interpolation)
-        raise ValueError(f"`order` must be one of {valid}; got {order!r}") from None
 
 
 def _validate_fill(fill: object, dtype: np.dtype) -> float:
@@ -363,7 +352,7 @@ def warp_slices(
             f"`composed` needs one transform per slice ({len(source)}), got {len(composed)}"
         )
     box = _validate_box(box, source.shape[-2:])
-    order = _validate_order(order)
+    order = validate_choice(order, Interpolation, "order")
     fill = _validate_fill(fill, source.dtype)
     device = resolve_device(device)
     size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
