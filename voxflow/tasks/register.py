@@ -17,7 +17,6 @@ from voxflow.io import (
     ImageRef,
     Location,
     check_output,
-    clear_output,
     open_image,
     provenance,
     read_level,
@@ -31,6 +30,7 @@ from voxflow.tasks._compute import (
     gpu_request,
     publish_progress,
 )
+from voxflow.tasks._output import INCOMPLETE_MARKER, begin_output, resumable
 from voxflow.tasks.pyramid import PyramidParams, level0_chunks, level_writes, multiscale_of
 from voxflow.tasks.pyramid import plan_pyramid as _plan_pyramid
 
@@ -57,8 +57,6 @@ __all__ = [
     "warp_stack",
 ]
 
-INCOMPLETE_MARKER = "voxflow-incomplete.json"
-"""Written into an output while it is being made; a rerun may replace such an output."""
 
 TRANSFORMS_FILE = "transforms.json"
 """Name of the transforms document inside the aligned OME-Zarr."""
@@ -231,7 +229,7 @@ def check_registration(
     if min(geo.frame) < 8:
         raise ValueError(f"slices of {geo.frame} pixels are too small to register (>= 8 needed)")
     out = Location.parse(output)
-    check_output(out, [source.url], overwrite=overwrite or _resumable(out) or _rerun(out, source))
+    check_output(out, [source.url], overwrite=overwrite or resumable(out) or _rerun(out, source))
     return geo
 
 
@@ -246,12 +244,6 @@ def _rerun(out: Location, source: ImageRef) -> bool:
         "url": source.url,
         "fingerprint": source.fingerprint,
     }
-
-
-def _resumable(out: Location) -> bool:
-    return out.exists(INCOMPLETE_MARKER) and not any(
-        out.exists(k) for k in ("zarr.json", ".zattrs", ".zgroup")
-    )
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -519,7 +511,7 @@ def warp_stack(
     like = _output_like(source, geo, box)
     version_, plan = _plan_pyramid(like, params.pyramid)
     out = Location.parse(output)
-    check_output(out, [source.url], overwrite=overwrite or _resumable(out))
+    check_output(out, [source.url], overwrite=overwrite or resumable(out))
     zc = _slab_depth(plan, source, geo)
     chunks = tuple(
         zc if i == geo.z else (n if i >= len(source.dims) - 2 else 1)
@@ -534,8 +526,7 @@ def warp_stack(
             geo.c is not None, chunks=out_chunks, dtype=stack.dtype, meta=np.empty((0,) * 3,
             stack.dtype),
         )  # fmt: skip
-    clear_output(out)
-    out.write_json(INCOMPLETE_MARKER, {"stage": "register"})
+    begin_output(out, {"stage": "register"})
     record = provenance("register", document["registration"]["transform"], {
         **params.model_dump(mode="json"), "transforms": TRANSFORMS_FILE,
     }, source)  # fmt: skip

@@ -26,7 +26,6 @@ from voxflow.io import (
     ImageRef,
     Location,
     check_output,
-    clear_output,
     open_image,
     provenance,
     read_level,
@@ -37,6 +36,7 @@ from voxflow.io import (
 from voxflow.plugins import check_plugin, plugin_provenance, resolve_plugin
 from voxflow.tasks._cache import content_key
 from voxflow.tasks._compute import ProgressFn, compute_array, compute_blocks, publish_progress
+from voxflow.tasks._output import INCOMPLETE_MARKER, begin_output, resumable
 from voxflow.tasks.pyramid import (
     LevelPlan,
     PyramidParams,
@@ -56,8 +56,6 @@ __all__ = [
     "scaled_processing",
 ]
 
-INCOMPLETE_MARKER = "voxflow-incomplete.json"
-"""Written into an output while it is being made; its presence lets a rerun resume there."""
 
 # Pyramid methods whose levels are block means (or close enough to stand for one).
 _MEAN_LIKE = {"mean", "average", "local_mean"}
@@ -155,13 +153,6 @@ def _output_dtype(source: ImageRef, params: ScaledParams) -> str:
     return "float32" if params.dtype == "float32" else source.dtype
 
 
-def _resumable(out: Location) -> bool:
-    """An output this stage left incomplete: no image metadata, only the marker and arrays."""
-    return out.exists(INCOMPLETE_MARKER) and not any(
-        out.exists(k) for k in ("zarr.json", ".zattrs", ".zgroup")
-    )
-
-
 def check_scaled(
     source: ImageRef, output: str, params: ScaledParams, *, overwrite: bool = False
 ) -> tuple[Any, tuple[int, ...], list[LevelPlan]]:
@@ -188,7 +179,7 @@ def check_scaled(
     factors = validate_downsample_factor(params.factor, source.shape, source.dims)
     channels = _channels(source, params)
     out = Location.parse(output)
-    check_output(out, [source.url], overwrite=overwrite or _resumable(out))
+    check_output(out, [source.url], overwrite=overwrite or resumable(out))
     shape = list(source.shape)
     if channels is not None:
         shape[source.dims.index("c")] = len(channels)
@@ -282,8 +273,7 @@ def scaled_processing(
         translation=source.translation, units=source.units, channels=channels,
         dtype=params.dtype, lowres=low, lowres_scale=low_scale, lowres_translation=low_trans,
     )  # fmt: skip
-    clear_output(out)
-    out.write_json(INCOMPLETE_MARKER, {"stage": "scaled", "plugin": name})
+    begin_output(out, {"stage": "scaled", "plugin": name})
     record = provenance("scaled", name, {
         **params.model_dump(mode="json"), "plugin": plugin_provenance(plugin),
         "factors": list(factors), "lowres": low_from,
