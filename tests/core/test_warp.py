@@ -237,3 +237,21 @@ def test_recovers_synthetic_aligned_stack(order):
     # Observed slices were resampled once already: two interpolations blur a little.
     error = np.abs(got[1:].astype(float) - want[1:])
     assert error.mean() < 3.5 and np.corrcoef(got[1:].ravel(), want[1:].ravel())[0, 1] > 0.995
+
+
+@pytest.mark.parametrize("shape", [(1, 23), (19, 1)])
+def test_linear_on_a_frame_one_pixel_thin(shape):
+    rng = np.random.default_rng(5)
+    slices = random_slices(rng, (2, *shape), np.float32)
+    composed = np.tile(np.eye(3), (2, 1, 1))
+    composed[:, :2, 2] = [[0.0, 0.4], [0.3, 0.0]] if shape[0] == 1 else [[0.4, 0.0], [0.0, 0.3]]
+    box = ((0, shape[0]), (0, shape[1]))
+    got = warp_slices(slices, composed, box=box, fill=-5)
+    for k in range(2):
+        want = scipy_linear(slices[k], composed[k], box, -5.0)
+        keep = inside(composed[k : k + 1], box, shape)[0]
+        np.testing.assert_allclose(got[k][keep], want[keep], atol=1e-3)
+        assert np.all(got[k][~keep] == -5)
+    # Along the long axis some preimages stay in the frame; across the thin one none does.
+    assert inside(composed[:1], box, shape).sum() == max(shape) - 1
+    assert not inside(composed[1:], box, shape).any()

@@ -130,15 +130,6 @@ def _preimages(inverse: torch.Tensor, box: _Box) -> tuple[torch.Tensor, torch.Te
     return py, px
 
 
-def _linear(image: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples through grid_sample, pixel coordinates normalised per axis."""
-    h, w = image.shape[-2:]
-    gy = py * (2.0 / (h - 1) if h > 1 else 0.0) - 1.0
-    gx = px * (2.0 / (w - 1) if w > 1 else 0.0) - 1.0
-    grid = torch.stack([gx, gy], dim=-1).to(image.dtype)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
 def _extend(image: torch.Tensor, axis: int, width: int) -> torch.Tensor:
     """Pad `width` pixels on both sides of `axis`, continuing the edge slope linearly."""
     size = image.shape[axis]
@@ -184,13 +175,10 @@ def _cubic(image: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Ten
     return out.reshape(b, c, *py.shape[-2:])
 
 
-_SAMPLERS = {Interpolation.LINEAR: _linear, Interpolation.CUBIC: _cubic}
-
-
-def _sample(
-    source: np.ndarray, inverse: np.ndarray, box: _Box, order: Interpolation, fill: float, device
+def _sample_cubic(
+    source: np.ndarray, inverse: np.ndarray, box: _Box, fill: float, device
 ) -> np.ndarray:
-    """Warp (B, C, Y, X) slices by their inverse transforms on `device`; output dtype kept."""
+    """Bicubic warp of (B, C, Y, X) slices by their inverse transforms; output dtype kept."""
     values_dtype, coords_dtype = _compute_dtypes(source.dtype, device)
     numpy_dtype = np.float64 if values_dtype == torch.float64 else np.float32
     image = torch.from_numpy(np.ascontiguousarray(source, dtype=numpy_dtype)).to(device)
@@ -198,7 +186,7 @@ def _sample(
     py, px = _preimages(torch.from_numpy(inverse).to(device=device, dtype=coords_dtype), box)
     inside = (py >= -VALID_EPS) & (py <= h - 1 + VALID_EPS)
     inside &= (px >= -VALID_EPS) & (px <= w - 1 + VALID_EPS)
-    out = _SAMPLERS[order](image, py, px)
+    out = _cubic(image, py, px)
     # Cubic kernels overshoot at steps; no output leaves its slice's range of values.
     out = torch.clamp(
         out, image.amin(dim=(2, 3), keepdim=True), image.amax(dim=(2, 3), keepdim=True)
@@ -225,7 +213,8 @@ def _grid(inverse: np.ndarray, box: _Box, frame: tuple[int, int], device, dtype)
     """
     (y0, y1), (x0, x1) = box
     h, w = frame
-    norm = np.array([2 / (w - 1), 2 / (h - 1)])
+    # A frame of one pixel along an axis: any grid value there samples that pixel.
+    norm = np.array([2 / max(w - 1, 1), 2 / max(h - 1, 1)])
     # Rows (x, y) of the source grid coordinate as functions of the reference (y, x, 1).
     rows = inverse[:, [1, 0], :] * norm[None, :, None]
     rows[:, :, 2] -= 1
@@ -363,8 +352,6 @@ def warp_slices(
     if not copied.all():
         rest = ~copied
         inverse = np.linalg.inv(composed[rest])
-        if order is Interpolation.LINEAR and min(source.shape[-2:]) > 1:
-            out[rest] = _sample_linear(source[rest], inverse, box, fill, device)
-        else:
-            out[rest] = _sample(source[rest], inverse, box, order, fill, device)
+        sample = _sample_linear if order is Interpolation.LINEAR else _sample_cubic
+        out[rest] = sample(source[rest], inverse, box, fill, device)
     return out if np.ndim(slices) == 4 else out[:, 0]
