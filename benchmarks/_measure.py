@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -396,3 +397,22 @@ def ensure_venv(
     pip_install(python, *requirements)
     marker.write_text(spec)
     return python
+
+
+def machine(packages: Sequence[str]) -> dict[str, Any]:
+    """Cores, memory, Python and the versions of `packages` ("absent" when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    found = {}
+    for p in packages:
+        try:
+            found[p] = version(p)
+        except PackageNotFoundError:
+            found[p] = "absent"
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "python": platform.python_version(),
+        **found,
+    }

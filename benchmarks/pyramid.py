@@ -12,7 +12,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from _measure import (
     cpu_seconds,
     drop_page_cache,
     format_table,
+    machine,
     machine_busy_seconds,
     memory_table,
     peak_rss_mib,
@@ -594,16 +594,7 @@ TARGET_RULES: list[tuple[str, Callable[[dict[str, Any]], tuple[bool, str]]]] = [
 
 
 def _machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    packages = ("voxflow", "tensorstore", "dask", "zarr", "numba", "numpy")
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1),
-        "python": platform.python_version(),
-        **{p: version(p) for p in packages},
-    }
+    return machine(("voxflow", "tensorstore", "dask", "zarr", "numba", "numpy"))
 
 
 def _case_header(name: str, res: dict[str, Any]) -> str:

@@ -19,7 +19,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from _measure import (
     bounded,
     drop_page_cache,
     format_table,
+    machine,
     peak_rss_mib,
     regions,
     run_step,
@@ -929,17 +929,7 @@ TARGET_RULES = [
 
 
 def _machine() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    found = {}
-    for p in ("voxflow", "torch", "antspyx", "numpy", "scipy", "tensorstore", "prefect"):
-        try:
-            found[p] = version(p)
-        except PackageNotFoundError:
-            found[p] = "absent"
-    return {"cpus": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
-            "python": platform.python_version(), **found}  # fmt: skip
+    return machine(("voxflow", "torch", "antspyx", "numpy", "scipy", "tensorstore", "prefect"))
 
 
 def report(results: dict[str, dict[str, Any]], run: Run, plan: Plan) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from _measure import (
     drop_page_cache,
     ensure_venv,
     format_table,
+    machine,
     memory_table,
     peak_rss_mib,
     pip_install,
@@ -1039,21 +1039,7 @@ TARGET_RULES: list[tuple[str, Callable[[dict[str, Any]], tuple[bool | None, str]
 
 
 def _machine() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    found = {}
-    for p in ("voxflow", "tensorstore", "dask", "numpy", "scipy", "antspyx"):
-        try:
-            found[p] = version(p)
-        except PackageNotFoundError:
-            found[p] = "absent"
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1),
-        "python": platform.python_version(),
-        **found,
-    }
+    return machine(("voxflow", "tensorstore", "dask", "numpy", "scipy", "antspyx"))
 
 
 def _zarrnii_lines(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -20,7 +20,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from _measure import (
     drop_page_cache,
     ensure_venv,
     format_table,
+    machine,
     memory_table,
     peak_rss_mib,
     regions,
@@ -892,21 +892,7 @@ def _chain_lines(chain: dict[str, Any] | None) -> list[str]:
 
 
 def _machine() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    found = {}
-    for p in ("voxflow", "dask", "dask-image", "scipy", "numpy", "zarr", "tensorstore"):
-        try:
-            found[p] = version(p)
-        except PackageNotFoundError:
-            found[p] = "absent"
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1),
-        "python": platform.python_version(),
-        **found,
-    }
+    return machine(("voxflow", "dask", "dask-image", "scipy", "numpy", "zarr", "tensorstore"))
 
 
 def _scheduler_line(processes: bool) -> str:
