@@ -119,6 +119,15 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     return values
 
 
+def _storage(settings: VoxflowSettings, ngff_version: str | None) -> dict[str, Any]:
+    """The output storage of a stage: the settings' defaults, the NGFF version if given."""
+    store = settings.storage
+    return {
+        "ngff_version": ngff_version or store.ngff_version, "chunks": store.chunks,
+        "shards": store.shards, "compressor": store.compressor, "clevel": store.clevel,
+    }  # fmt: skip
+
+
 @contextlib.contextmanager
 def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -339,7 +348,6 @@ def correct(
     OUTPUT/fields/<plugin> unless --no-field.
     """
     settings = VoxflowSettings()
-    store = settings.storage
     factors = _ints(factor, "factor")
     config = ScaledConfig.model_validate({
         "input": input, "output": output, "overwrite": overwrite,
@@ -349,10 +357,7 @@ def correct(
             "channels": tuple(channel) if channel else None, "dtype": dtype,
             "keep_field": not no_field,
             "max_lowres_mib": settings.processing.max_lowres_mib,
-            "pyramid": {
-                "ngff_version": ngff_version or store.ngff_version, "chunks": store.chunks,
-                "shards": store.shards, "compressor": store.compressor, "clevel": store.clevel,
-            },
+            "pyramid": _storage(settings, ngff_version),
         },
     })  # fmt: skip
     validate_scaled(config)
@@ -549,14 +554,6 @@ def _one_or_many(values: tuple | None) -> Any:
     return values[0] if values and len(values) == 1 else values
 
 
-def _storage(ngff_version: str | None) -> dict[str, Any]:
-    store = VoxflowSettings().storage
-    return {
-        "ngff_version": ngff_version or store.ngff_version, "chunks": store.chunks,
-        "shards": store.shards, "compressor": store.compressor, "clevel": store.clevel,
-    }  # fmt: skip
-
-
 def _print_alignment(ref: ImageRef, seconds: float) -> None:
     doc = (ref.provenance or {}).get("transforms") or {}
     pairs = doc.get("pairs", [])
@@ -614,6 +611,7 @@ def register(
     The transforms (pixels and physical units, per-pair loss, steps and convergence, crop box)
     land in OUTPUT/transforms.json; voxflow warp re-applies them.
     """
+    settings = VoxflowSettings()
     config = RegistrationConfig.model_validate({
         "input": input, "output": output, "overwrite": overwrite,
         "registration": {
@@ -624,13 +622,13 @@ def register(
             "batch_size": batch_size, "device": device, "neighbours": neighbours,
             "channel": channel, "reference": reference, "interpolation": interpolation,
             "crop": not no_crop, "margin": margin, "seed": seed,
-            "pyramid": _storage(ngff_version),
+            "pyramid": _storage(settings, ngff_version),
         },
     })  # fmt: skip
     validate_registration(config)
     start = time.perf_counter()
     ref = run_with_progress(
-        lambda s, key: run_registration(config, s, progress_key=key), VoxflowSettings(),
+        lambda s, key: run_registration(config, s, progress_key=key), settings,
         f"register ({transform})",
     )  # fmt: skip
     _print_alignment(ref, time.perf_counter() - start)
@@ -656,16 +654,15 @@ def warp(
     Another channel, or a full-resolution copy of a stack registered at a coarser level: the
     physical transforms are converted to this stack's pixels.
     """
+    settings = VoxflowSettings()
     config = WarpConfig.model_validate({
         "input": input, "transforms": transforms, "output": output, "overwrite": overwrite,
         "registration": {"interpolation": interpolation, "device": device,
-                         "pyramid": _storage(ngff_version)},
+                         "pyramid": _storage(settings, ngff_version)},
     })  # fmt: skip
     validate_warp(config)
     start = time.perf_counter()
-    ref = run_with_progress(
-        lambda s, key: run_warp(config, s, progress_key=key), VoxflowSettings(), "warp"
-    )
+    ref = run_with_progress(lambda s, key: run_warp(config, s, progress_key=key), settings, "warp")
     _print_alignment(ref, time.perf_counter() - start)
 
 
