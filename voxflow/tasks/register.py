@@ -408,15 +408,17 @@ def transforms_document(
     from voxflow.core.stack import to_physical
 
     phys = to_physical(composed, geo.spacing, geo.origin)
-    pairs = []
-    for r in results:
-        m = np.asarray(r.matrix)
-        pairs.append({
-            "moving": r.moving, "fixed": r.fixed, "matrix": m.tolist(),
-            "matrix_physical": to_physical(m[None], geo.spacing, geo.origin)[0].tolist(),
-            "loss": r.loss, "steps": r.steps, "converged": r.converged,
-            "outlier": (r.moving, r.fixed) in set(map(tuple, rejected)),
-        })  # fmt: skip
+    matrices = np.array([r.matrix for r in results]).reshape(-1, 3, 3)
+    pairs_phys = to_physical(matrices, geo.spacing, geo.origin)
+    dropped = set(map(tuple, rejected))
+    pairs = [
+        {
+            "moving": r.moving, "fixed": r.fixed, "matrix": m.tolist(), "matrix_physical":
+            mp.tolist(), "loss": r.loss, "steps": r.steps, "converged": r.converged,
+            "outlier": (r.moving, r.fixed) in dropped,
+        }
+        for r, m, mp in zip(results, matrices, pairs_phys, strict=True)
+    ]  # fmt: skip
     return {
         "schema": _SCHEMA,
         "convention": _CONVENTION,
