@@ -203,6 +203,10 @@ def test_register_and_align_matches_truth_and_reference_warp(tmp_path, em):
     phys = np.array(doc["composed_physical"])
     h = np.array([[0.004, 0, 10.0], [0, 0.004, 20.0], [0, 0, 1]])
     np.testing.assert_allclose(phys, h @ composed @ np.linalg.inv(h), atol=1e-9)
+    for pair in doc["pairs"]:
+        m = np.array(pair["matrix"])
+        np.testing.assert_allclose(pair["matrix_physical"], h @ m @ np.linalg.inv(h), atol=1e-9)
+        assert pair["outlier"] is False
     assert not Location.parse(out).exists(INCOMPLETE_MARKER)
     from ome_zarr_models.v05.image import Image
 
