@@ -221,6 +221,39 @@ def step_copy(case: Case) -> dict[str, Any]:
     return {"shards": n, "stored_bytes": stored_bytes(case.out("copy"))}
 
 
+def step_encode(case: Case) -> dict[str, Any]:
+    """Encode and write voxflow's own levels >= 1, held in memory, with level 0's codec.
+
+    The pyramid floor prices the new levels at level 0's encode cost per byte; this measures
+    what encoding these very levels costs (wall and CPU, best of `repeat`). With the read
+    floor's CPU it gives the CPU lower bound of any in-place pyramid on this machine.
+    """
+    import tensorstore as ts
+
+    ctx = ts.Context()
+    levels = case.plan()["levels"][1:]
+    source = case.out("voxflow_new")
+    data = [ts_open(source / lv["path"], ctx).read().result() for lv in levels]
+    runs = []
+    for _ in range(case.repeat):
+        shutil.rmtree(case.out("encode"), ignore_errors=True)
+        arrays = [_ts_create(case.out("encode") / lv["path"], case.input / "0", lv, ctx)
+                  for lv in levels]  # fmt: skip
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        work = [
+            (dst, region, arr)
+            for dst, arr, lv in zip(arrays, data, levels, strict=True)
+            for region in regions(arr.shape, tuple(lv["shards"]))
+        ]
+        bounded(lambda w: w[0][w[1]].write(w[2][w[1]]), work, case.in_flight)
+        runs.append((time.perf_counter() - t0, cpu_seconds() - c0))
+    shutil.rmtree(case.out("encode"), ignore_errors=True)
+    seconds, cpu = min(runs)
+    mib = sum(a.nbytes for a in data) / MiB
+    return {"encode_seconds": seconds, "encode_cpu_seconds": cpu, "mib": mib,
+            "encode_runs": [r[0] for r in runs]}  # fmt: skip
+
+
 def _voxflow_warm_up() -> None:
     """Load the compiled kernels (numba's on-disk cache) before the clock starts."""
     import numpy as np
@@ -370,6 +403,7 @@ STEPS: dict[str, Callable[[Case], dict[str, Any]]] = {
     "voxflow_new": step_voxflow_new,
     "tensorstore": step_tensorstore,
     "dask": step_dask,
+    "encode": step_encode,
     "check": step_check,
 }
 _VOXFLOW_IMPORTS = ("distributed", "voxflow.io", "voxflow.tasks.pyramid")
@@ -468,6 +502,7 @@ def run_case(case: Case, workdir: Path, *, keep: bool, dropped: bool) -> dict[st
         steps[step] = run_step(step, _child_argv(case, step, workdir))
         runs = ", ".join(f"{t:.2f}" for t in steps[step].info["runs"])
         print(f"best {steps[step].seconds:.2f} s of {runs}", flush=True)
+    encode = run_step("encode", _child_argv(case, "encode", workdir)).info
     check = run_step("check", _child_argv(case, "check", workdir)).info
     if not keep:
         _clean_outputs(case)
@@ -477,7 +512,26 @@ def run_case(case: Case, workdir: Path, *, keep: bool, dropped: bool) -> dict[st
         "plan": plan,
         "steps": {k: asdict(v) for k, v in steps.items()},
         "check": check,
-        "derived": _derive(plan, steps),
+        "encode": encode,
+        "derived": {**_derive(plan, steps), **_bound(steps, encode)},
+    }
+
+
+def _bound(steps: dict[str, StepResult], encode: dict[str, Any]) -> dict[str, float]:
+    """The in-place floor from the measured encode cost of the new levels, and a CPU bound.
+
+    ``cpu_bound``: the read floor's CPU plus the new levels' encode CPU, spread over every
+    core with no overhead at all: no in-place pyramid on this machine can finish sooner.
+    """
+    read = steps["read"]
+    cores = os.cpu_count() or 1
+    measured = read.seconds + encode["encode_seconds"]
+    cpu_bound = (read.info["cpu_seconds"] + encode["encode_cpu_seconds"]) / cores
+    return {
+        "encode_floor": measured,
+        "cpu_bound": cpu_bound,
+        "in_place_vs_encode_floor": steps["voxflow_in_place"].seconds / measured,
+        "in_place_vs_cpu_bound": steps["voxflow_in_place"].seconds / cpu_bound,
     }
 
 
@@ -532,6 +586,15 @@ def _case_table(res: dict[str, Any]) -> str:
             label = f"pyramid floor (read + {d['new_level_fraction']:.3f} x (copy - read))"
             floor = d["pyramid_floor"]
             rows.append([label, f"{floor:.2f}", "", f"{gib / floor:.2f}", "", "", "", ""])
+            enc = res["encode"]
+            for label, value, cpu in (
+                ("encode floor (read + encode of voxflow's levels)", d["encode_floor"],
+                 steps["read"]["info"]["cpu_seconds"] + enc["encode_cpu_seconds"]),
+                (f"CPU bound ((read + encode CPU s) / {os.cpu_count()} cores)", d["cpu_bound"],
+                 None),
+            ):  # fmt: skip
+                cells = [label, f"{value:.2f}", "", f"{gib / value:.2f}"]
+                rows.append([*cells, f"{cpu:.2f}" if cpu else "", "", "", ""])
     headers = [
         "step",
         "seconds",
@@ -557,6 +620,16 @@ def _check_lines(res: dict[str, Any]) -> list[str]:
     ]
     for tool in ("voxflow_in_place", "tensorstore", "dask"):
         lines.append(f"   check: {tool} vs voxflow new, max |diff| at levels 1..: {c[tool]}")
+    enc, d = res["encode"], res["derived"]
+    copy, read = res["steps"]["copy"]["info"], res["steps"]["read"]["info"]
+    per_mib_0 = (copy["cpu_seconds"] - read["cpu_seconds"]) / (d["level0_bytes"] / MiB)
+    lines.append(
+        f"   encode: levels >= 1 ({enc['mib']:.0f} MiB) take {enc['encode_cpu_seconds']:.2f} CPU s "
+        f"({1000 * enc['encode_cpu_seconds'] / enc['mib']:.1f} ms/MiB) against level 0's "
+        f"{1000 * per_mib_0:.1f} ms/MiB in the copy floor; in place is "
+        f"{d['in_place_vs_encode_floor']:.2f}x the encode floor, {d['in_place_vs_cpu_bound']:.2f}x "
+        "the CPU bound"
+    )
     return lines
 
 

@@ -4,7 +4,13 @@ import torch
 from scipy import ndimage
 
 from voxflow.core import synth
-from voxflow.core.warp import Interpolation, _cubic, warp_slices
+from voxflow.core.warp import (
+    Interpolation,
+    _cubic,
+    _sample_linear,
+    _sample_linear_numba,
+    warp_slices,
+)
 
 
 def random_transforms(rng, z, shape, rotation=10.0, shift=6.0, scale=0.05, shear=0.05):
@@ -78,6 +84,36 @@ def test_linear_matches_scipy(dtype, shape, box, filled):
         # Preimages clearly outside the frame get the fill value.
         assert (got[k][far[k]] == fill).all()
     assert far.any() or not filled
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("box", [((0, 37), (0, 53)), ((-4, 41), (6, 47)), ((30, 60), (-20, 5))])
+def test_compiled_cpu_linear_equals_torch_grid_sample(dtype, box):
+    # On a CPU the bilinear warp runs a compiled kernel; on other devices torch's
+    # grid_sample. Both sample the same points and fill the same pixels.
+    rng = np.random.default_rng(11)
+    slices = random_slices(rng, (5, 2, 37, 53), dtype)
+    composed = random_transforms(rng, 5, (37, 53), rotation=20.0, shift=10.0)
+    inverse = np.linalg.inv(composed)
+    compiled = _sample_linear_numba(slices, inverse, box, 7)
+    grid = _sample_linear(slices, inverse, box, 7, torch.device("cpu"))
+    assert compiled.dtype == grid.dtype == dtype
+    assert compiled.shape == grid.shape == (5, 2, box[0][1] - box[0][0], box[1][1] - box[1][0])
+    filled = np.broadcast_to(inside(composed, box, (37, 53))[:, None], compiled.shape)
+    assert (compiled[~filled] == 7).all() and (grid[~filled] == 7).all()
+    diff = np.abs(compiled.astype(np.float64) - grid.astype(np.float64))
+    # grid_sample's float32 coordinates move a sample by ~1e-5 px; the kernel's are float64.
+    integer, peak = np.issubdtype(dtype, np.integer), float(np.abs(slices).max())
+    assert diff.max() <= (1 if integer else 1e-3 * peak)
+    for k in range(5):
+        for c in range(2):
+            want = scipy_linear(slices[k, c], composed[k], box, 7)
+            valid = filled[k, c]
+            if integer:  # the exact sample, rounded
+                np.testing.assert_array_equal(compiled[k, c][valid], np.rint(want[valid]))
+            else:
+                np.testing.assert_allclose(compiled[k, c][valid], want[valid], atol=1e-6 * peak)
+    assert filled.any() and (~filled).any()  # both kinds of pixel are checked
 
 
 def test_identity_and_whole_pixel_shifts_are_exact():
@@ -225,6 +261,22 @@ def test_validation():
         warp_slices(slices, eye, fill="0")
     with pytest.raises(ValueError, match="`device`"):
         warp_slices(slices, eye, device="tpu")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`threads` must be an integer >= 1"):
+            warp_slices(slices, eye, threads=bad)
+
+
+def test_kernel_threads_split_rows_without_seams():
+    # Rows of a large batch go to several threads; any split gives the same output.
+    rng = np.random.default_rng(8)
+    slices = random_slices(rng, (4, 2, 200, 210), np.uint16)
+    composed = random_transforms(rng, 4, (200, 210), rotation=15.0)
+    box = ((-5, 250), (3, 260))  # 8 x 65 k output pixels: up to 8 threads
+    one = warp_slices(slices, composed, box=box, device="cpu", threads=1)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(
+            warp_slices(slices, composed, box=box, device="cpu", threads=threads), one
+        )
 
 
 @pytest.mark.parametrize("order", list(Interpolation))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -446,13 +448,20 @@ def transforms_document(
 # -- warping and writing -----------------------------------------------------------------------
 
 
+_WARP_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
 def _warp_block(block: np.ndarray, composed: np.ndarray, box, order: str, device: str,
                 has_channel: bool, block_info=None) -> np.ndarray:  # fmt: skip
     from voxflow.core.warp import warp_slices
 
     (z0, z1) = block_info[0]["array-location"][-3]
     slab = np.moveaxis(block, -3, 0) if has_channel else block.reshape(block.shape[-3:])
-    warped = warp_slices(slab, composed[z0:z1], box=box, order=order, device=device)
+    # Blocks warp in parallel already: one kernel thread each, and no more at once than
+    # cores, or they evict each other's slices from the caches.
+    with _WARP_SLOTS:
+        warped = warp_slices(slab, composed[z0:z1], box=box, order=order, device=device,
+                             threads=1)  # fmt: skip
     if has_channel:
         warped = np.moveaxis(warped, 0, -3)
     return warped.reshape(block.shape[:-2] + warped.shape[-2:])
@@ -546,14 +555,21 @@ def warp_stack(
     return open_image(out)
 
 
-_SLAB_BYTES = 64 * 2**20
+_SLAB_BYTES = 4 * 2**20
 
 
 def _slab_depth(plan, source: ImageRef, geo: StackGeometry) -> int:
-    """Slices warped per block: level 1's feed depth, capped to about 64 MiB of input."""
+    """Slices warped per block: about 4 MiB of input, at most level 1's feed depth.
+
+    Blocks that small let reading, warping and writing overlap, and a divisor of the feed
+    depth, so the output blocks rechunk into it without splitting a slab.
+    """
     want = level0_chunks(plan, np.dtype(source.dtype).itemsize)[geo.z]
     per_slice = math.prod(geo.frame) * geo.n_channels * np.dtype(source.dtype).itemsize
-    return max(1, min(want, _SLAB_BYTES // max(per_slice, 1)))
+    depth = max(1, min(want, _SLAB_BYTES // max(per_slice, 1)))
+    while want % depth:
+        depth -= 1
+    return depth
 
 
 # -- re-applying a transforms file -------------------------------------------------------------
