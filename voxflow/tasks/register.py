@@ -452,16 +452,16 @@ _WARP_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
 
 
 def _warp_block(block: np.ndarray, composed: np.ndarray, box, order: str, device: str,
-                has_channel: bool, block_info=None) -> np.ndarray:  # fmt: skip
+                has_channel: bool, threads: int, block_info=None) -> np.ndarray:  # fmt: skip
     from voxflow.core.warp import warp_slices
 
     (z0, z1) = block_info[0]["array-location"][-3]
     slab = np.moveaxis(block, -3, 0) if has_channel else block.reshape(block.shape[-3:])
-    # Blocks warp in parallel already: one kernel thread each, and no more at once than
-    # cores, or they evict each other's slices from the caches.
+    # Blocks warp in parallel already: no more kernels at once than cores, or they evict
+    # each other's slices from the caches.
     with _WARP_SLOTS:
         warped = warp_slices(slab, composed[z0:z1], box=box, order=order, device=device,
-                             threads=1)  # fmt: skip
+                             threads=threads)  # fmt: skip
     if has_channel:
         warped = np.moveaxis(warped, 0, -3)
     return warped.reshape(block.shape[:-2] + warped.shape[-2:])
@@ -531,11 +531,13 @@ def warp_stack(
     stack = read_level(source, 0, chunks=chunks)
     out_chunks = (*stack.chunks[:-2], (like.shape[-2],), (like.shape[-1],))
     device = params.device
+    # Fewer blocks than cores: each block's kernel takes a share of the cores.
+    threads = max(1, (os.cpu_count() or 1) // stack.numblocks[geo.z])
     with dask.annotate(resources=gpu_request(device)):
         warped = da.map_blocks(
             _warp_block, stack, np.asarray(composed, float), box, params.interpolation, device,
-            geo.c is not None, chunks=out_chunks, dtype=stack.dtype, meta=np.empty((0,) * 3,
-            stack.dtype),
+            geo.c is not None, threads, chunks=out_chunks, dtype=stack.dtype,
+            meta=np.empty((0,) * 3, stack.dtype),
         )  # fmt: skip
     begin_output(out, {"stage": "register"})
     record = provenance("register", document["registration"]["transform"], {
@@ -555,14 +557,14 @@ def warp_stack(
     return open_image(out)
 
 
-_SLAB_BYTES = 4 * 2**20
+_SLAB_BYTES = 16 * 2**20
 
 
 def _slab_depth(plan, source: ImageRef, geo: StackGeometry) -> int:
-    """Slices warped per block: about 4 MiB of input, at most level 1's feed depth.
+    """Slices warped per block: about 16 MiB of input, at most level 1's feed depth.
 
-    Blocks that small let reading, warping and writing overlap, and a divisor of the feed
-    depth, so the output blocks rechunk into it without splitting a slab.
+    Blocks that size let reading, warping and writing of a long stack overlap; a divisor of
+    the feed depth, so the output blocks rechunk into it without splitting a slab.
     """
     want = level0_chunks(plan, np.dtype(source.dtype).itemsize)[geo.z]
     per_slice = math.prod(geo.frame) * geo.n_channels * np.dtype(source.dtype).itemsize
