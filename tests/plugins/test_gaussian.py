@@ -1,9 +1,11 @@
 import copy
+import math
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+import voxflow.plugins.gaussian as gaussian
 from tests.plugins.conftest import context_for
 from voxflow.plugins import GaussianBiasFieldCorrection
 from voxflow.plugins.gaussian import local_fit
@@ -136,6 +138,53 @@ def test_blocks_approximate_the_exact_smoothing():
         np.ones(values.shape), sigma, mode="constant"
     )
     np.testing.assert_allclose(local_fit(values, mask, sigma, mode="mean"), exact, rtol=0.006)
+
+
+@pytest.mark.parametrize(
+    ("shape", "steps", "sigma"),
+    [((11, 23, 18), (2, 3, 4), (5.0, 7.0, 9.0)), ((25, 31), (4, 3), (8.0, 6.0)),
+     ((7, 9, 10), (1, 1, 1), (1.0, 2.0, 1.5))],
+)  # fmt: skip
+def test_block_moments_equal_full_size_products(shape, steps, sigma):
+    # The compiled pass gives the moments that the products of the whole arrays give.
+    rng = np.random.default_rng(4)
+    values = rng.uniform(-5, 20, size=shape)
+    mask = rng.uniform(size=shape) < 0.7
+    coords = [
+        gaussian._axis_view(rng.uniform(-2, 2, size=n), i, len(shape)) for i, n in enumerate(shape)
+    ]
+    got = gaussian._moments(values, mask, coords, steps, sigma)
+    w, f = mask.astype(float), np.where(mask, values, 0.0)
+    products = {"w": w, "wf": f}
+    for i in range(len(shape)):
+        products[f"w{i}"] = w * coords[i]
+        products[f"wf{i}"] = f * coords[i]
+        for j in range(i, len(shape)):
+            products[f"w{i}{j}"] = w * coords[i] * coords[j]
+    assert set(got) == set(products)
+    smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
+    for name, full in products.items():
+        pad = [(0, -n % k) for n, k in zip(shape, steps, strict=True)]
+        padded = np.pad(full, pad)
+        split = [v for n, k in zip(padded.shape, steps, strict=True) for v in (n // k, k)]
+        blocks = padded.reshape(split).sum(axis=tuple(range(1, 2 * len(shape), 2)))
+        want = ndimage.gaussian_filter(blocks, smooth, mode="constant")
+        np.testing.assert_allclose(got[name], want, rtol=1e-12, atol=1e-9, err_msg=name)
+
+
+def test_block_grid_is_capped_and_stays_exact_for_a_plane(monkeypatch):
+    shape, sigma = (20, 60, 70), (6.0, 6.0, 12.0)
+    assert gaussian._block_steps(shape, sigma) == (1, 1, 2)
+    monkeypatch.setattr(gaussian, "_MAX_BLOCKS", 3000)
+    steps = gaussian._block_steps(shape, sigma)
+    assert math.prod(-(-n // k) for n, k in zip(shape, steps, strict=True)) <= 3000
+    assert steps[1] > 1 and steps[2] > 2
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    values = 300.0 - 4.0 * grids[0] + 0.5 * grids[1] - 2.5 * grids[2]
+    mask = _ellipsoid(shape, 0.5)
+    near = ndimage.binary_dilation(mask, iterations=2)
+    # Fewer blocks per sigma, but the moments are still exact: a plane is reproduced.
+    np.testing.assert_allclose(local_fit(values, mask, sigma)[near], values[near], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- parameters

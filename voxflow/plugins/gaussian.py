@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import math
 import os
 from typing import Any
@@ -35,6 +34,9 @@ _MODES = ("linear", "mean")
 _UNITS = ("um", "voxel")
 # The smoothing runs on blocks of voxels small enough to keep this many blocks per sigma.
 _BLOCKS_PER_SIGMA = 6.0
+# ... but no more blocks than this (14 moments of 8 bytes each: about 230 MB), so memory does
+# not grow with the image; a larger image gets larger blocks, fewer per sigma.
+_MAX_BLOCKS = 1 << 21
 # Ridge on the local slopes (in units of sigma): keeps a flat or thin mask solvable, where it
 # picks the fit with no slope across the mask, and is too small to bias anything else.
 _RIDGE = 1e-9
@@ -46,52 +48,90 @@ _SUPPORT = 1e-2
 # --------------------------------------------------------------------------- local fit
 
 
-def _block_sum(array: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
-    """Sum over blocks of `steps` voxels; the far edge is zero-padded to whole blocks."""
-    pad = [(0, -n % k) for n, k in zip(array.shape, steps, strict=True)]
-    if any(after for _, after in pad):
-        array = np.pad(array, pad)
-    shape = [v for n, k in zip(array.shape, steps, strict=True) for v in (n // k, k)]
-    return array.reshape(shape).sum(axis=tuple(range(1, 2 * array.ndim, 2)))
-
-
 def _axis_view(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = values.size
     return values.reshape(shape)
 
 
-def _raw_moments(values, weights, coords):
-    """(name, array) of w, w f, w u_i, w f u_i and w u_i u_j, one array at a time."""
+# Rows of the moment block: w, wf, then w u_i, w f u_i and w u_i u_j (i <= j) per axis.
+_PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no cover
+    """Add the moments of the masked voxels of planes ``z0 .. z1 − 1`` into their blocks.
+
+    `out` is (14, Bz, By, Bx): w, wf, w u_a, w f u_a (a = z, y, x), then w u_a u_b for
+    (zz, zy, zx, yy, yx, xx); u_a are the voxel coordinates `cz`, `cy`, `cx`. One pass over
+    the voxels, nothing of their size allocated.
+    """
+    _, ny, nx = values.shape
+    sz, sy, sx = steps
+    for z in range(z0, z1):
+        bz, uz = z // sz, cz[z]
+        for y in range(ny):
+            by, uy = y // sy, cy[y]
+            for x in range(nx):
+                if not mask[z, y, x]:
+                    continue
+                bx, ux, f = x // sx, cx[x], values[z, y, x]
+                out[0, bz, by, bx] += 1.0
+                out[1, bz, by, bx] += f
+                out[2, bz, by, bx] += uz
+                out[3, bz, by, bx] += uy
+                out[4, bz, by, bx] += ux
+                out[5, bz, by, bx] += f * uz
+                out[6, bz, by, bx] += f * uy
+                out[7, bz, by, bx] += f * ux
+                out[8, bz, by, bx] += uz * uz
+                out[9, bz, by, bx] += uz * uy
+                out[10, bz, by, bx] += uz * ux
+                out[11, bz, by, bx] += uy * uy
+                out[12, bz, by, bx] += uy * ux
+                out[13, bz, by, bx] += ux * ux
+
+
+def _moments(values, mask, coords, steps, sigma):
+    """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin.
+
+    The block sums take one compiled pass over the masked voxels (slabs of whole blocks of
+    planes on as many threads), so nothing of the image's size is made; the Gaussian then
+    smooths the block sums.
+    """
     ndim = values.ndim
-    wf = weights * values
-    yield "w", weights
-    yield "wf", wf
+    lead = 3 - ndim  # a 2D image is one plane of a 3D one
+    vol, msk = values.reshape((1,) * lead + values.shape), mask.reshape((1,) * lead + mask.shape)
+    axes = [np.zeros(1)] * lead + [np.ascontiguousarray(c.ravel(), np.float64) for c in coords]
+    step3 = (1,) * lead + tuple(steps)
+    blocks = tuple(-(-n // k) for n, k in zip(vol.shape, step3, strict=True))
+    workers = max(1, min(os.cpu_count() or 1, blocks[0]))
+    # Whole blocks of planes per thread, so no two threads add into one block.
+    cuts = np.linspace(0, blocks[0], workers + 1).astype(int) * step3[0]
+    cuts[-1] = vol.shape[0]
+    sums = np.zeros((14, *blocks))
+    vol, msk = np.ascontiguousarray(vol, np.float64), np.ascontiguousarray(msk)
+
+    def run(k):
+        _block_moments(vol, msk, *axes, step3, cuts[k], cuts[k + 1], sums)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, range(workers)))
+    names = {0: "w", 1: "wf"}
     for i in range(ndim):
-        wu = weights * coords[i]
-        yield f"w{i}", wu
-        yield f"wf{i}", wf * coords[i]
-        for j in range(i, ndim):
-            yield f"w{i}{j}", wu * coords[j]
-
-
-def _moments(values, weights, coords, steps, sigma):
-    """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin."""
+        names[2 + lead + i] = f"w{i}"
+        names[5 + lead + i] = f"wf{i}"
+    for row, (a, b) in enumerate(_PAIRS):
+        if a >= lead and b >= lead:
+            names[8 + row] = f"w{a - lead}{b - lead}"
     smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
 
-    def reduce(item):
-        key, a = item
-        return key, ndimage.gaussian_filter(_block_sum(a, steps), smooth, mode="constant")
+    def reduce(row):
+        block = sums[row].reshape(sums.shape[1 + lead :])
+        return names[row], ndimage.gaussian_filter(block, smooth, mode="constant")
 
-    # Each full-size product is reduced to blocks at once, a few at a time on as many threads
-    # (SciPy's filters release the GIL): memory stays near a few arrays.
-    workers = max(1, min(4, os.cpu_count() or 1))
-    products = _raw_moments(values, weights, coords)
-    out: dict[str, np.ndarray] = {}
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        while chunk := list(itertools.islice(products, workers)):
-            out.update(pool.map(reduce, chunk))
-    return out
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(reduce, sorted(names)))
 
 
 def _solve(m: dict, centres: list[np.ndarray], mode: str, support: np.ndarray):
@@ -199,19 +239,83 @@ def _extend(intercept, slopes, centres, support):
     return intercept, slopes
 
 
-def _to_voxels(coarse: np.ndarray, shape: tuple[int, ...], steps: tuple[int, ...]) -> np.ndarray:
-    """Linear interpolation from block centres to every voxel, constant past the end centres."""
-    out = coarse
-    for axis, (n, k) in enumerate(zip(shape, steps, strict=True)):
-        if k == 1:
-            continue
-        size = out.shape[axis]
-        pos = np.clip((np.arange(n) - (k - 1) / 2) / k, 0, size - 1)
-        lo = np.minimum(np.floor(pos).astype(np.intp), max(size - 2, 0))
-        hi = np.minimum(lo + 1, size - 1)
-        w = _axis_view(pos - lo, axis, out.ndim)
-        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
-    return out
+def _interpolation(n: int, k: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per voxel along an axis: the block centres below and above it, and the upper's weight.
+
+    Linear between centres, constant past the end centres.
+    """
+    pos = np.clip((np.arange(n) - (k - 1) / 2) / k, 0, size - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), max(size - 2, 0))
+    return lo, np.minimum(lo + 1, size - 1), pos - lo
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _trilinear(a, z0, z1, tz, y0, y1, ty, x0, x1, tx):  # pragma: no cover
+    lower = (a[z0, y0, x0] * (1 - tx) + a[z0, y0, x1] * tx) * (1 - ty)
+    lower += (a[z0, y1, x0] * (1 - tx) + a[z0, y1, x1] * tx) * ty
+    upper = (a[z1, y0, x0] * (1 - tx) + a[z1, y0, x1] * tx) * (1 - ty)
+    upper += (a[z1, y1, x0] * (1 - tx) + a[z1, y1, x1] * tx) * ty
+    return lower * (1 - tz) + upper * tz
+
+
+@numba.njit(cache=True, nogil=True)
+def _assemble(coarse, cz, cy, cx, lo, hi, wt, z0, z1, out):  # pragma: no cover
+    """``out = c0 + c_z u_z + c_y u_y + c_x u_x`` at every voxel of planes ``z0 .. z1 − 1``.
+
+    `coarse` is (4, Bz, By, Bx): the intercept and the slopes along z, y, x, each
+    interpolated trilinearly between block centres (`lo`, `hi`, `wt` per axis).
+    """
+    _, ny, nx = out.shape
+    c0, c1, c2, c3 = coarse[0], coarse[1], coarse[2], coarse[3]
+    for z in range(z0, z1):
+        za, zb, tz, uz = lo[0][z], hi[0][z], wt[0][z], cz[z]
+        for y in range(ny):
+            ya, yb, ty, uy = lo[1][y], hi[1][y], wt[1][y], cy[y]
+            for x in range(nx):
+                xa, xb, tx = lo[2][x], hi[2][x], wt[2][x]
+                out[z, y, x] = (
+                    _trilinear(c0, za, zb, tz, ya, yb, ty, xa, xb, tx)
+                    + _trilinear(c1, za, zb, tz, ya, yb, ty, xa, xb, tx) * uz
+                    + _trilinear(c2, za, zb, tz, ya, yb, ty, xa, xb, tx) * uy
+                    + _trilinear(c3, za, zb, tz, ya, yb, ty, xa, xb, tx) * cx[x]
+                )
+
+
+def _to_field(intercept, slopes, shape, steps, coords) -> np.ndarray:
+    """The fitted plane of the nearest block centres, interpolated, at every voxel."""
+    ndim = len(shape)
+    lead = 3 - ndim
+    coarse = np.zeros((4, *((1,) * lead + intercept.shape)))
+    coarse[0] = intercept.reshape(coarse.shape[1:])
+    for i in range(ndim):
+        coarse[1 + lead + i] = slopes[i].reshape(coarse.shape[1:])
+    shape3, steps3 = (1,) * lead + tuple(shape), (1,) * lead + tuple(steps)
+    axes = [np.zeros(1)] * lead + [np.ascontiguousarray(c.ravel(), np.float64) for c in coords]
+    ramps = [_interpolation(n, k, b) for n, k, b in zip(shape3, steps3, coarse.shape[1:],
+                                                        strict=True)]  # fmt: skip
+    lo, hi, wt = (tuple(r[j] for r in ramps) for j in range(3))
+    out = np.empty(shape3)
+    workers = max(1, min(os.cpu_count() or 1, shape3[0]))
+    cuts = np.linspace(0, shape3[0], workers + 1).astype(int)
+
+    def run(k):
+        _assemble(coarse, *axes, lo, hi, wt, cuts[k], cuts[k + 1], out)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, range(workers)))
+    return out.reshape(shape)
+
+
+def _block_steps(shape: tuple[int, ...], sigma: tuple[float, ...]) -> tuple[int, ...]:
+    """Voxels per block and axis: six blocks per sigma, or fewer within `_MAX_BLOCKS`.
+
+    Where the grid would exceed `_MAX_BLOCKS`, the axis with the most blocks grows first.
+    """
+    steps = [max(1, math.floor(s / _BLOCKS_PER_SIGMA)) for s in sigma]
+    while math.prod(-(-n // k) for n, k in zip(shape, steps, strict=True)) > _MAX_BLOCKS:
+        axis = max(range(len(shape)), key=lambda i: -(-shape[i] // steps[i]))
+        steps[axis] += 1
+    return tuple(steps)
 
 
 def local_fit(
@@ -224,9 +328,10 @@ def local_fit(
     Gaussian window (locally weighted linear regression) and takes its value at the voxel:
     the mean is pulled towards the inside of the mask near its edge, the plane is not, so a
     linear trend is reproduced exactly up to the edge of the mask. For a wide window the
-    moments are computed on blocks of voxels (about six blocks per sigma) and the fit is
-    interpolated linearly back to every voxel; the voxel coordinates enter the moments
-    exactly, so linear trends stay exact. Away from the mask (its Gaussian weight below 1 %
+    moments are computed on blocks of voxels (about six blocks per sigma, fewer where that
+    would make more than 2 M blocks, so memory stays bounded) and the fit is interpolated
+    linearly back to every voxel; the voxel coordinates enter the moments exactly, so linear
+    trends stay exact. Away from the mask (its Gaussian weight below 1 %
     of its peak) the nearest fitted value continues unchanged.
 
     Parameters
@@ -246,14 +351,13 @@ def local_fit(
         The smoothed values, everywhere.
     """
     ndim = values.ndim
-    steps = tuple(max(1, math.floor(s / _BLOCKS_PER_SIGMA)) for s in sigma)
+    steps = _block_steps(values.shape, sigma)
     # Coordinates in units of sigma, centred on the array: well conditioned moments.
     coords = [
         _axis_view((np.arange(n) - (n - 1) / 2) / s, i, ndim)
         for i, (n, s) in enumerate(zip(values.shape, sigma, strict=True))
     ]
-    weights = mask.astype(np.float64)
-    m = _moments(np.where(mask, values, 0.0), weights, coords, steps, sigma)
+    m = _moments(values, mask, coords, steps, sigma)
     coarse_shape = m["w"].shape
     centres = [
         _axis_view(((np.arange(c) * k + (k - 1) / 2) - (n - 1) / 2) / s, i, ndim)
@@ -262,10 +366,7 @@ def local_fit(
     support = m["w"] >= _SUPPORT * m["w"].max()
     intercept, slopes = _solve(m, centres, mode, support)
     intercept, slopes = _extend(intercept, slopes, centres, support)
-    field = _to_voxels(intercept, values.shape, steps)
-    for i in range(ndim):
-        field = field + _to_voxels(slopes[i], values.shape, steps) * coords[i]
-    return field
+    return _to_field(intercept, slopes, values.shape, steps, coords)
 
 
 # --------------------------------------------------------------------------- plugin
