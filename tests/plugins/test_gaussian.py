@@ -124,20 +124,27 @@ def test_the_same_physical_blur_at_two_spacings(sigma):
     inner = slice(edge, -edge)
     on_coarse = smooth(_sampled(coarse), coarse)[inner]
     on_fine = smooth(_sampled(fine), fine)[::2][inner]
-    np.testing.assert_allclose(on_coarse, on_fine, rtol=0.005)
+    # Each grid's blocks approximate the Gaussian to about 1 %, so the two agree to 1 %.
+    np.testing.assert_allclose(on_coarse, on_fine, rtol=0.01)
     # Blind to the spacing (sigma in voxels of either grid), the two disagree.
     blind = smooth(_sampled(coarse), coarse, units="voxel", sigma=sigma / 4)[inner]
-    assert np.abs(blind / on_fine - 1).max() > 0.02
+    assert np.abs(blind / on_fine - 1).max() > 0.03
 
 
 def test_blocks_approximate_the_exact_smoothing():
     values = _sampled((4.0, 4.0, 4.0))
     mask = np.ones(values.shape, bool)
-    sigma = (12.0, 12.0, 12.0)  # two voxels per block
+    sigma = (12.0, 12.0, 12.0)  # three voxels per block, four blocks per sigma
     exact = ndimage.gaussian_filter(values, sigma, mode="constant") / ndimage.gaussian_filter(
         np.ones(values.shape), sigma, mode="constant"
     )
-    np.testing.assert_allclose(local_fit(values, mask, sigma, mode="mean"), exact, rtol=0.006)
+    got = local_fit(values, mask, sigma, mode="mean")
+    np.testing.assert_allclose(got, exact, rtol=0.012)
+    # Blocks of one voxel are the exact smoothing itself.
+    ones = np.ones(values.shape)
+    exact = ndimage.gaussian_filter(values, 4.0, mode="constant")
+    exact /= ndimage.gaussian_filter(ones, 4.0, mode="constant")
+    np.testing.assert_allclose(local_fit(values, mask, (4.0,) * 3, mode="mean"), exact, rtol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -174,11 +181,11 @@ def test_block_moments_equal_full_size_products(shape, steps, sigma):
 
 def test_block_grid_is_capped_and_stays_exact_for_a_plane(monkeypatch):
     shape, sigma = (20, 60, 70), (6.0, 6.0, 12.0)
-    assert gaussian._block_steps(shape, sigma) == (1, 1, 2)
+    assert gaussian._block_steps(shape, sigma) == (1, 1, 3)  # four blocks per sigma
     monkeypatch.setattr(gaussian, "_MAX_BLOCKS", 3000)
     steps = gaussian._block_steps(shape, sigma)
     assert math.prod(-(-n // k) for n, k in zip(shape, steps, strict=True)) <= 3000
-    assert steps[1] > 1 and steps[2] > 2
+    assert steps[1] > 1 and steps[2] > 3
     grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
     values = 300.0 - 4.0 * grids[0] + 0.5 * grids[1] - 2.5 * grids[2]
     mask = _ellipsoid(shape, 0.5)
