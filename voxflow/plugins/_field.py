@@ -196,13 +196,16 @@ def normalise_field(field: np.ndarray, mask: np.ndarray, plugin: str) -> np.ndar
     ValueError
         When the field's mean over the mask is not positive: nothing lies above the offset.
     """
-    mean = float(field[mask].mean())
+    mean = float(np.mean(field, where=mask))
     if not math.isfinite(mean) or mean <= 0:
         raise ValueError(
             f"plugin {plugin!r}: the estimated field has no positive mean over the foreground "
             f"({mean:.6g}); is the image above its `offset`?"
         )
-    return np.maximum(field / mean, FIELD_FLOOR).astype(np.float32)
+    # Straight into float32, without a float64 temporary of the field's size.
+    out = np.empty(field.shape, np.float32)
+    np.divide(field, mean, out=out, casting="same_kind")
+    return np.maximum(out, np.float32(FIELD_FLOOR), out=out)
 
 
 def divide_field(full: da.Array, field: da.Array, offset: float) -> da.Array:

@@ -129,8 +129,9 @@ def _moments(values, mask, coords, steps, sigma):
     smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
 
     def reduce(row):
+        # In place: scipy filters a line at a time from a copy of it.
         block = sums[row].reshape(sums.shape[1 + lead :])
-        return names[row], ndimage.gaussian_filter(block, smooth, mode="constant")
+        return names[row], ndimage.gaussian_filter(block, smooth, mode="constant", output=block)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         return dict(pool.map(reduce, sorted(names)))
@@ -367,6 +368,7 @@ def local_fit(
     ]
     support = m["w"] >= _SUPPORT * m["w"].max()
     intercept, slopes = _solve(m, centres, mode, support)
+    del m  # the moments are the largest arrays here; the field needs none of them
     intercept, slopes = _extend(intercept, slopes, centres, support)
     return _to_field(intercept, slopes, values.shape, steps, coords)
 
@@ -457,10 +459,11 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         ndarray of float32, shape of `lowres_array`
             The field, >= 0.001. The offset used is kept in `estimated_offset`.
         """
-        image = validate_lowres(lowres_array)
+        image = validate_lowres(lowres_array)  # a copy of its own
         offset = estimate_offset(image, self.offset)
         mask = foreground_mask(image, self.mask)
-        field = local_fit(image - offset, mask, self.sigma_voxels(image.ndim), mode=self.mode)
+        image -= offset
+        field = local_fit(image, mask, self.sigma_voxels(image.ndim), mode=self.mode)
         self.estimated_offset = offset
         return normalise_field(field, mask, self.name)
 
