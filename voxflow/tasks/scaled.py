@@ -273,6 +273,7 @@ def scaled_processing(
         translation=source.translation, units=source.units, channels=channels,
         dtype=params.dtype, lowres=low, lowres_scale=low_scale, lowres_translation=low_trans,
     )  # fmt: skip
+    del low  # the fields are made; the full-resolution pass needs only them
     begin_output(out, {"stage": "scaled", "plugin": name})
     record = provenance("scaled", name, {
         **params.model_dump(mode="json"), "plugin": plugin_provenance(plugin),
