@@ -1,0 +1,53 @@
+import dask.array as da
+import numpy as np
+import pytest
+
+from voxflow.plugins._field import FIELD_FLOOR, divide_field, normalise_field
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0.0, 97.25])
+def test_divide_field_equals_the_numpy_expression_bit_for_bit(dtype, offset):
+    rng = np.random.default_rng(1)
+    if np.issubdtype(dtype, np.integer):
+        full = rng.integers(0, min(np.iinfo(dtype).max, 60000), size=(9, 20, 31)).astype(dtype)
+    else:
+        full = (rng.standard_normal((9, 20, 31)) * 500).astype(dtype)
+        full[0, 0, :3] = (-0.0, 0.0, offset)
+    field = rng.uniform(0.5, 1.5, size=full.shape).astype(np.float32)
+    blocks = (4, 7, 16)
+    got = divide_field(da.from_array(full, blocks), da.from_array(field, blocks), offset).compute()
+    t = np.result_type(dtype, np.float32)
+    if offset == 0:
+        want = full.astype(t) / field.astype(t)
+    else:
+        want = (full.astype(t) - t.type(offset)) / field.astype(t) + t.type(offset)
+    assert got.dtype == want.dtype == t
+    assert got.tobytes() == want.tobytes()  # the same bits, signed zeros included
+
+
+def test_normalise_field_is_the_mean_one_field_floored_in_float32():
+    rng = np.random.default_rng(2)
+    field = rng.uniform(-0.5, 3.0, size=(6, 11, 13))
+    mask = rng.uniform(size=field.shape) < 0.6
+    got = normalise_field(field, mask, "test")
+    want = np.maximum(field / field[mask].mean(), FIELD_FLOOR).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert got.min() == np.float32(FIELD_FLOOR)
+    with pytest.raises(ValueError, match="no positive mean"):
+        normalise_field(-np.abs(field), mask, "test")
+
+
+def test_divide_field_with_other_chunks_and_a_zero_field_follows_numpy():
+    rng = np.random.default_rng(3)
+    full = rng.integers(0, 4000, size=(8, 10, 12)).astype(np.uint16)
+    field = rng.uniform(0.5, 1.5, size=full.shape).astype(np.float32)
+    field[0, 0, :2] = 0.0
+    full[0, 0, 0] = 5  # 5 - 5 = 0 over a zero field: NaN; the next one: inf
+    got = divide_field(da.from_array(full, (3, 5, 12)), da.from_array(field, (8, 4, 5)), 5.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = (full.astype(np.float32) - np.float32(5)) / field + np.float32(5)
+    assert got.chunks == da.from_array(full, (3, 5, 12)).chunks
+    np.testing.assert_array_equal(got.compute(), want)
+    assert np.isnan(want[0, 0, 0]) and np.isinf(want[0, 0, 1])
