@@ -51,3 +51,26 @@ def test_divide_field_with_other_chunks_and_a_zero_field_follows_numpy():
     assert got.chunks == da.from_array(full, (3, 5, 12)).chunks
     np.testing.assert_array_equal(got.compute(), want)
     assert np.isnan(want[0, 0, 0]) and np.isinf(want[0, 0, 1])
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (17, 23, 29), (1, 30, 30), (5, 1, 8)])
+def test_fill_holes_equals_scipy(shape):
+    from scipy import ndimage
+
+    from voxflow.plugins._field import fill_holes
+
+    rng = np.random.default_rng(6)
+    for density in (0.3, 0.55, 0.8):
+        smooth = ndimage.gaussian_filter(rng.uniform(size=shape), 1.5)
+        mask = smooth > np.quantile(smooth, 1 - density)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    np.testing.assert_array_equal(fill_holes(np.zeros(shape, bool)), np.zeros(shape, bool))
+    np.testing.assert_array_equal(fill_holes(np.ones(shape, bool)), np.ones(shape, bool))
+    # A shell around a cavity: the cavity fills, the outside does not.
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    shell = (radius < 0.9) & (radius > 0.4)
+    if min(shape) >= 5:
+        filled = fill_holes(shell)
+        assert filled[radius <= 0.4].all() and filled.sum() > shell.sum()
+        np.testing.assert_array_equal(filled, ndimage.binary_fill_holes(shell))

@@ -18,6 +18,7 @@ __all__ = [
     "OFFSET_PERCENTILE",
     "divide_field",
     "estimate_offset",
+    "fill_holes",
     "foreground_mask",
     "normalise_field",
     "require_estimate",
@@ -172,7 +173,7 @@ def foreground_mask(image: np.ndarray, mask: str | float | np.ndarray) -> np.nda
         if mask == "all" or image.min() == image.max():
             return np.ones(image.shape, dtype=bool)
         # Holes are dark tissue (ventricles, vessels); the field must still be estimated there.
-        return ndimage.binary_fill_holes(image > threshold_otsu(image))
+        return fill_holes(image > threshold_otsu(image))
     chosen = image > mask
     if not chosen.any():
         raise ValueError(
@@ -180,6 +181,22 @@ def foreground_mask(image: np.ndarray, mask: str | float | np.ndarray) -> np.nda
             f"[{image.min():.6g}, {image.max():.6g}]"
         )
     return chosen
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask)``, by one labelling of the background.
+
+    A background component (face connectivity, as ``binary_fill_holes`` propagates) is a
+    hole unless it touches the array's border. One pass instead of a dilation iterated
+    until nothing changes, which takes seconds on a large low-resolution image.
+    """
+    labels, count = ndimage.label(~mask)
+    outside = np.zeros(count + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.take(labels, end, axis=axis)] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[labels]
 
 
 def estimate_offset(image: np.ndarray, offset: float | None) -> float:
