@@ -399,20 +399,25 @@ def ensure_venv(
     return python
 
 
-def machine(packages: Sequence[str]) -> dict[str, Any]:
-    """Cores, memory, Python and the versions of `packages` ("absent" when not installed)."""
+def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """The installed version of each of `packages`, "absent" when not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     found = {}
     for p in packages:
         try:
             found[p] = version(p)
         except PackageNotFoundError:
             found[p] = "absent"
+    return found
+
+
+def machine(packages: Sequence[str]) -> dict[str, Any]:
+    """Cores, memory, Python and the versions of `packages` ("absent" when not installed)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "cpus": os.cpu_count(),
         "memory_gib": round(memory / 2**30, 1),
         "python": platform.python_version(),
-        **found,
+        **package_versions(packages),
     }

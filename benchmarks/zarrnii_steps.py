@@ -22,11 +22,10 @@ import json
 import math
 import shutil
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from _measure import best_of, peak_rss_mib, stored_bytes, write_result
+from _measure import best_of, package_versions, peak_rss_mib, stored_bytes, write_result
 
 WARM_UP = 64  # edge of the corner of the input corrected once before the clock
 PACKAGES = ("zarrnii", "dask", "zarr", "ngff-zarr", "ome-zarr", "numpy", "scipy", "antspyx")
@@ -123,13 +122,7 @@ def describe_output(path: Path) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of zarrnii and the packages that do its work, in this environment."""
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found
+    return package_versions(PACKAGES)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
