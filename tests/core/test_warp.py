@@ -261,8 +261,11 @@ def test_validation():
         warp_slices(slices, eye, fill="0")
     with pytest.raises(ValueError, match="`device`"):
         warp_slices(slices, eye, device="tpu")
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="`threads` must be an integer >= 1"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="`threads` must be >= 1"):
+            warp_slices(slices, eye, threads=bad)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="`threads` must be an integer"):
             warp_slices(slices, eye, threads=bad)
 
 

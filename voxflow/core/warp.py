@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from voxflow.core._validate import validate_choice
+from voxflow.core._validate import validate_choice, validate_int
 from voxflow.core.predict import resolve_device
 from voxflow.core.stack import VALID_EPS, _row_intervals, _validate_matrices
 
@@ -229,14 +229,20 @@ def _grid(inverse: np.ndarray, box: _Box, frame: tuple[int, int], device, dtype)
     return row.to(dtype)[:, :, None, :] + col.to(dtype)[:, None, :, :]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _row_span(lo, hi, b, i, x0, nx):  # pragma: no cover - compiled
+    """Output columns ``left .. right − 1`` of row `i` of slice `b` whose preimage is valid."""
+    left = min(max(lo[b, i] - x0, 0), nx)
+    return left, min(max(hi[b, i] - x0 + 1, left), nx)
+
+
 @numba.njit(cache=True, nogil=True)
 def _fill_outside(out, lo, hi, x0, fill):  # pragma: no cover - compiled
     """Set output pixels outside each row's valid x range [lo, hi] (reference x) to fill."""
     nb, nc, ny, nx = out.shape
     for b in range(nb):
         for i in range(ny):
-            left = min(max(lo[b, i] - x0, 0), nx)
-            right = min(max(hi[b, i] - x0 + 1, left), nx)
+            left, right = _row_span(lo, hi, b, i, x0, nx)
             if left == 0 and right == nx:
                 continue
             for c in range(nc):
@@ -270,8 +276,7 @@ def _bilinear_rows(
     top, last = max(h - 2, 0), max(w - 2, 0)
     for r in range(start, stop):
         b, i = r // ny, r % ny
-        left = min(max(lo[b, i] - x0, 0), nx)
-        right = min(max(hi[b, i] - x0 + 1, left), nx)
+        left, right = _row_span(lo, hi, b, i, x0, nx)
         y = float(i + y0)
         ry, rx = inverse[b, 0, 0] * y + inverse[b, 0, 2], inverse[b, 1, 0] * y + inverse[b, 1, 2]
         dy, dx = inverse[b, 0, 1], inverse[b, 1, 1]
@@ -419,10 +424,8 @@ def warp_slices(
     box = _validate_box(box, source.shape[-2:])
     order = validate_choice(order, Interpolation, "order")
     fill = _validate_fill(fill, source.dtype)
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
-    ):
-        raise ValueError(f"`threads` must be an integer >= 1 or None, got {threads!r}")
+    if threads is not None:
+        threads = validate_int(threads, "threads", 1)
     device = resolve_device(device)
     copied = _integer_shifts(composed)
     if order is Interpolation.LINEAR and device.type == "cpu" and not copied.all():
