@@ -177,6 +177,11 @@ def test_block_moments_equal_full_size_products(shape, steps, sigma):
         blocks = padded.reshape(split).sum(axis=tuple(range(1, 2 * len(shape), 2)))
         want = ndimage.gaussian_filter(blocks, smooth, mode="constant")
         np.testing.assert_allclose(got[name], want, rtol=1e-12, atol=1e-9, err_msg=name)
+    # The mean needs w and wf only; they are the same.
+    mean = gaussian._moments(values, mask, coords, steps, sigma, "mean")
+    assert set(mean) == {"w", "wf"}
+    for name in mean:
+        np.testing.assert_array_equal(mean[name], got[name])
 
 
 def test_block_grid_is_capped_and_stays_exact_for_a_plane(monkeypatch):

@@ -60,6 +60,21 @@ def _axis_view(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 _PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]
 
 
+def _axes3(coords: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-axis voxel coordinates (1D float64) of z, y, x; a 2D image is one plane at 0."""
+    flat = [np.ascontiguousarray(c.ravel(), np.float64) for c in coords]
+    return [np.zeros(1)] * (3 - len(coords)) + flat
+
+
+def _over_slabs(run, units: int, unit: int, planes: int) -> None:
+    """``run(z0, z1)`` over slabs of whole `unit`-plane units of `planes`, one per thread."""
+    workers = max(1, min(os.cpu_count() or 1, units))
+    cuts = np.linspace(0, units, workers + 1).astype(int) * unit
+    cuts[-1] = planes
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda k: run(cuts[k], cuts[k + 1]), range(workers)))
+
+
 @numba.njit(cache=True, nogil=True)
 def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no cover
     """Add the moments of the masked voxels of planes ``z0 .. z1 − 1`` into their blocks.
@@ -94,38 +109,35 @@ def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no 
                 out[13, bz, by, bx] += ux * ux
 
 
-def _moments(values, mask, coords, steps, sigma):
+def _moments(values, mask, coords, steps, sigma, mode="linear"):
     """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin.
 
     The block sums take one compiled pass over the masked voxels (slabs of whole blocks of
     planes on as many threads), so nothing of the image's size is made; the Gaussian then
-    smooths the block sums.
+    smooths the block sums that `mode` needs (``"mean"``: w and wf only).
     """
     ndim = values.ndim
     lead = 3 - ndim  # a 2D image is one plane of a 3D one
     vol, msk = values.reshape((1,) * lead + values.shape), mask.reshape((1,) * lead + mask.shape)
-    axes = [np.zeros(1)] * lead + [np.ascontiguousarray(c.ravel(), np.float64) for c in coords]
     step3 = (1,) * lead + tuple(steps)
     blocks = tuple(-(-n // k) for n, k in zip(vol.shape, step3, strict=True))
-    workers = max(1, min(os.cpu_count() or 1, blocks[0]))
-    # Whole blocks of planes per thread, so no two threads add into one block.
-    cuts = np.linspace(0, blocks[0], workers + 1).astype(int) * step3[0]
-    cuts[-1] = vol.shape[0]
     sums = np.zeros((14, *blocks))
-    vol, msk = np.ascontiguousarray(vol, np.float64), np.ascontiguousarray(msk)
-
-    def run(k):
-        _block_moments(vol, msk, *axes, step3, cuts[k], cuts[k + 1], sums)
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, range(workers)))
+    vol, msk, axes = (
+        np.ascontiguousarray(vol, np.float64),
+        np.ascontiguousarray(msk),
+        _axes3(coords),
+    )
+    # Whole blocks of planes per thread, so no two threads add into one block.
+    _over_slabs(lambda z0, z1: _block_moments(vol, msk, *axes, step3, z0, z1, sums),
+                blocks[0], step3[0], vol.shape[0])  # fmt: skip
     names = {0: "w", 1: "wf"}
-    for i in range(ndim):
-        names[2 + lead + i] = f"w{i}"
-        names[5 + lead + i] = f"wf{i}"
-    for row, (a, b) in enumerate(_PAIRS):
-        if a >= lead and b >= lead:
-            names[8 + row] = f"w{a - lead}{b - lead}"
+    if mode == "linear":
+        for i in range(ndim):
+            names[2 + lead + i] = f"w{i}"
+            names[5 + lead + i] = f"wf{i}"
+        for row, (a, b) in enumerate(_PAIRS):
+            if a >= lead and b >= lead:
+                names[8 + row] = f"w{a - lead}{b - lead}"
     smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
 
     def reduce(row):
@@ -293,19 +305,13 @@ def _to_field(intercept, slopes, shape, steps, coords) -> np.ndarray:
     for i in range(ndim):
         coarse[1 + lead + i] = slopes[i].reshape(coarse.shape[1:])
     shape3, steps3 = (1,) * lead + tuple(shape), (1,) * lead + tuple(steps)
-    axes = [np.zeros(1)] * lead + [np.ascontiguousarray(c.ravel(), np.float64) for c in coords]
+    axes = _axes3(coords)
     ramps = [_interpolation(n, k, b) for n, k, b in zip(shape3, steps3, coarse.shape[1:],
                                                         strict=True)]  # fmt: skip
     lo, hi, wt = (tuple(r[j] for r in ramps) for j in range(3))
     out = np.empty(shape3)
-    workers = max(1, min(os.cpu_count() or 1, shape3[0]))
-    cuts = np.linspace(0, shape3[0], workers + 1).astype(int)
-
-    def run(k):
-        _assemble(coarse, *axes, lo, hi, wt, cuts[k], cuts[k + 1], out)
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, range(workers)))
+    _over_slabs(lambda z0, z1: _assemble(coarse, *axes, lo, hi, wt, z0, z1, out),
+                shape3[0], 1, shape3[0])  # fmt: skip
     return out.reshape(shape)
 
 
@@ -334,8 +340,8 @@ def local_fit(
     moments are computed on blocks of voxels (about four blocks per sigma, fewer where that
     would make more than 2 M blocks, so memory stays bounded) and the fit is interpolated
     linearly back to every voxel; the voxel coordinates enter the moments exactly, so linear
-    trends stay exact. Away from the mask (its Gaussian weight below 1 %
-    of its peak) the nearest fitted value continues unchanged.
+    trends stay exact. Away from the mask (its Gaussian weight below 1 % of its peak) the
+    nearest fitted value continues unchanged.
 
     Parameters
     ----------
@@ -360,7 +366,7 @@ def local_fit(
         _axis_view((np.arange(n) - (n - 1) / 2) / s, i, ndim)
         for i, (n, s) in enumerate(zip(values.shape, sigma, strict=True))
     ]
-    m = _moments(values, mask, coords, steps, sigma)
+    m = _moments(values, mask, coords, steps, sigma, mode)
     coarse_shape = m["w"].shape
     centres = [
         _axis_view(((np.arange(c) * k + (k - 1) / 2) - (n - 1) / 2) / s, i, ndim)
