@@ -531,8 +531,8 @@ def warp_stack(
     stack = read_level(source, 0, chunks=chunks)
     out_chunks = (*stack.chunks[:-2], (like.shape[-2],), (like.shape[-1],))
     device = params.device
-    # Fewer blocks than cores: each block's kernel takes a share of the cores.
-    threads = max(1, (os.cpu_count() or 1) // stack.numblocks[geo.z])
+    # Fewer blocks (slabs × channels) than cores: each block's kernel takes a share of them.
+    threads = max(1, (os.cpu_count() or 1) // stack.npartitions)
     with dask.annotate(resources=gpu_request(device)):
         warped = da.map_blocks(
             _warp_block, stack, np.asarray(composed, float), box, params.interpolation, device,

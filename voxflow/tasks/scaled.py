@@ -191,11 +191,11 @@ def check_scaled(
 
 def _lowres(
     source: ImageRef, factors: tuple[int, ...], channels: tuple[int, ...] | None,
-    chunks: tuple[int, ...] | None = None,
+    chunks: tuple[int, ...],
 ) -> tuple[np.ndarray, tuple, tuple, str]:  # fmt: skip
     """The selected channels at low resolution: an existing level, else a block mean.
 
-    `chunks` are the blocks level 0 is read in for the block mean (None: whole shards).
+    `chunks` are the blocks level 0 is read in for the block mean.
     """
     level = find_lowres_level(source, factors)
     index = (slice(None),) * source.dims.index("c") + (list(channels),) if channels else ()
