@@ -27,6 +27,7 @@ from voxflow.io import (
     open_image,
     provenance,
     read_level,
+    writable,
     write_blocks,
     write_image_metadata,
 )
@@ -373,15 +374,77 @@ def _data_keys(url, path="0"):
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
-@pytest.mark.parametrize("chunks", [(5, 8), (8, 4), ((8, 4, 8, 1), 8), (16, (12, 10))])
+@pytest.mark.parametrize(
+    "chunks", [(5, 8), (6, 4), ((8, 4, 8, 1), 8), (16, (12, 10)), ((4, 12, 5), 8)]
+)
 def test_write_blocks_refuses_misaligned_blocks(tmp_path, zarr_format, chunks):
     layout = ArrayLayout((4, 4), (8, 8)) if zarr_format == 3 else ArrayLayout((8, 8))
     spec = create_array(tmp_path, "0", shape=(21, 22), dtype="uint8", dims="yx",
                         layout=layout, zarr_format=zarr_format)  # fmt: skip
     arr = da.ones((21, 22), dtype="uint8", chunks=chunks)
-    with pytest.raises(ValueError, match="do not cover whole write chunks of 8"):
+    with pytest.raises(ValueError, match="neither cover whole write chunks of 8 nor lie within"):
         write_blocks(arr, spec, layout.write_chunks)
     assert _data_keys(tmp_path) == []
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+@pytest.mark.parametrize(
+    "chunks, tasks",
+    [
+        ((4, 8), (3, 3)),  # blocks inside write chunks along y, covering them along x
+        ((2, (4, 4, 8, 4, 2)), (3, 3)),  # uneven blocks inside write chunks
+        (((8, 8, 5), (16, 6)), (3, 2)),  # aligned along both axes
+        (((1, 7, 3, 5, 4, 1), 3), None),  # x: 3 straddles 8, refused below
+    ],
+)
+def test_write_blocks_gathers_blocks_inside_a_write_chunk_into_one_task(
+    tmp_path, random_array, zarr_format, chunks, tasks
+):
+    layout = ArrayLayout((4, 4), (8, 8)) if zarr_format == 3 else ArrayLayout((8, 8))
+    spec = create_array(tmp_path, "0", shape=(21, 22), dtype="uint16", dims="yx",
+                        layout=layout, zarr_format=zarr_format)  # fmt: skip
+    data = random_array((21, 22), "uint16")
+    arr = da.from_array(data, chunks=chunks)
+    if tasks is None:
+        with pytest.raises(ValueError, match="axis 1"):
+            write_blocks(arr, spec, layout.write_chunks)
+        return
+    counts = write_blocks(arr, spec, layout.write_chunks)
+    assert counts.numblocks == tasks
+    # Each write chunk is written by exactly one task: the tasks' regions tile the array and
+    # their edges fall on write-chunk edges (or the array's end).
+    computed = counts.compute()
+    assert computed.shape == tasks
+    assert computed.sum() == data.size
+    for axis, n in enumerate(data.shape):
+        sizes = computed.sum(axis=1 - axis) // (data.shape[1 - axis])
+        edges = np.cumsum(sizes)
+        assert edges[-1] == n
+        assert all(e % 8 == 0 for e in edges[:-1])
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "0", mode="r")[...], data)
+
+
+def test_write_blocks_gathered_keep_what_other_units_hold(tmp_path, random_array):
+    # Only the shards the blocks reach are written, each by one task; the rest stay empty.
+    layout = ArrayLayout((4, 4, 4), (8, 8, 8))
+    spec = create_array(tmp_path, "0", shape=(16, 16, 10), dtype="int32", dims="zyx",
+                        layout=layout, zarr_format=3)  # fmt: skip
+    data = random_array((16, 16, 10), "int32")
+    arr = da.from_array(data, chunks=(2, 4, (8, 2)))[:, :8]
+    counts = write_blocks(arr, spec, layout.write_chunks)
+    assert counts.numblocks == (2, 1, 2)
+    assert counts.compute().sum() == 16 * 8 * 10
+    back = zarr.open_array(tmp_path / "0", mode="r")[...]
+    np.testing.assert_array_equal(back[:, :8], data[:, :8])
+    assert not back[:, 8:].any()
+    assert len(_data_keys(tmp_path)) == 4  # 2 shards along z × 2 along x, y 0..8 only
+
+
+def test_writable_rechunks_only_blocks_that_straddle_write_chunks():
+    nested = da.zeros((21, 22), chunks=(4, 8))
+    assert writable(nested, (8, 8)) is nested
+    straddling = da.zeros((21, 22), chunks=(6, 8))
+    assert writable(straddling, (8, 8)).chunks == ((8, 8, 5), (8, 8, 6))
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])

@@ -214,16 +214,16 @@ def test_a_failed_write_looks_incomplete_and_a_rerun_completes_it(tmp_path, monk
     out = str(tmp_path / "out.ome.zarr")
     storage = PyramidParams(chunks=(8, 8, 8), shards=(16, 16, 16), min_size=8)
     params = ScaledParams(plugin="relative", factor=4, pyramid=storage)
-    real = io_writer._write_one
+    real = io_writer._write_unit
     calls = itertools.count()
 
-    def flaky(block, spec, block_info=None):
+    def flaky(spec, origins, *blocks):
         # itertools.count is atomic: writes run on several threads.
         if next(calls) == 4:
             raise OSError("disk went away")
-        return real(block, spec, block_info=block_info)
+        return real(spec, origins, *blocks)
 
-    monkeypatch.setattr(io_writer, "_write_one", flaky)
+    monkeypatch.setattr(io_writer, "_write_unit", flaky)
     with pytest.raises(OSError, match="disk went away"):
         scaled_processing(open_image(src), out, params)
     assert os.path.exists(os.path.join(out, INCOMPLETE_MARKER))
@@ -232,7 +232,7 @@ def test_a_failed_write_looks_incomplete_and_a_rerun_completes_it(tmp_path, monk
     marker = json.loads(open(os.path.join(out, INCOMPLETE_MARKER)).read())
     assert marker["plugin"] == "relative"
 
-    monkeypatch.setattr(io_writer, "_write_one", real)
+    monkeypatch.setattr(io_writer, "_write_unit", real)
     ref = scaled_processing(open_image(src), out, params)  # no overwrite needed
     src_ref = open_image(src)
     want, _ = _expected(data[0], (4, 4, 4), src_ref.scale[1:], src_ref.translation[1:])

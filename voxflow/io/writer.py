@@ -2,8 +2,8 @@
 
 The contract that makes writes safe to run in parallel and to interrupt:
 
-- every Dask block handed to :func:`write_blocks` covers whole write chunks (shards for zarr
-  v3, chunks for zarr v2), so no two tasks ever touch the same stored object;
+- :func:`write_blocks` writes each write chunk (a shard for zarr v3, a chunk for zarr v2) in
+  exactly one task, from whole Dask blocks, so no two tasks ever touch the same stored object;
 - the group metadata (:func:`write_image_metadata`) is written after every array, so an
   interrupted write never looks like a complete image.
 """
@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 import tensorstore as ts
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from voxflow.core.axes import axis_from_name, spatial_mask, validate_dims
 from voxflow.io.location import Location, tensorstore_context
@@ -42,6 +43,7 @@ __all__ = [
     "create_array",
     "derive_layout",
     "provenance",
+    "writable",
     "write_blocks",
     "write_image",
     "write_image_metadata",
@@ -271,31 +273,66 @@ def _store_for(spec: dict[str, Any]) -> ts.TensorStore:
     return open_store(json.dumps(body, sort_keys=True), token)
 
 
-def _check_alignment(arr: da.Array, write_chunks: Sequence[int]) -> None:
-    for axis, (sizes, unit) in enumerate(zip(arr.chunks, write_chunks, strict=True)):
-        edges = np.cumsum(sizes)[:-1]
-        if np.any(edges % unit):
-            raise ValueError(
-                f"Dask blocks along axis {axis} ({sizes}) do not cover whole write chunks of "
-                f"{unit}: two tasks would write the same stored object"
-            )
+def _task_edges(chunks: Sequence[Sequence[int]], write_chunks: Sequence[int]) -> list | int:
+    """Per axis, where one write task ends and the next begins; or the first axis that fails.
+
+    A task is either one block covering whole write chunks, or one write chunk holding whole
+    blocks; either way no write chunk is split between two tasks.
+    """
+    edges = []
+    for axis, (sizes, unit) in enumerate(zip(chunks, write_chunks, strict=True)):
+        n = int(sum(sizes))
+        blocks = np.concatenate([[0], np.cumsum(sizes)])
+        units = np.append(np.arange(0, n, unit), n)
+        if not np.any(blocks[1:-1] % unit):
+            edges.append(blocks)  # every block covers whole write chunks
+        elif np.isin(units, blocks).all():
+            edges.append(units)  # every write chunk holds whole blocks
+        else:
+            return axis
+    return edges
 
 
-def _write_one(block: np.ndarray, spec: dict[str, Any], block_info=None) -> np.ndarray:
-    loc = block_info[0]["array-location"]
-    region = tuple(slice(a, b) for a, b in loc)
-    _store_for(spec)[region].write(block).result()
-    return np.full((1,) * block.ndim, block.size, dtype=np.int64)
+def writable(arr: da.Array, write_chunks: Sequence[int]) -> da.Array:
+    """`arr` if :func:`write_blocks` takes its blocks as they are, else rechunked to the writes."""
+    if isinstance(_task_edges(arr.chunks, write_chunks), int):
+        return arr.rechunk(write_chunks)
+    return arr
+
+
+def _write_unit(spec: dict[str, Any], origins: list[tuple[int, ...]], *blocks: np.ndarray):
+    """Write `blocks` (each at its origin) as one stored unit: one transaction, one commit."""
+    store = _store_for(spec)
+    if len(blocks) == 1:
+        txn, target = None, store
+    else:
+        # One commit encodes and writes the unit once; gathering the blocks into one array
+        # first would cost a copy and a fresh, page-faulted allocation of the unit's size.
+        txn = ts.Transaction()
+        target = store.with_transaction(txn)
+    writes = [
+        target[tuple(slice(o, o + n) for o, n in zip(origin, block.shape, strict=True))]
+        .write(block)
+        for origin, block in zip(origins, blocks, strict=True)
+    ]  # fmt: skip
+    for write in writes:
+        write.result()
+    if txn is not None:
+        txn.commit_async().result()
+    count = sum(block.size for block in blocks)
+    return np.full((1,) * (blocks[0].ndim if blocks else 0), count, dtype=np.int64)
 
 
 def write_blocks(arr: da.Array, spec: dict[str, Any], write_chunks: Sequence[int]) -> da.Array:
-    """Lazily write every block of `arr` into the array of `spec`.
+    """Lazily write every block of `arr` into the array of `spec`, one task per stored unit.
 
     Parameters
     ----------
     arr : dask.array.Array
-        Data, blocked so every block covers whole write chunks (the last block along an axis
-        may end at the array edge).
+        Data, blocked so that along each axis either every block covers whole write chunks
+        (the last block may end at the array edge) or every write chunk holds whole blocks.
+        Blocks that share a write chunk are written by one task in one TensorStore
+        transaction, without gathering them into one array.
     spec : dict
         What :func:`create_array` returned.
     write_chunks : sequence of int
@@ -304,22 +341,39 @@ def write_blocks(arr: da.Array, spec: dict[str, Any], write_chunks: Sequence[int
     Returns
     -------
     dask.array.Array
-        One int64 per block (voxels written); computing it performs the writes.
+        One int64 per write task (voxels written); computing it performs the writes.
 
     Raises
     ------
     ValueError
-        When a block boundary does not fall on a write-chunk boundary.
+        When along some axis blocks neither cover whole write chunks nor lie within one.
     """
-    _check_alignment(arr, write_chunks)
-    return arr.map_blocks(
-        _write_one,
-        spec=spec,
-        dtype=np.int64,
-        meta=np.empty((0,) * arr.ndim, dtype=np.int64),  # no trial call to infer it
-        chunks=tuple((1,) * len(c) for c in arr.chunks),
-        name=f"write-{spec.get('token', uuid.uuid4().hex)}",
-    )
+    edges = _task_edges(arr.chunks, write_chunks)
+    if isinstance(edges, int):
+        raise ValueError(
+            f"Dask blocks along axis {edges} ({arr.chunks[edges]}) neither cover whole write "
+            f"chunks of {write_chunks[edges]} nor lie within them: two tasks would write the "
+            "same stored object"
+        )
+    block_edges = [np.concatenate([[0], np.cumsum(sizes)]) for sizes in arr.chunks]
+    name = f"write-{spec.get('token', uuid.uuid4().hex)}"
+    # Per axis: the index of the block each task edge starts (task i holds blocks
+    # first[i] up to first[i + 1]).
+    first = [np.searchsorted(b, e) for e, b in zip(edges, block_edges, strict=True)]
+    layer = {}
+    for index in np.ndindex(*(len(f) - 1 for f in first)):
+        ranges = [range(f[i], f[i + 1]) for f, i in zip(first, index, strict=True)]
+        blocks = [
+            tuple(r[k] for r, k in zip(ranges, key, strict=True))
+            for key in np.ndindex(*(len(r) for r in ranges))
+        ]
+        origins = [tuple(int(block_edges[a][b]) for a, b in enumerate(bl)) for bl in blocks]
+        layer[(name, *index)] = (_write_unit, spec, origins,
+                                 *[(arr.name, *bl) for bl in blocks])  # fmt: skip
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[arr])
+    chunks = tuple((1,) * (len(f) - 1) for f in first)
+    meta = np.empty((0,) * arr.ndim, dtype=np.int64)
+    return da.Array(graph, name, chunks=chunks, dtype=np.int64, meta=meta)
 
 
 _ENCODING_FREE = ("attributes", "dimension_names", "storage_transformers")
@@ -506,7 +560,7 @@ def write_image(
         zarr_format=3 if ngff_version == "0.5" else 2, compressor=compressor, clevel=clevel,
     )  # fmt: skip
     arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=layout.write_chunks)
-    write_blocks(arr.rechunk(layout.write_chunks), spec, layout.write_chunks).compute()
+    write_blocks(writable(arr, layout.write_chunks), spec, layout.write_chunks).compute()
     units = units or [None] * len(dims)
     axes = tuple(axis_from_name(n, u) for n, u in zip(dims, units, strict=True))
     dataset = Dataset(

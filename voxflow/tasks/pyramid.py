@@ -31,6 +31,7 @@ from voxflow.io import (
     open_image,
     provenance,
     read_level,
+    writable,
     write_blocks,
     write_image_metadata,
 )
@@ -248,7 +249,7 @@ def pyramid_writes(
         copies = copy_stored_chunks(src0, output.child(plan[0].path)) or []
         if not copies:
             unit = plan[0].layout.write_chunks
-            first = write_blocks(level0.rechunk(unit), spec0, unit)
+            first = write_blocks(writable(level0, unit), spec0, unit)
     writes = level_writes(
         level0, output, plan, method, dims=source.dims, ngff_version=ngff_version,
         write_level0=False, compressor=compressor, clevel=clevel,
@@ -289,7 +290,7 @@ def level_writes(
             zarr_format=fmt, compressor=compressor, clevel=clevel,
         )  # fmt: skip
         unit = lv.layout.write_chunks
-        writes.append(write_blocks(level.rechunk(unit), spec, unit))
+        writes.append(write_blocks(writable(level, unit), spec, unit))
     return writes
 
 
