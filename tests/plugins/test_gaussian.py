@@ -184,6 +184,22 @@ def test_block_moments_equal_full_size_products(shape, steps, sigma):
         np.testing.assert_array_equal(mean[name], got[name])
 
 
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [((20, 31, 26), (3.0, 4.0, 2.5)), ((6, 5, 40), (9.0, 0.0, 12.0)), ((1, 1, 17), (2.0, 2.0, 0.1)),
+     ((3, 50), (0.0, 7.3)), ((33, 2), (1e-16, 0.9)), ((4, 4, 4), (0.0, 0.0, 0.0))],
+)  # fmt: skip
+def test_compiled_smoothing_equals_scipy_gaussian_filter(shape, sigma):
+    # Kernels wider than the axis, axes of one voxel, sigma 0 (no smoothing) and sigma so
+    # small that the kernel is one tap: the same as SciPy's constant-mode filter.
+    values = np.random.default_rng(5).uniform(-3, 9, size=shape)
+    want = ndimage.gaussian_filter(values, sigma, mode="constant")
+    block = values.copy()
+    got = gaussian._gaussian_smooth(block, list(sigma), np.empty(shape))
+    assert got is block
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
 def test_block_grid_is_capped_and_stays_exact_for_a_plane(monkeypatch):
     shape, sigma = (20, 60, 70), (6.0, 6.0, 12.0)
     assert gaussian._block_steps(shape, sigma) == (1, 1, 3)  # four blocks per sigma

@@ -109,6 +109,79 @@ def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no 
                 out[13, bz, by, bx] += ux * ux
 
 
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """SciPy's Gaussian kernel: ``exp(-x² / 2σ²)`` for ``|x| <= int(4σ + 0.5)``, summing to 1."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / (sigma * sigma) * x * x)
+    return weights / weights.sum()
+
+
+@numba.njit(cache=True, nogil=True)
+def _smooth_lines(src, weights, dst):  # pragma: no cover - compiled
+    """Smooth (A, N, B) along N with symmetric `weights`, zero outside; B is the inner loop."""
+    na, n, nb = src.shape
+    r = (weights.size - 1) // 2
+    centre = weights[r]
+    for a in range(na):
+        for i in range(n):
+            out = dst[a, i]
+            here = src[a, i]
+            for b in range(nb):
+                out[b] = centre * here[b]
+            for t in range(1, min(r, max(i, n - 1 - i)) + 1):
+                k = weights[r + t]
+                if t <= i and i + t < n:
+                    lo, hi = src[a, i - t], src[a, i + t]
+                    for b in range(nb):
+                        out[b] += k * (lo[b] + hi[b])
+                else:
+                    one = src[a, i - t] if t <= i else src[a, i + t]
+                    for b in range(nb):
+                        out[b] += k * one[b]
+
+
+@numba.njit(cache=True, nogil=True)
+def _smooth_rows(src, weights, dst):  # pragma: no cover - compiled
+    """Smooth (A, N) along its contiguous N with symmetric `weights`, zero outside."""
+    na, n = src.shape
+    r = (weights.size - 1) // 2
+    centre = weights[r]
+    for a in range(na):
+        row, out = src[a], dst[a]
+        for j in range(n):
+            out[j] = centre * row[j]
+        for t in range(1, min(r, n - 1) + 1):
+            k = weights[r + t]
+            for j in range(n - t):
+                out[j] += k * row[j + t]
+            for j in range(t, n):
+                out[j] += k * row[j - t]
+
+
+def _gaussian_smooth(block: np.ndarray, sigma: list[float], spare: np.ndarray) -> np.ndarray:
+    """``ndimage.gaussian_filter(block, sigma, mode="constant")``, in place, `spare` its size.
+
+    One compiled pass per axis whose inner loop runs along contiguous memory, several times
+    faster than SciPy's line-by-line filter for the wide kernels of the moment grid.
+    """
+    src, dst = block, spare
+    for axis, s in enumerate(sigma):
+        if s <= 1e-15:  # as SciPy: no smoothing along this axis
+            continue
+        weights = _gaussian_weights(s)
+        if axis == block.ndim - 1:
+            _smooth_rows(src.reshape(-1, block.shape[-1]), weights,
+                         dst.reshape(-1, block.shape[-1]))  # fmt: skip
+        else:
+            lines = (math.prod(block.shape[:axis]), block.shape[axis], -1)
+            _smooth_lines(src.reshape(lines), weights, dst.reshape(lines))
+        src, dst = dst, src
+    if src is not block:
+        block[...] = src
+    return block
+
+
 def _moments(values, mask, coords, steps, sigma, mode="linear"):
     """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin.
 
@@ -140,13 +213,18 @@ def _moments(values, mask, coords, steps, sigma, mode="linear"):
                 names[8 + row] = f"w{a - lead}{b - lead}"
     smooth = [s / k for s, k in zip(sigma, steps, strict=True)]
 
-    def reduce(row):
-        # In place: scipy filters a line at a time from a copy of it.
-        block = sums[row].reshape(sums.shape[1 + lead :])
-        return names[row], ndimage.gaussian_filter(block, smooth, mode="constant", output=block)
+    workers = max(1, min(os.cpu_count() or 1, len(names)))
+    spares = [np.empty(blocks) for _ in range(workers)]
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        return dict(pool.map(reduce, sorted(names)))
+    def reduce(k):
+        # In place, with one spare array per thread: memory stays that of the block sums.
+        for row in sorted(names)[k::workers]:
+            block = sums[row].reshape(sums.shape[1 + lead :])
+            _gaussian_smooth(block, smooth, spares[k].reshape(block.shape))
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(reduce, range(workers)))
+    return {names[row]: sums[row].reshape(sums.shape[1 + lead :]) for row in sorted(names)}
 
 
 def _solve(m: dict, centres: list[np.ndarray], mode: str, support: np.ndarray):
