@@ -260,6 +260,53 @@ def _row_bounds(inverse: np.ndarray, box: _Box, frame: tuple[int, int]):
     return lo, hi
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _inside(r, d, x, n):  # pragma: no cover - compiled
+    """Whether ``r + d x`` lies in [0, n − 1): no clamping, and a neighbour above it."""
+    p = r + d * x
+    return 0.0 <= p < n - 1.0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _interior(ry, dy, rx, dx, x0, left, right, h, w):  # pragma: no cover - compiled
+    """Columns ``a .. b − 1`` of ``left .. right − 1`` whose preimage needs no clamping.
+
+    An estimate from the line's crossings of the frame, narrowed until both ends pass the
+    exact test; the coordinates are monotone in the column, so every column between passes.
+    """
+    a, b = left, right
+    for r, d, n in ((ry, dy, h), (rx, dx, w)):
+        if d > 1e-12 or d < -1e-12:
+            u, v = (0.0 - r) / d - x0, (n - 1.0 - r) / d - x0
+            lo, hi = min(u, v), max(u, v)
+            a = max(a, int(max(math.ceil(lo), left - 1.0)))
+            b = min(b, int(min(math.floor(hi), right + 1.0)) + 1)
+    a = min(a, right)
+    b = max(a, b)
+    while a < b and not (_inside(ry, dy, float(a + x0), h) and _inside(rx, dx, float(a + x0), w)):
+        a += 1
+    while a < b and not (
+        _inside(ry, dy, float(b - 1 + x0), h) and _inside(rx, dx, float(b - 1 + x0), w)
+    ):
+        b -= 1
+    return a, b
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bilinear_edge(image, ry, dy, rx, dx, x, h, w, top, last):  # pragma: no cover - compiled
+    """One bilinear sample with the preimage clamped into the frame."""
+    py = min(max(ry + dy * x, 0.0), h - 1.0)
+    px = min(max(rx + dx * x, 0.0), w - 1.0)
+    iy, ix = min(int(py), top), min(int(px), last)
+    fy, fx = py - iy, px - ix
+    iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
+    v00, v01 = float(image[iy, ix]), float(image[iy, ix1])
+    v10, v11 = float(image[iy1, ix]), float(image[iy1, ix1])
+    upper = v00 + (v01 - v00) * fx
+    lower = v10 + (v11 - v10) * fx
+    return upper + (lower - upper) * fy
+
+
 @numba.njit(cache=True, nogil=True)
 def _bilinear_rows(
     source, inverse, y0, x0, lo, hi, fill, integer, out, start, stop
@@ -269,7 +316,8 @@ def _bilinear_rows(
     Output row ``i`` of slice ``b`` samples inside the frame between its exact bounds
     ``lo[b, i] .. hi[b, i]`` (reference x) and is `fill` elsewhere. Coordinates are float64;
     a preimage within the 1e-9 tolerance outside the frame reads the edge pixel. Integer
-    outputs are rounded half to even, as ``torch.round``.
+    outputs are rounded half to even, as ``torch.round``. Columns whose preimage lies well
+    inside the frame skip the clamping (the same samples, several times faster).
     """
     _, nc, h, w = source.shape
     ny, nx = out.shape[2], out.shape[3]
@@ -280,22 +328,27 @@ def _bilinear_rows(
         y = float(i + y0)
         ry, rx = inverse[b, 0, 0] * y + inverse[b, 0, 2], inverse[b, 1, 0] * y + inverse[b, 1, 2]
         dy, dx = inverse[b, 0, 1], inverse[b, 1, 1]
+        a, z = _interior(ry, dy, rx, dx, x0, left, right, h, w)
         for c in range(nc):
             image, row = source[b, c], out[b, c, i]
             row[:left] = fill
             row[right:] = fill
-            for j in range(left, right):
+            for j in range(left, a):
+                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
+                row[j] = np.rint(value) if integer else value
+            for j in range(a, z):
                 x = float(j + x0)
-                py = min(max(ry + dy * x, 0.0), h - 1.0)
-                px = min(max(rx + dx * x, 0.0), w - 1.0)
-                iy, ix = min(int(py), top), min(int(px), last)
+                py, px = ry + dy * x, rx + dx * x
+                iy, ix = int(py), int(px)
                 fy, fx = py - iy, px - ix
-                iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
-                v00, v01 = float(image[iy, ix]), float(image[iy, ix1])
-                v10, v11 = float(image[iy1, ix]), float(image[iy1, ix1])
+                v00, v01 = float(image[iy, ix]), float(image[iy, ix + 1])
+                v10, v11 = float(image[iy + 1, ix]), float(image[iy + 1, ix + 1])
                 upper = v00 + (v01 - v00) * fx
                 lower = v10 + (v11 - v10) * fx
                 value = upper + (lower - upper) * fy
+                row[j] = np.rint(value) if integer else value
+            for j in range(max(a, z), right):
+                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
                 row[j] = np.rint(value) if integer else value
 
 
