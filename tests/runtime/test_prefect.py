@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from voxflow.runtime import (
     prefect_context,
     prefect_setting_updates,
     result_storage_block,
+    shared_api,
 )
 from voxflow.settings import ClusterSettings, PrefectSettings
 
@@ -130,3 +132,40 @@ def test_flow_persists_json_results_where_the_settings_say(tmp_path):
     assert {record["metadata"]["serializer"]["type"] for record in records} == {"json"}
     values = [json.loads(p["result"]) if "metadata" in p else p for p in payloads]
     assert values == [{"n": 7, "square": 49}] * 2
+
+
+def test_shared_api_keeps_a_set_url_and_a_disabled_ephemeral_api():
+    with temporary_settings(updates={"api.url": SERVER}), shared_api() as url:
+        assert url == SERVER
+        assert get_current_settings().api.url == SERVER
+    off = {"server.ephemeral.enabled": False}
+    with temporary_settings(updates=off, restore_defaults={"api.url"}), shared_api() as url:
+        assert url is None
+        assert get_current_settings().api.url is None
+
+
+@task
+def _where() -> dict:
+    return {"api": get_current_settings().api.url, "pid": os.getpid()}
+
+
+@flow(task_runner=make_task_runner(ClusterSettings(n_workers=1, threads_per_worker=1,
+                                                   processes=True, dashboard=False)))  # fmt: skip
+def _where_flow() -> dict:
+    return _where.submit().result()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_shared_api_sends_task_runs_on_worker_processes_to_this_process_api():
+    # Without an API URL each worker process would start an ephemeral API of its own.
+    with temporary_settings(
+        updates={"server.ephemeral.enabled": True}, restore_defaults={"api.url"}
+    ):
+        assert get_current_settings().api.url is None
+        with shared_api() as url:
+            assert url is not None
+            assert get_current_settings().api.url == url
+            seen = _where_flow()
+        assert get_current_settings().api.url is None
+    assert seen["pid"] != os.getpid()  # the task ran in the worker process
+    assert seen["api"] == url

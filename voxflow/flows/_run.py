@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from voxflow.runtime import make_task_runner, prefect_context
+from voxflow.runtime import make_task_runner, prefect_context, shared_api
 from voxflow.settings import VoxflowSettings
 from voxflow.tasks import ImageRef, is_complete
 
@@ -21,5 +21,5 @@ def submit_stage(stage_task: Any, *args: Any) -> ImageRef:
 def run_flow(flow_fn: Any, settings: VoxflowSettings | None, *args: Any) -> Any:
     """Call `flow_fn` on the cluster and with the Prefect settings of `settings`."""
     settings = settings or VoxflowSettings()
-    with prefect_context(settings.prefect):
+    with prefect_context(settings.prefect), shared_api():
         return flow_fn.with_options(task_runner=make_task_runner(settings))(*args)

@@ -10,7 +10,12 @@ from voxflow.runtime.cluster import (
     open_client,
     start_kube_cluster,
 )
-from voxflow.runtime.prefect import prefect_context, prefect_setting_updates, result_storage_block
+from voxflow.runtime.prefect import (
+    prefect_context,
+    prefect_setting_updates,
+    result_storage_block,
+    shared_api,
+)
 
 __all__ = [
     "GPU_WORKER_GROUP",
@@ -23,5 +28,6 @@ __all__ = [
     "prefect_context",
     "prefect_setting_updates",
     "result_storage_block",
+    "shared_api",
     "start_kube_cluster",
 ]

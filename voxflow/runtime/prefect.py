@@ -17,7 +17,7 @@ from prefect.settings import Settings, get_current_settings, temporary_settings
 
 from voxflow.settings import PrefectSettings
 
-__all__ = ["prefect_context", "prefect_setting_updates", "result_storage_block"]
+__all__ = ["prefect_context", "prefect_setting_updates", "result_storage_block", "shared_api"]
 
 
 def _validate_settings(settings: PrefectSettings) -> PrefectSettings:
@@ -103,6 +103,34 @@ def prefect_context(settings: PrefectSettings) -> AbstractContextManager[Setting
 def _prefect_context(settings: PrefectSettings) -> Iterator[Settings]:
     with temporary_settings(updates=prefect_setting_updates(settings)) as current:
         yield current
+
+
+@contextmanager
+def shared_api() -> Iterator[str | None]:
+    """Give this process's ephemeral Prefect API a URL that task runs elsewhere use too.
+
+    Without an API URL, Prefect starts an ephemeral API server in the first process that
+    needs one, and every Dask worker process would start one more of its own (several
+    seconds each, on every run). Inside this block the ephemeral server of this process is
+    started once and named in the settings, which travel with every task, so task runs on
+    the workers report to it. With an API URL already set, or the ephemeral API disabled,
+    nothing changes.
+
+    Yields
+    ------
+    str or None
+        The API URL the block runs against, None when Prefect has none.
+    """
+    current = get_current_settings()
+    if current.api.url is not None or not current.server.ephemeral.enabled:
+        yield current.api.url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
+    server.start()
+    with temporary_settings(updates={"api.url": server.api_url}):
+        yield server.api_url
 
 
 def result_storage_block(settings: PrefectSettings) -> LocalFileSystem:
