@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -20,36 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from voxflow.flows import (
-    PyramidConfig,
-    RegistrationConfig,
-    ScaledConfig,
-    WarpConfig,
-    field_path,
-    run_pyramid,
-    run_registration,
-    run_scaled,
-    run_warp,
-    validate_pyramid,
-    validate_registration,
-    validate_scaled,
-    validate_warp,
-)
-from voxflow.flows.demo import run_demo
-from voxflow.flows.register import TRANSFORMS_FILE
-from voxflow.flows.segment import (
-    CountingConfig,
-    SegmentationConfig,
-    run_counting,
-    run_segmentation,
-    validate_segmentation,
-)
-from voxflow.flows.synth import SYNTH_DEFAULTS, synthesize
-from voxflow.flows.view import run_layers, show_layers
-from voxflow.io import ImageRef, open_image
-from voxflow.plugins import describe_plugins, parse_params
-from voxflow.runtime import open_client
+# The stages import their flows (and with them Prefect, Dask, TensorStore, torch) only when
+# they run: `voxflow --help` and `voxflow info` stay quick, and a command loads what it uses.
+from voxflow.flows.synth import SYNTH_DEFAULTS
 from voxflow.settings import VoxflowSettings
+
+if TYPE_CHECKING:
+    from voxflow.flows.segment import SegmentationConfig
+    from voxflow.io import ImageRef
 
 __all__ = ["app", "main"]
 
@@ -145,6 +123,8 @@ def run_with_progress(
     run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSettings, description: str
 ) -> Any:
     """Run a flow on a cluster this process holds, drawing the progress its tasks post."""
+    from voxflow.runtime import open_client
+
     key = uuid.uuid4().hex
     with open_client(settings) as client:
         cluster = settings.cluster.model_copy(
@@ -201,6 +181,8 @@ def pyramid(
     Storage options left out come from the settings (VOXFLOW_STORAGE__*); in place, the
     input's NGFF version is kept.
     """
+    from voxflow.flows.pyramid import PyramidConfig, run_pyramid, validate_pyramid
+
     settings = VoxflowSettings()
     store = settings.storage
     config = PyramidConfig.model_validate({
@@ -243,6 +225,8 @@ def _print_levels(ref: ImageRef) -> None:
 @_user_errors
 def info(path: Annotated[str, typer.Argument(help="OME-Zarr image or zarr array.")]) -> None:
     """Show levels, shapes, dtypes, scales, translations, chunks, shards and provenance."""
+    from voxflow.io import open_image
+
     ref = open_image(path)
     version = f"OME-NGFF {ref.ngff_version}" if ref.ngff_version else "plain zarr array"
     units = ", ".join(f"{d}: {u or '-'}" for d, u in zip(ref.dims, ref.units, strict=True))
@@ -264,6 +248,8 @@ def info(path: Annotated[str, typer.Argument(help="OME-Zarr image or zarr array.
 
 def _synth(kind: str, output: str, shape: str | None, seed: int, overwrite: bool,
            **options: Any) -> None:  # fmt: skip
+    from voxflow.flows.synth import synthesize
+
     start = time.perf_counter()
     written = synthesize(kind, output, shape=_ints(shape, "shape"), seed=seed, overwrite=overwrite,
                          **options)  # fmt: skip
@@ -347,6 +333,9 @@ def correct(
     The corrected image gets a pyramid; the low-resolution field lands at
     OUTPUT/fields/<plugin> unless --no-field.
     """
+    from voxflow.flows.scaled import ScaledConfig, field_path, run_scaled, validate_scaled
+    from voxflow.plugins import parse_params
+
     settings = VoxflowSettings()
     factors = _ints(factor, "factor")
     config = ScaledConfig.model_validate({
@@ -437,6 +426,8 @@ def segment(
     A rerun with the same parameters reuses every step; a changed parameter recomputes its
     step and the ones after it. Counting (voxflow count) runs too, with --atlas per region.
     """
+    from voxflow.flows.segment import SegmentationConfig
+
     edge = _ints(chunks, "chunks")
     config = SegmentationConfig.model_validate({
         "input": input, "run": run, "overwrite": overwrite,
@@ -457,6 +448,8 @@ def segment(
 
 
 def _run_segmentation(config: SegmentationConfig, description: str) -> None:
+    from voxflow.flows.segment import run_segmentation, validate_segmentation
+
     validate_segmentation(config)
     start = time.perf_counter()
     result = run_with_progress(
@@ -510,6 +503,8 @@ def count(
     ] = None,
 ) -> None:
     """Count a run's objects per block and per atlas region; draw the QC picture."""
+    from voxflow.flows.segment import CountingConfig, run_counting
+
     config = CountingConfig.model_validate({
         "run": run,
         "count": {"atlas": atlas, "regions": regions, "block_um": block,
@@ -528,6 +523,8 @@ def count(
 @_user_errors
 def view(run: Annotated[str, typer.Argument(help="Run folder made by voxflow segment.")]) -> None:
     """Open a run's image and every intermediate in napari (extra: voxflow[viewers])."""
+    from voxflow.flows.view import run_layers, show_layers
+
     layers = run_layers(run)
     for layer in layers:
         out.print(f"{layer.kind:7} {layer.name}")
@@ -555,6 +552,8 @@ def _one_or_many(values: tuple | None) -> Any:
 
 
 def _print_alignment(ref: ImageRef, seconds: float) -> None:
+    from voxflow.flows.register import TRANSFORMS_FILE
+
     doc = (ref.provenance or {}).get("transforms") or {}
     pairs = doc.get("pairs", [])
     failed = [p for p in pairs if not p["converged"]]
@@ -611,6 +610,8 @@ def register(
     The transforms (pixels and physical units, per-pair loss, steps and convergence, crop box)
     land in OUTPUT/transforms.json; voxflow warp re-applies them.
     """
+    from voxflow.flows.register import RegistrationConfig, run_registration, validate_registration
+
     settings = VoxflowSettings()
     config = RegistrationConfig.model_validate({
         "input": input, "output": output, "overwrite": overwrite,
@@ -654,6 +655,8 @@ def warp(
     Another channel, or a full-resolution copy of a stack registered at a coarser level: the
     physical transforms are converted to this stack's pixels.
     """
+    from voxflow.flows.register import WarpConfig, run_warp, validate_warp
+
     settings = VoxflowSettings()
     config = WarpConfig.model_validate({
         "input": input, "transforms": transforms, "output": output, "overwrite": overwrite,
@@ -670,6 +673,8 @@ def warp(
 @_user_errors
 def plugins_() -> None:
     """List the scaled-processing plugins: built-in and installed ones."""
+    from voxflow.plugins import describe_plugins
+
     table = Table(title="scaled-processing plugins", title_justify="left")
     table.add_column("name")
     table.add_column("description")
@@ -687,6 +692,8 @@ def demo(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo's data.")] = True,
 ) -> None:
     """Synthesize a small dataset and run every stage as a Prefect flow, with a summary."""
+    from voxflow.flows.demo import run_demo
+
     run_demo(workdir, overwrite=overwrite, console=out, runner=run_with_progress)
 
 

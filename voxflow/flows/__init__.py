@@ -1,33 +1,34 @@
 """Prefect flows: straight-line composition of tasks over one config model each."""
 
-from voxflow.flows.pyramid import PyramidConfig, pyramid_flow, run_pyramid, validate_pyramid
-from voxflow.flows.register import (
-    RegistrationConfig,
-    WarpConfig,
-    registration_flow,
-    run_registration,
-    run_warp,
-    validate_registration,
-    validate_warp,
-    warp_flow,
-)
-from voxflow.flows.scaled import (
-    ScaledConfig,
-    field_path,
-    run_scaled,
-    scaled_processing_flow,
-    validate_scaled,
-)
-from voxflow.flows.segment import (
-    CountingConfig,
-    SegmentationConfig,
-    counting_flow,
-    run_counting,
-    run_segmentation,
-    segmentation_flow,
-    validate_segmentation,
-)
-from voxflow.flows.synth import SYNTH_DEFAULTS, synthesize
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# A flow module is imported when one of its names is first used, so using one flow (or the
+# synthetic defaults the command's help shows) does not load every stage's dependencies.
+_MODULES = {
+    "pyramid": ("PyramidConfig", "pyramid_flow", "run_pyramid", "validate_pyramid"),
+    "register": ("RegistrationConfig", "WarpConfig", "registration_flow", "run_registration",
+                 "run_warp", "validate_registration", "validate_warp", "warp_flow"),
+    "scaled": ("ScaledConfig", "field_path", "run_scaled", "scaled_processing_flow",
+               "validate_scaled"),
+    "segment": ("CountingConfig", "SegmentationConfig", "counting_flow", "run_counting",
+                "run_segmentation", "segmentation_flow", "validate_segmentation"),
+    "synth": ("SYNTH_DEFAULTS", "synthesize"),
+}  # fmt: skip
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "SYNTH_DEFAULTS",

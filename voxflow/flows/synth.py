@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from voxflow.tasks import write_em_stack, write_lightsheet
-
 __all__ = ["SYNTH_DEFAULTS", "synthesize"]
 
 SYNTH_DEFAULTS = {"lightsheet": (2, 48, 160, 160), "em-stack": (12, 192, 192)}
-_WRITERS = {"lightsheet": write_lightsheet, "em-stack": write_em_stack}
 
 
 def synthesize(
@@ -40,8 +37,13 @@ def synthesize(
     ValueError
         For an unknown kind or bad generator parameters (nothing is written).
     """
-    if kind not in _WRITERS:
-        raise ValueError(f"`kind` must be one of {tuple(_WRITERS)}, got {kind!r}")
-    return _WRITERS[kind](
+    # Imported here: the defaults above are read by the command's help, which should not
+    # wait for the writers' dependencies.
+    from voxflow.tasks import write_em_stack, write_lightsheet
+
+    writers = {"lightsheet": write_lightsheet, "em-stack": write_em_stack}
+    if kind not in writers:
+        raise ValueError(f"`kind` must be one of {tuple(writers)}, got {kind!r}")
+    return writers[kind](
         output, shape=shape, seed=seed, overwrite=overwrite, ngff_version=ngff_version, **options
     )
