@@ -123,28 +123,38 @@ def run_with_progress(
     run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSettings, description: str
 ) -> Any:
     """Run a flow on a cluster this process holds, drawing the progress its tasks post."""
-    from voxflow.runtime import open_client
+    from voxflow.runtime import open_client, start_api
 
     key = uuid.uuid4().hex
-    with open_client(settings) as client:
-        cluster = settings.cluster.model_copy(
-            update={"mode": "address", "address": client.scheduler.address}
-        )
-        attached = settings.model_copy(update={"cluster": cluster})
-        with (
-            _progress_bar(description) as update,
-            concurrent.futures.ThreadPoolExecutor(1) as pool,
-        ):
-            future = pool.submit(run, attached, key)
-            while not future.done():
-                posted = client.get_metadata(["voxflow-progress", key], default=None)
-                if posted:
-                    update(*posted)
-                time.sleep(0.25)
-            result = future.result()
-            # Nothing posted: every task was served from the cache.
-            update(*(client.get_metadata(["voxflow-progress", key], default=None) or (0, 0)))
-            return result
+    # Prefect's API (when ephemeral) and the Dask cluster start at the same time.
+    with concurrent.futures.ThreadPoolExecutor(1) as early:
+        api = early.submit(start_api, settings.prefect)
+        with open_client(settings) as client:
+            api.result()
+            return _follow(run, settings, client, key, description)
+
+
+def _follow(run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSettings, client: Any,
+            key: str, description: str) -> Any:  # fmt: skip
+    """Run the flow against `client`'s cluster, drawing the progress its tasks post."""
+    cluster = settings.cluster.model_copy(
+        update={"mode": "address", "address": client.scheduler.address}
+    )
+    attached = settings.model_copy(update={"cluster": cluster})
+    with (
+        _progress_bar(description) as update,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        future = pool.submit(run, attached, key)
+        while not future.done():
+            posted = client.get_metadata(["voxflow-progress", key], default=None)
+            if posted:
+                update(*posted)
+            time.sleep(0.25)
+        result = future.result()
+        # Nothing posted: every task was served from the cache.
+        update(*(client.get_metadata(["voxflow-progress", key], default=None) or (0, 0)))
+        return result
 
 
 @app.command()

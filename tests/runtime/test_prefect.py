@@ -13,6 +13,7 @@ from voxflow.runtime import (
     prefect_setting_updates,
     result_storage_block,
     shared_api,
+    start_api,
 )
 from voxflow.settings import ClusterSettings, PrefectSettings
 
@@ -169,3 +170,23 @@ def test_shared_api_sends_task_runs_on_worker_processes_to_this_process_api():
         assert get_current_settings().api.url is None
     assert seen["pid"] != os.getpid()  # the task ran in the worker process
     assert seen["api"] == url
+
+
+def test_start_api_names_a_configured_api_and_starts_nothing(tmp_path):
+    before = _snapshot()
+    assert start_api(PrefectSettings(result_storage=tmp_path, api_url=SERVER)) == SERVER
+    assert _snapshot() == before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_start_api_starts_the_ephemeral_server_shared_api_then_names(tmp_path):
+    # voxflow's settings turn the ephemeral API on when no URL is set (see prefect_context);
+    # under the harness, its server is the process's ephemeral one.
+    with temporary_settings(
+        updates={"server.ephemeral.enabled": True}, restore_defaults={"api.url"}
+    ):
+        url = start_api(PrefectSettings(result_storage=tmp_path))
+        assert url is not None
+        assert get_current_settings().api.url is None  # nothing changed outside
+        with shared_api() as shared:
+            assert shared == url

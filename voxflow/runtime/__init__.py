@@ -15,6 +15,7 @@ from voxflow.runtime.prefect import (
     prefect_setting_updates,
     result_storage_block,
     shared_api,
+    start_api,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "prefect_setting_updates",
     "result_storage_block",
     "shared_api",
+    "start_api",
     "start_kube_cluster",
 ]

@@ -17,7 +17,13 @@ from prefect.settings import Settings, get_current_settings, temporary_settings
 
 from voxflow.settings import PrefectSettings
 
-__all__ = ["prefect_context", "prefect_setting_updates", "result_storage_block", "shared_api"]
+__all__ = [
+    "prefect_context",
+    "prefect_setting_updates",
+    "result_storage_block",
+    "shared_api",
+    "start_api",
+]
 
 
 def _validate_settings(settings: PrefectSettings) -> PrefectSettings:
@@ -105,6 +111,39 @@ def _prefect_context(settings: PrefectSettings) -> Iterator[Settings]:
         yield current
 
 
+def _ephemeral_server() -> Any:
+    """Prefect's ephemeral API server of this process, started; None when none is needed.
+
+    None when the current settings name an API or disable the ephemeral one.
+    """
+    current = get_current_settings()
+    if current.api.url is not None or not current.server.ephemeral.enabled:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
+    server.start()  # once: later calls find it running
+    return server
+
+
+def start_api(settings: PrefectSettings) -> str | None:
+    """Start the API server that flows under `settings` will use, if it is ephemeral.
+
+    Prefect's ephemeral server takes seconds to come up; calling this on a thread of its own
+    lets it start while the caller does other work (a command starting its Dask cluster).
+    Call it before any flow of the process runs, and wait for it: the server is started
+    once per process, not from two threads at a time.
+
+    Returns
+    -------
+    str or None
+        The API URL flows under `settings` will use; None when Prefect has none.
+    """
+    with prefect_context(settings) as current:
+        server = _ephemeral_server()
+        return server.api_url if server is not None else current.api.url
+
+
 @contextmanager
 def shared_api() -> Iterator[str | None]:
     """Give this process's ephemeral Prefect API a URL that task runs elsewhere use too.
@@ -121,14 +160,10 @@ def shared_api() -> Iterator[str | None]:
     str or None
         The API URL the block runs against, None when Prefect has none.
     """
-    current = get_current_settings()
-    if current.api.url is not None or not current.server.ephemeral.enabled:
-        yield current.api.url
+    server = _ephemeral_server()
+    if server is None:
+        yield get_current_settings().api.url
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
-    server.start()
     with temporary_settings(updates={"api.url": server.api_url}):
         yield server.api_url
 
