@@ -243,21 +243,24 @@ def _solve(m: dict, centres: list[np.ndarray], mode: str, support: np.ndarray):
     shape = np.array(list(s0.shape) + [1] * (3 - ndim), dtype=np.int64)
     intercept = np.empty(s0.size)
     slopes = np.empty((ndim, s0.size))
-    _solve_points(tuple(flat), axes, shape, ndim, np.ascontiguousarray(support).ravel(),
-                  _RIDGE, intercept, slopes)  # fmt: skip
+    args = (tuple(flat), axes, shape, ndim, np.ascontiguousarray(support).ravel(), _RIDGE,
+            intercept, slopes)  # fmt: skip
+    # Points are independent: contiguous ranges of them on as many threads.
+    _over_slabs(lambda p0, p1: _solve_points(*args, p0, p1), s0.size, 1, s0.size)
     return intercept.reshape(s0.shape), slopes.reshape((ndim, *s0.shape))
 
 
 @numba.njit(cache=True, nogil=True)
 def _solve_points(
-    moments, axes, shape, ndim, support, ridge, intercept, slopes
+    moments, axes, shape, ndim, support, ridge, intercept, slopes, start, stop
 ):  # pragma: no cover
     """Solve every point's (ndim + 1)² normal equations in place, without a batch of matrices.
 
     `moments` holds w, wf, w_i, wf_i and w_ij (i <= j), each flat over the block grid; the
     system is moved to the point's own centre (well conditioned), solved by Gaussian
     elimination with partial pivoting, and the intercept moved back to the origin.
-    Unsupported points get zeros (their fit is replaced later).
+    Unsupported points get zeros (their fit is replaced later). Only points ``start .. stop
+    − 1`` are solved.
     """
     d = ndim + 1
     a = np.empty((d, d))
@@ -270,7 +273,7 @@ def _solve_points(
             pair[i, j] = k
             pair[j, i] = k
             k += 1
-    for p in range(support.size):
+    for p in range(start, stop):
         if not support[p]:
             intercept[p] = 0.0
             for i in range(ndim):
