@@ -67,7 +67,10 @@ def _axes3(coords: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _over_slabs(run, units: int, unit: int, planes: int) -> None:
-    """``run(z0, z1)`` over slabs of whole `unit`-plane units of `planes`, one per thread."""
+    """``run(z0, z1)`` over `planes` split into ranges of whole `unit`s, one per thread.
+
+    Planes of voxels in whole blocks of planes, or the points of a grid (``unit`` 1).
+    """
     workers = max(1, min(os.cpu_count() or 1, units))
     cuts = np.linspace(0, units, workers + 1).astype(int) * unit
     cuts[-1] = planes
