@@ -3,6 +3,8 @@
 imports no prefect, zarr, tensorstore or fsspec."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,26 @@ def test_imports_point_down_the_layers(path):
 
 def test_the_walk_sees_every_layer():
     assert {_layer(p) for p in MODULES} >= {"core", "io", "tasks", "flows", "runtime", "cli"}
+
+
+def test_the_command_loads_no_stage_until_one_runs():
+    # `voxflow --help` and the command's start stay quick: the stages' heavy dependencies
+    # load only when a command that uses them runs.
+    code = (
+        "import sys, voxflow.cli; "
+        "print(sorted(m for m in ('torch', 'prefect', 'dask', 'tensorstore', 'numba') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_flow_name_resolves():
+    import voxflow.flows as flows
+
+    for name in flows.__all__:
+        assert getattr(flows, name) is not None
+    assert set(flows.__all__) <= set(dir(flows))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        flows.nope  # noqa: B018
