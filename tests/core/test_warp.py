@@ -310,3 +310,37 @@ def test_linear_on_a_frame_one_pixel_thin(shape):
     # Along the long axis some preimages stay in the frame; across the thin one none does.
     assert inside(composed[:1], box, shape).sum() == max(shape) - 1
     assert not inside(composed[1:], box, shape).any()
+
+
+def test_compiled_linear_on_strong_transforms_and_pure_shifts():
+    # Rotations up to a half turn, scales, shears and pure fractional shifts (rows whose
+    # preimage runs along one axis only): every row has columns whose preimage leaves the
+    # frame through either side, and columns well inside it. The compiled kernel samples
+    # each as SciPy does, in float64, and fills the rest.
+    rng = np.random.default_rng(11)
+    shape, n = (41, 57), 12
+    composed = np.tile(np.eye(3), (n, 1, 1))
+    for k in range(n):
+        if k % 3 == 0:  # a pure shift
+            composed[k, :2, 2] = rng.uniform(-9.5, 9.5, 2)
+            continue
+        angle = rng.uniform(0, np.pi)
+        c, s = np.cos(angle), np.sin(angle)
+        linear = np.array([[c, -s], [s, c]]) @ np.array(
+            [[rng.uniform(0.6, 1.7), rng.uniform(-0.3, 0.3)], [0.0, rng.uniform(0.6, 1.7)]]
+        )
+        composed[k, :2, :2] = linear
+        # The slice's centre lands near the box's, so each slice covers part of the box.
+        centre = (np.array(shape) - 1) / 2
+        composed[k, :2, 2] = [28.0, 34.0] - linear @ centre + rng.uniform(-15, 15, 2)
+    slices = rng.standard_normal((n, *shape)) * 50
+    box = ((-13, 70), (-9, 77))
+    got = _sample_linear_numba(slices[:, None], np.linalg.inv(composed), box, -7.0)[:, 0]
+    valid = inside(composed, box, shape)
+    assert valid.any(axis=(1, 2)).all() and (~valid).any(axis=(1, 2)).all()
+    py, px = preimages(composed, box)
+    far = (py < -1e-6) | (py > shape[0] - 1 + 1e-6) | (px < -1e-6) | (px > shape[1] - 1 + 1e-6)
+    for k in range(n):
+        want = scipy_linear(slices[k], composed[k], box, -7.0)
+        np.testing.assert_allclose(got[k][valid[k]], want[valid[k]], atol=1e-9, rtol=0)
+        assert (got[k][far[k]] == -7.0).all()

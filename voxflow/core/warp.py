@@ -279,8 +279,9 @@ def _interior(ry, dy, rx, dx, x0, left, right, h, w):  # pragma: no cover - comp
         if d > 1e-12 or d < -1e-12:
             u, v = (0.0 - r) / d - x0, (n - 1.0 - r) / d - x0
             lo, hi = min(u, v), max(u, v)
-            a = max(a, int(max(math.ceil(lo), left - 1.0)))
-            b = min(b, int(min(math.floor(hi), right + 1.0)) + 1)
+            # Clipped to the row's span before the conversion: far crossings stay in range.
+            a = max(a, int(min(max(math.ceil(lo), left - 1.0), right + 1.0)))
+            b = min(b, int(min(max(math.floor(hi), left - 1.0), right + 1.0)) + 1)
     a = min(a, right)
     b = max(a, b)
     while a < b and not (_inside(ry, dy, float(a + x0), h) and _inside(rx, dx, float(a + x0), w)):
@@ -317,7 +318,7 @@ def _bilinear_rows(
     ``lo[b, i] .. hi[b, i]`` (reference x) and is `fill` elsewhere. Coordinates are float64;
     a preimage within the 1e-9 tolerance outside the frame reads the edge pixel. Integer
     outputs are rounded half to even, as ``torch.round``. Columns whose preimage lies well
-    inside the frame skip the clamping (the same samples, several times faster).
+    inside the frame skip the clamping (the same samples, with fewer operations each).
     """
     _, nc, h, w = source.shape
     ny, nx = out.shape[2], out.shape[3]
