@@ -252,3 +252,15 @@ def test_a_context_of_the_wrong_rank_is_an_error():
     plugin.context = context_for((2.0, 1.6, 1.6), (4, 4, 4))
     with pytest.raises(ValueError, match=r"`context.spacing` needs one value per axis .* \(2\)"):
         plugin.lowres_func(lowres_array=np.ones((8, 8), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["linear", "mean"])
+def test_float32_values_fit_as_their_float64_copy(mode):
+    # The plugin hands the fit float32 values; the block sums are float64 either way.
+    rng = np.random.default_rng(8)
+    values = rng.uniform(0, 500, size=(13, 29, 22)).astype(np.float32)
+    mask = _ellipsoid(values.shape, 0.7)
+    got = local_fit(values, mask, (3.0, 5.0, 4.0), mode=mode)
+    want = local_fit(values.astype(np.float64), mask, (3.0, 5.0, 4.0), mode=mode)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)

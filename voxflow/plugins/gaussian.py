@@ -199,7 +199,7 @@ def _moments(values, mask, coords, steps, sigma, mode="linear"):
     blocks = tuple(-(-n // k) for n, k in zip(vol.shape, step3, strict=True))
     sums = np.zeros((14, *blocks))
     vol, msk, axes = (
-        np.ascontiguousarray(vol, np.float64),
+        np.ascontiguousarray(vol, vol.dtype if vol.dtype == np.float32 else np.float64),
         np.ascontiguousarray(msk),
         _axes3(coords),
     )
@@ -553,7 +553,11 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         offset = estimate_offset(image, self.offset)
         mask = foreground_mask(image, self.mask)
         image -= offset
-        field = local_fit(image, mask, self.sigma_voxels(image.ndim), mode=self.mode)
+        # The fit reads the values once into float64 block sums; float32 values halve what
+        # is held beside those sums, the largest arrays of the estimate.
+        values = image.astype(np.float32)
+        del image
+        field = local_fit(values, mask, self.sigma_voxels(values.ndim), mode=self.mode)
         self.estimated_offset = offset
         return normalise_field(field, mask, self.name)
 
