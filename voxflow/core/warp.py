@@ -294,18 +294,23 @@ def _interior(ry, dy, rx, dx, x0, left, right, h, w):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _bilinear_edge(image, ry, dy, rx, dx, x, h, w, top, last):  # pragma: no cover - compiled
-    """One bilinear sample with the preimage clamped into the frame."""
-    py = min(max(ry + dy * x, 0.0), h - 1.0)
-    px = min(max(rx + dx * x, 0.0), w - 1.0)
-    iy, ix = min(int(py), top), min(int(px), last)
-    fy, fx = py - iy, px - ix
-    iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
+def _bilinear_at(image, iy, ix, iy1, ix1, fy, fx):  # pragma: no cover - compiled
+    """The bilinear sample between rows `iy`, `iy1` and columns `ix`, `ix1` at (fy, fx)."""
     v00, v01 = float(image[iy, ix]), float(image[iy, ix1])
     v10, v11 = float(image[iy1, ix]), float(image[iy1, ix1])
     upper = v00 + (v01 - v00) * fx
     lower = v10 + (v11 - v10) * fx
     return upper + (lower - upper) * fy
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bilinear_edge(image, ry, dy, rx, dx, x, h, w, top, last):  # pragma: no cover - compiled
+    """One bilinear sample with the preimage clamped into the frame."""
+    py = min(max(ry + dy * x, 0.0), h - 1.0)
+    px = min(max(rx + dx * x, 0.0), w - 1.0)
+    iy, ix = min(int(py), top), min(int(px), last)
+    iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
+    return _bilinear_at(image, iy, ix, iy1, ix1, py - iy, px - ix)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -341,12 +346,7 @@ def _bilinear_rows(
                 x = float(j + x0)
                 py, px = ry + dy * x, rx + dx * x
                 iy, ix = int(py), int(px)
-                fy, fx = py - iy, px - ix
-                v00, v01 = float(image[iy, ix]), float(image[iy, ix + 1])
-                v10, v11 = float(image[iy + 1, ix]), float(image[iy + 1, ix + 1])
-                upper = v00 + (v01 - v00) * fx
-                lower = v10 + (v11 - v10) * fx
-                value = upper + (lower - upper) * fy
+                value = _bilinear_at(image, iy, ix, iy + 1, ix + 1, py - iy, px - ix)
                 row[j] = np.rint(value) if integer else value
             for j in range(max(a, z), right):
                 value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
