@@ -190,12 +190,12 @@ def check_scaled(
 
 
 def _lowres(
-    source: ImageRef, factors: tuple[int, ...], channels: tuple[int, ...] | None,
-    chunks: tuple[int, ...],
+    source: ImageRef, level0: da.Array, factors: tuple[int, ...],
+    channels: tuple[int, ...] | None,
 ) -> tuple[np.ndarray, tuple, tuple, str]:  # fmt: skip
     """The selected channels at low resolution: an existing level, else a block mean.
 
-    `chunks` are the blocks level 0 is read in for the block mean.
+    `level0` is level 0 as the full-resolution pass reads it; the block mean reads it too.
     """
     level = find_lowres_level(source, factors)
     index = (slice(None),) * source.dims.index("c") + (list(channels),) if channels else ()
@@ -203,8 +203,7 @@ def _lowres(
         lv = source.levels[level]
         low = compute_array(read_level(source, level)[index])
         return low, lv.scale, lv.translation, lv.path
-    full = read_level(source, 0, chunks=chunks)[index]
-    low = compute_array(downsample(full, factors, Method.MEAN))
+    low = compute_array(downsample(level0[index], factors, Method.MEAN))
     scale, translation = lowres_geometry(source.scale, source.translation, factors)
     return low, scale, translation, "block mean of level 0"
 
@@ -271,8 +270,8 @@ def scaled_processing(
     # fails, or NaN in the input, leaves no output behind.
     blocks = params.chunk_size or level0_chunks(plan, np.dtype(source.dtype).itemsize)
     # Blocks of about 4 MiB read faster than whole shards (fresh 32 MiB buffers page-fault).
-    low, low_scale, low_trans, low_from = _lowres(source, factors, channels, blocks)
     full = read_level(source, 0, chunks=blocks)
+    low, low_scale, low_trans, low_from = _lowres(source, full, factors, channels)
     spatial = tuple(f for f, s in zip(factors, spatial_mask(source.dims), strict=True) if s)
     result = apply_scaled_processing(
         full, plugin, spatial, dims=source.dims, scale=source.scale,
