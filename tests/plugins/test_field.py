@@ -39,6 +39,18 @@ def test_normalise_field_is_the_mean_one_field_floored_in_float32():
         normalise_field(-np.abs(field), mask, "test")
 
 
+def test_normalise_field_of_float32_works_in_place_with_a_float64_mean():
+    rng = np.random.default_rng(4)
+    # Large values whose float32 running sum would drift: the mean is taken in float64.
+    field = rng.uniform(1e4, 3e4, size=(40, 64, 64)).astype(np.float32)
+    mask = rng.uniform(size=field.shape) < 0.7
+    want = np.maximum(field / field[mask].astype(np.float64).mean(), FIELD_FLOOR)
+    got = normalise_field(field, mask, "test")
+    assert got is field and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
+    assert abs(float(got[mask].astype(np.float64).mean()) - 1.0) < 1e-6
+
+
 def test_divide_field_with_other_chunks_and_a_zero_field_follows_numpy():
     rng = np.random.default_rng(3)
     full = rng.integers(0, 4000, size=(8, 10, 12)).astype(np.uint16)

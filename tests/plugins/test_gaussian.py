@@ -264,3 +264,23 @@ def test_float32_values_fit_as_their_float64_copy(mode):
     want = local_fit(values.astype(np.float64), mask, (3.0, 5.0, 4.0), mode=mode)
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, want)
+    # A float32 result is the float64 field rounded once.
+    as32 = local_fit(values, mask, (3.0, 5.0, 4.0), mode=mode, dtype=np.float32)
+    assert as32.dtype == np.float32
+    np.testing.assert_array_equal(as32, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_the_estimate_leaves_its_input_untouched_and_fits_the_values_above_the_offset(dtype):
+    rng = np.random.default_rng(9)
+    low = (100 + rng.uniform(0, 900, size=(12, 20, 18))).astype(dtype)
+    before = low.copy()
+    plugin = GaussianBiasFieldCorrection(sigma=3.0, units="voxel", mask="all")
+    plugin.context = context_for((1.0, 1.0, 1.0), (1, 1, 1))
+    field = plugin.lowres_func(lowres_array=low)
+    np.testing.assert_array_equal(low, before)
+    offset = plugin.estimated_offset
+    assert offset == pytest.approx(np.percentile(before.astype(np.float64), 0.5), rel=1e-6)
+    fit = local_fit(before.astype(np.float32) - np.float32(offset), np.ones(low.shape, bool),
+                    (3.0, 3.0, 3.0), dtype=np.float32)  # fmt: skip
+    np.testing.assert_allclose(field, fit / fit.astype(np.float64).mean(), rtol=1e-6)

@@ -97,8 +97,14 @@ def validate_mask(mask: Any) -> str | float | np.ndarray:
     )
 
 
-def validate_lowres(lowres_array: Any) -> np.ndarray:
-    """The low-resolution array as float64: 2D or 3D, finite, not empty."""
+def validate_lowres(
+    lowres_array: Any, dtype: np.dtype | type = np.float64, *, copy: bool = True
+) -> np.ndarray:
+    """The low-resolution array as `dtype` (float64 or float32): 2D or 3D, finite, not empty.
+
+    A copy of its own, unless `copy` is false and the array already has `dtype` (then the
+    array itself, which the caller must not modify).
+    """
     if not isinstance(lowres_array, np.ndarray):
         raise TypeError(f"`lowres_array` must be a NumPy array, got {type(lowres_array).__name__}")
     if lowres_array.ndim not in (2, 3):
@@ -109,7 +115,7 @@ def validate_lowres(lowres_array: Any) -> np.ndarray:
         raise ValueError(f"`lowres_array` must not be empty, got shape {lowres_array.shape}")
     if lowres_array.dtype.kind not in "biuf":
         raise TypeError(f"`lowres_array` must be numeric, got dtype {lowres_array.dtype}")
-    values = lowres_array.astype(np.float64)
+    values = lowres_array.astype(dtype, copy=copy)
     if not np.isfinite(values).all():
         raise ValueError("`lowres_array` must be finite, got NaN or infinite values")
     return values
@@ -209,19 +215,22 @@ def estimate_offset(image: np.ndarray, offset: float | None) -> float:
 def normalise_field(field: np.ndarray, mask: np.ndarray, plugin: str) -> np.ndarray:
     """`field` divided by its mean over `mask`, floored at `FIELD_FLOOR`, as float32.
 
+    A float32 `field` is normalised in place (and returned); any other makes a new array.
+    The mean is taken in float64.
+
     Raises
     ------
     ValueError
         When the field's mean over the mask is not positive: nothing lies above the offset.
     """
-    mean = float(np.mean(field, where=mask))
+    mean = float(np.mean(field, where=mask, dtype=np.float64))
     if not math.isfinite(mean) or mean <= 0:
         raise ValueError(
             f"plugin {plugin!r}: the estimated field has no positive mean over the foreground "
             f"({mean:.6g}); is the image above its `offset`?"
         )
     # Straight into float32, without a float64 temporary of the field's size.
-    out = np.empty(field.shape, np.float32)
+    out = field if field.dtype == np.float32 else np.empty(field.shape, np.float32)
     np.divide(field, mean, out=out, casting="same_kind")
     return np.maximum(out, np.float32(FIELD_FLOOR), out=out)
 

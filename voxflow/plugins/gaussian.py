@@ -380,8 +380,11 @@ def _assemble(coarse, cz, cy, cx, lo, hi, wt, z0, z1, out):  # pragma: no cover
                 )
 
 
-def _to_field(intercept, slopes, shape, steps, coords) -> np.ndarray:
-    """The fitted plane of the nearest block centres, interpolated, at every voxel."""
+def _to_field(intercept, slopes, shape, steps, coords, dtype=np.float64) -> np.ndarray:
+    """The fitted plane of the nearest block centres, interpolated, at every voxel.
+
+    Evaluated in float64 and stored as `dtype`.
+    """
     ndim = len(shape)
     lead = 3 - ndim
     coarse = np.zeros((4, *((1,) * lead + intercept.shape)))
@@ -393,7 +396,7 @@ def _to_field(intercept, slopes, shape, steps, coords) -> np.ndarray:
     ramps = [_interpolation(n, k, b) for n, k, b in zip(shape3, steps3, coarse.shape[1:],
                                                         strict=True)]  # fmt: skip
     lo, hi, wt = (tuple(r[j] for r in ramps) for j in range(3))
-    out = np.empty(shape3)
+    out = np.empty(shape3, dtype)
     _over_slabs(lambda z0, z1: _assemble(coarse, *axes, lo, hi, wt, z0, z1, out),
                 shape3[0], 1, shape3[0])  # fmt: skip
     return out.reshape(shape)
@@ -412,7 +415,12 @@ def _block_steps(shape: tuple[int, ...], sigma: tuple[float, ...]) -> tuple[int,
 
 
 def local_fit(
-    values: np.ndarray, mask: np.ndarray, sigma: tuple[float, ...], *, mode: str = "linear"
+    values: np.ndarray,
+    mask: np.ndarray,
+    sigma: tuple[float, ...],
+    *,
+    mode: str = "linear",
+    dtype: np.dtype | type = np.float64,
 ) -> np.ndarray:
     """Smooth `values` over `mask` with a Gaussian window, by a local fit at every voxel.
 
@@ -437,10 +445,12 @@ def local_fit(
         Standard deviation of the Gaussian window in voxels, one per axis, each > 0.
     mode : {"linear", "mean"}, optional
         Local model: a plane or a constant.
+    dtype : {float64, float32}, optional
+        Dtype of the result; the fit itself runs in float64 either way.
 
     Returns
     -------
-    ndarray of float64, shape of `values`
+    ndarray of `dtype`, shape of `values`
         The smoothed values, everywhere.
     """
     ndim = values.ndim
@@ -460,7 +470,7 @@ def local_fit(
     intercept, slopes = _solve(m, centres, mode, support)
     del m  # the moments are the largest arrays here; the field needs none of them
     intercept, slopes = _extend(intercept, slopes, centres, support)
-    return _to_field(intercept, slopes, values.shape, steps, coords)
+    return _to_field(intercept, slopes, values.shape, steps, coords, np.dtype(dtype))
 
 
 # --------------------------------------------------------------------------- plugin
@@ -549,15 +559,14 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         ndarray of float32, shape of `lowres_array`
             The field, >= 0.001. The offset used is kept in `estimated_offset`.
         """
-        image = validate_lowres(lowres_array)  # a copy of its own
+        # Float32 throughout, and one copy (the values above the offset): the fit reads
+        # them once into float64 block sums, the largest arrays of the estimate.
+        image = validate_lowres(lowres_array, np.float32, copy=False)  # not to be modified
         offset = estimate_offset(image, self.offset)
         mask = foreground_mask(image, self.mask)
-        image -= offset
-        # The fit reads the values once into float64 block sums; float32 values halve what
-        # is held beside those sums, the largest arrays of the estimate.
-        values = image.astype(np.float32)
-        del image
-        field = local_fit(values, mask, self.sigma_voxels(values.ndim), mode=self.mode)
+        values = np.subtract(image, np.float32(offset), dtype=np.float32)
+        field = local_fit(values, mask, self.sigma_voxels(image.ndim), mode=self.mode,
+                          dtype=np.float32)  # fmt: skip
         self.estimated_offset = offset
         return normalise_field(field, mask, self.name)
 
