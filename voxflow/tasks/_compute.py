@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -13,6 +16,34 @@ import numpy as np
 from dask.delayed import Delayed
 
 ProgressFn = Callable[[int, int], None]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``).
+
+    Blocks computed on many threads leave freed memory in per-thread heaps, where later
+    large allocations cannot reuse it; a long-lived process would otherwise grow with every
+    stage it runs. Dask's worker processes get the same effect from their environment
+    (``MALLOC_TRIM_THRESHOLD_``); this covers work run on local threads.
+
+    Returns
+    -------
+    bool
+        Whether the C library offers the call (glibc does; others return False).
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 @contextlib.contextmanager
@@ -89,7 +120,10 @@ def compute_blocks(
     with flow_client() as client:
         if client is None:
             # Twice the cores: a thread waiting on TensorStore's disk I/O leaves its core idle.
-            dask.compute(*blocks, num_workers=max(4, 2 * (os.cpu_count() or 1)))
+            try:
+                dask.compute(*blocks, num_workers=max(4, 2 * (os.cpu_count() or 1)))
+            finally:
+                release_free_memory()
             if progress:
                 progress(total, total)
             return total
@@ -107,7 +141,10 @@ def compute_array(arr: da.Array) -> np.ndarray:
     """Compute a (small) Dask array into memory, on the flow's cluster when there is one."""
     with flow_client() as client:
         if client is None:
-            return np.asarray(arr.compute(num_workers=max(4, 2 * (os.cpu_count() or 1))))
+            try:
+                return np.asarray(arr.compute(num_workers=max(4, 2 * (os.cpu_count() or 1))))
+            finally:
+                release_free_memory()
         return np.asarray(client.compute(arr).result())
 
 
