@@ -113,6 +113,23 @@ def test_a_given_lowres_image_is_used_instead_of_reducing():
     )
 
 
+@pytest.mark.parametrize(
+    ("source", "policy", "name"),
+    [(np.uint16, "keep", "uint16"), (np.int16, "keep", "int16"), (np.uint8, "float32", "float32")],
+)
+def test_the_context_names_the_dtype_the_result_is_cast_to(source, policy, name):
+    image = (np.arange(8 * 12 * 10).reshape(8, 12, 10) % 200 + 10).astype(source)
+    plugin = Relative()
+    res = apply_scaled_processing(da.from_array(image, 5), plugin, 2, dtype=policy)
+    (run,) = res.plugins
+    assert run.context.dtype == name
+    assert plugin.seen[0][2].dtype == name, "lowres_func already sees it"
+    assert plugin.context is None
+    assert res.image.dtype == np.dtype(name)
+    want = _reference(image, (2, 2, 2), (1.0,) * 3, (0.0,) * 3, np.dtype(name))
+    np.testing.assert_allclose(res.image.compute(), want, rtol=1e-6, atol=0)
+
+
 def test_float32_policy_keeps_fractions():
     image = np.full((4, 8, 8), 3, np.uint16)
     res = apply_scaled_processing(image, Relative(out=lambda f, u: f / 2.0), 2, dtype="float32")

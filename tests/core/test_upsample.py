@@ -1,3 +1,4 @@
+import importlib
 import pickle
 
 import dask
@@ -8,10 +9,13 @@ from scipy import ndimage
 
 from voxflow.core.pyramid import downsample_array, level_transform
 from voxflow.core.upsample import (
+    UpsampleRecipe,
     cast_to_dtype,
+    divide_upsampled,
     upsample,
     upsample_array,
     upsample_block,
+    upsample_recipe,
     upsample_weights,
 )
 
@@ -323,6 +327,95 @@ def test_cast_integers_clip_exactly_and_floats_keep_values():
     np.testing.assert_array_equal(swapped, [2, 65535])
 
 
+# --------------------------------------------------------------------------- recipe, fused division
+
+
+def test_upsample_marks_its_result_with_its_recipe():
+    g = _geometry(SHAPE, FACTORS, scale=(2.0, 0.3, 0.3), translation=(5.0, -1.0, 0.25))
+    field = _field(SHAPE, FACTORS, np.float64, seed=9)
+    lazy = upsample(field, SHAPE, (5, 7, 6), dtype=np.float32, **g)
+    recipe = upsample_recipe(lazy)
+    assert isinstance(recipe, UpsampleRecipe)
+    assert recipe.name == lazy.name
+    assert recipe.shape == SHAPE and recipe.chunks == lazy.chunks
+    assert recipe.dtype == np.float32
+    assert recipe.geometry == tuple(
+        tuple(g[k]) for k in ("scale", "translation", "low_scale", "low_translation")
+    )
+    np.testing.assert_array_equal(recipe.field, field)
+    assert recipe.shared.key in dict(lazy.__dask_graph__())
+
+
+def test_an_array_changed_in_place_or_derived_has_no_recipe():
+    g = _geometry((12, 16), (3, 4))
+    lazy = upsample(_field((12, 16), (3, 4)), (12, 16), 5, **g)
+    for derived in (lazy.rechunk(4), lazy * 2, lazy[:, 1:], lazy.astype(np.float64), lazy.T):
+        assert upsample_recipe(derived) is None
+    for other in (lazy.compute(), da.ones((12, 16), chunks=5), None, "upsample"):
+        assert upsample_recipe(other) is None
+    assert upsample_recipe(lazy) is not None
+    lazy[0, 0] = 7.0  # a new graph under the same Python object
+    assert upsample_recipe(lazy) is None
+
+
+def _divide_reference(full, up, offset, dtype):
+    """``offset + (full - offset) / up`` as NumPy evaluates it in `t`, then the cast."""
+    t = np.result_type(full.dtype, np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if offset == 0:
+            values = full.astype(t) / up.astype(t)
+        else:
+            values = (full.astype(t) - t.type(offset)) / up.astype(t) + t.type(offset)
+        return values if dtype is None else cast_to_dtype(values, dtype)
+
+
+DIVISIONS = [  # source, target, dtype of the upsampled field: wide, odd and foreign dtypes
+    (np.int64, np.int64, np.float32),
+    (np.uint64, np.uint64, np.float64),
+    (np.int32, np.uint16, np.float64),
+    (np.uint16, np.int64, np.float32),
+    (np.float64, np.uint8, np.float32),
+    (np.float32, np.float16, np.float64),
+    (np.float16, None, np.float32),
+    (np.bool_, np.uint8, np.float32),
+    (">u2", ">u2", np.float32),
+    (">f4", ">f8", np.float64),
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "factors"), [((37,), (4,)), ((19, 26), (3, 4)), (SHAPE, FACTORS)]
+)
+@pytest.mark.parametrize(("source", "target", "up_dtype"), DIVISIONS, ids=str)
+def test_divide_upsampled_equals_the_numpy_expression_and_the_cast(
+    shape, factors, source, target, up_dtype
+):
+    rng = np.random.default_rng(10)
+    g = _geometry(shape, factors, scale=(0.9,) * len(shape), translation=(-1.0,) * len(shape))
+    field = _field(shape, factors, np.float64, seed=11)
+    field.flat[:3] = 0.0, 1e-300, 1e-30  # inf, NaN and quotients beyond every range
+    chunks = tuple(max(1, n // 3 + 1) for n in shape)
+    up = upsample_array(field, shape, dtype=up_dtype, **g)
+    recipe = upsample_recipe(upsample(field, shape, chunks, dtype=up_dtype, **g))
+    source = np.dtype(source)
+    if source.kind in "iu":
+        info = np.iinfo(source)
+        full = rng.integers(
+            info.min, info.max, shape, endpoint=True, dtype=source.newbyteorder("=")
+        )
+        full = full.astype(source)
+        full.flat[::4] = info.max
+    else:
+        full = (rng.standard_normal(shape) * 300).astype(source)
+        full.flat[::5] = -0.0 if source.kind == "f" else True
+    for offset in (0.0, 37.25, -1e3):
+        got = divide_upsampled(da.from_array(full, chunks), recipe, offset, dtype=target)
+        want = _divide_reference(full, up, offset, target)
+        assert got.dtype == want.dtype
+        with np.errstate(over="ignore"):  # float16: beyond its range is inf, as in NumPy
+            assert got.compute().tobytes() == want.tobytes()
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -437,6 +530,54 @@ def test_bad_block(origin, block_shape, error, match):
 def test_bad_weights_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         upsample_weights(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scratch", [0, 40 * 3 * 17, 40 * 7 * 17, 2**20])
+@pytest.mark.parametrize("low_scale", [(3.0, 4.0, 5.0), (2.5, 0.6, 0.45)], ids=["coarse", "fine"])
+def test_divide_upsampled_in_strips_of_rows_is_the_same(monkeypatch, scratch, low_scale):
+    # A small scratch splits each block into strips of output rows (2 field rows at least).
+    module = importlib.import_module("voxflow.core.upsample")  # `upsample` is also a function
+    monkeypatch.setattr(module, "_SCRATCH_BYTES", scratch)
+    rng = np.random.default_rng(12)
+    for shape, chunks_list in ((SHAPE, (SHAPE, (5, 7, 6), (1, 30, 17))), ((30, 17), ((30, 17),))):
+        ndim = len(shape)
+        g = {
+            "scale": (1.0,) * ndim,
+            "translation": (0.0,) * ndim,
+            "low_scale": low_scale[-ndim:],
+            "low_translation": (0.5, -0.25, 1.0)[-ndim:],
+        }
+        low = tuple(int(n / s) + 2 for n, s in zip(shape, g["low_scale"], strict=True))
+        field = rng.uniform(0.25, 1.75, low).astype(np.float32)
+        full = rng.integers(0, 2**16, shape).astype(np.uint16)
+        want = _divide_reference(full, upsample_array(field, shape, **g), 97.25, np.uint16)
+        for chunks in chunks_list:
+            recipe = upsample_recipe(upsample(field, shape, chunks, **g))
+            got = divide_upsampled(da.from_array(full, chunks), recipe, 97.25, dtype=np.uint16)
+            np.testing.assert_array_equal(got.compute(), want)
+
+
+def _recipe():
+    return upsample_recipe(upsample(FIELD, (12, 12), 4, **GEOMETRY))
+
+
+@pytest.mark.parametrize(
+    ("full", "recipe", "kwargs", "error", "match"),
+    [
+        (np.ones((12, 12)), _recipe(), {}, TypeError, "`full` must be a Dask array of numbers"),
+        (da.ones((12, 12), dtype="c8", chunks=4), _recipe(), {}, TypeError, "got complex64"),
+        (da.ones((12, 12), chunks=4), None, {}, TypeError, "an UpsampleRecipe, got NoneType"),
+        (da.ones((12, 12), chunks=6), _recipe(), {}, ValueError, r"the chunks \(\(4, 4, 4\)"),
+        (da.ones((12, 11), chunks=4), _recipe(), {}, ValueError, r"the shape \(12, 12\)"),
+        (da.ones((12, 12), chunks=4), _recipe(), {"offset": np.nan}, ValueError, "`offset` must"),
+        (da.ones((12, 12), chunks=4), _recipe(), {"offset": "1"}, TypeError, "`offset` must"),
+        (da.ones((12, 12), chunks=4), _recipe(), {"dtype": bool}, TypeError, "integer or float"),
+        (da.ones((12, 12), chunks=4), _recipe(), {"dtype": "c16"}, TypeError, "integer or float"),
+    ],
+)
+def test_bad_divide_upsampled_arguments(full, recipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        divide_upsampled(full, recipe, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,11 @@ module calls ``lowres_func`` and ``highres_func`` on a per-channel copy of it th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask.array as da
@@ -48,7 +48,7 @@ class PluginHookError(ValueError):
     """A plugin hook failed or broke its contract (wrong shape, non-finite values, ...)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ScaleContext:
     """What a scaled-processing plugin knows about the arrays its hooks receive.
 
@@ -66,6 +66,12 @@ class ScaleContext:
         Unit of each spatial axis (``"micrometer"`` for most microscopy), None when unknown.
     channel : int or None
         Index of the channel being processed, None for an image without a channel axis.
+    dtype : str or None
+        The dtype the result of ``highres_func`` will be cast to by :func:`apply_field` (its
+        NumPy name, e.g. ``"uint16"``; ``">u2"`` style for a foreign byte order), None when
+        the result keeps the dtype ``highres_func`` returns. A plugin may return that dtype
+        directly, rounding half to even and saturating as :func:`voxflow.core.cast_to_dtype`
+        does (NaN to 0), to save a pass over the image; a result of any other dtype is cast.
     """
 
     dims: tuple[str, ...]
@@ -74,9 +80,10 @@ class ScaleContext:
     factors: tuple[int, ...]
     units: tuple[str | None, ...] = ()
     channel: int | None = None
+    dtype: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ScaledResult:
     """What :func:`apply_scaled_processing` returns.
 
@@ -299,6 +306,23 @@ def _cast_block(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return cast_to_dtype(block, dtype)
 
 
+def _dtype_name(dtype: np.dtype | str | None) -> str | None:
+    """`dtype` as :attr:`ScaleContext.dtype` holds it: its name, with the byte order if foreign."""
+    if dtype is None:
+        return None
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype.isnative else dtype.str
+
+
+def _with_dtype(run: Any, dtype: np.dtype | str | None) -> Any:
+    """`run`, or a copy of it whose context names `dtype` when its context names another."""
+    context = getattr(run, "context", None)
+    name = _dtype_name(dtype)
+    if not isinstance(context, ScaleContext) or context.dtype == name:
+        return run
+    return _bind(run, dataclasses.replace(context, dtype=name))
+
+
 def apply_field(
     image: da.Array,
     field: np.ndarray,
@@ -326,7 +350,8 @@ def apply_field(
         Physical geometry of `field` per axis (voxel centres).
     dtype : numpy.dtype or str, optional
         Output dtype; integers are rounded to nearest and clipped to the dtype's range.
-        None keeps the dtype ``highres_func`` returns.
+        None keeps the dtype ``highres_func`` returns. ``highres_func`` runs on a copy of
+        `run` whose context's ``dtype`` names it (see :class:`ScaleContext`).
 
     Returns
     -------
@@ -344,6 +369,7 @@ def apply_field(
         low_scale=field_scale, low_translation=field_translation,
     )  # fmt: skip
     name = _plugin_name(run)
+    run = _with_dtype(run, dtype)
     try:
         out = run.highres_func(fullres_array=image, upsampled_output=up)
     except Exception as exc:
@@ -542,6 +568,7 @@ def _process(
         context = ScaleContext(
             dims=spatial(dims), spacing=spatial(low_scale), fullres_spacing=spatial(scale),
             factors=spatial(factors), units=spatial(units) if units else (), channel=channel,
+            dtype=_dtype_name(out_dtype),
         )  # fmt: skip
         field, run = estimate_field(low[index], plugin, context)
         outs.append(apply_field(

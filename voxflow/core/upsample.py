@@ -11,6 +11,10 @@ a field made by block means sits exactly on the blocks it summarises: no stretch
 Every output voxel is computed from its global index alone, by the same operations in the same
 order, so :func:`upsample` (blockwise, lazy) equals :func:`upsample_array` (whole) bitwise for
 any chunking: no seams.
+
+An array made by :func:`upsample` carries its recipe (:func:`upsample_recipe`), so a consumer
+can compute the field inside its own tasks instead of reading a block-sized temporary:
+:func:`divide_upsampled` divides an image by the field and casts the quotient in one pass.
 """
 
 from __future__ import annotations
@@ -18,20 +22,72 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
-from voxflow.core._upsample_kernels import cast_float_to_int, interpolate_3d
+from voxflow.core._upsample_kernels import (
+    cast_float_to_int,
+    divide_upsampled_3d,
+    interpolate_3d,
+)
 from voxflow.core._validate import validate_int as _validate_int
 
-__all__ = ["cast_to_dtype", "upsample", "upsample_array", "upsample_block", "upsample_weights"]
+__all__ = [
+    "UpsampleRecipe",
+    "cast_to_dtype",
+    "divide_upsampled",
+    "upsample",
+    "upsample_array",
+    "upsample_block",
+    "upsample_recipe",
+    "upsample_weights",
+]
 
 _MAX_NDIM = 3
 
 # Geometry in the order the kernels use it: full-res scale and translation, then the field's.
 _Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]
+
+# Name of the attribute by which :func:`upsample` marks the arrays it returns.
+_RECIPE = "_voxflow_upsample_recipe"
+
+# Scratch of one fused division task (field rows of the block, cached): about an L2 cache.
+_SCRATCH_BYTES = 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class UpsampleRecipe:
+    """How an array returned by :func:`upsample` computes its blocks.
+
+    Attributes
+    ----------
+    name : str
+        Name of the Dask array it describes.
+    field : numpy.ndarray, shape ([Z,] [Y,] X)
+        The validated field: C-contiguous, native float32 or float64.
+    shared : dask.delayed.Delayed
+        The field as the single graph key every task of the array reads.
+    shape : tuple of int
+        Shape of the array.
+    chunks : tuple of tuple of int
+        Its chunks, as Dask spells them.
+    geometry : tuple of tuple of float
+        ``scale``, ``translation``, ``low_scale`` and ``low_translation``, one value per axis.
+    dtype : numpy.dtype
+        Its dtype, native float32 or float64: what the interpolated values are rounded to.
+    """
+
+    name: str
+    field: np.ndarray
+    shared: Delayed
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    geometry: _Geometry
+    dtype: np.dtype
 
 
 # --------------------------------------------------------------------------- validation
@@ -169,17 +225,29 @@ def _weights(
     return i0, i1, u - i0
 
 
+def _pad3(array: np.ndarray) -> np.ndarray:
+    """`array` with leading axes of length 1 up to three axes (a view)."""
+    return array.reshape((1,) * (_MAX_NDIM - array.ndim) + array.shape)
+
+
+def _block_weights(
+    field: np.ndarray, origin: tuple[int, ...], shape: tuple[int, ...], geometry: _Geometry
+) -> list[np.ndarray]:
+    """The kernels' ``(i0, i1, w)`` for three axes, leading padded axes first."""
+    pad = _MAX_NDIM - field.ndim
+    args = [np.zeros(1, np.intp), np.zeros(1, np.intp), np.zeros(1, np.float64)] * pad
+    for axis, (start, n) in enumerate(zip(origin, shape, strict=True)):
+        s, t, s_low, t_low = (g[axis] for g in geometry)
+        args.extend(_weights(start, n, s, t, field.shape[axis], s_low, t_low))
+    return args
+
+
 def _upsample_into(
     field: np.ndarray, origin: tuple[int, ...], out: np.ndarray, geometry: _Geometry
 ) -> np.ndarray:
     """Fill `out` (the block at `origin`) from a validated `field`; 1D / 2D as 3D."""
-    pad = _MAX_NDIM - field.ndim
-    args = [np.zeros(1, np.intp), np.zeros(1, np.intp), np.zeros(1, np.float64)] * pad
-    for axis, (start, n) in enumerate(zip(origin, out.shape, strict=True)):
-        s, t, s_low, t_low = (g[axis] for g in geometry)
-        args.extend(_weights(start, n, s, t, field.shape[axis], s_low, t_low))
-    shape3 = (1,) * pad
-    interpolate_3d(field.reshape(shape3 + field.shape), *args, out.reshape(shape3 + out.shape))
+    args = _block_weights(field, origin, out.shape, geometry)
+    interpolate_3d(_pad3(field), *args, _pad3(out))
     return out
 
 
@@ -190,6 +258,53 @@ def _upsample_chunk(
     info = block_info[None]
     origin = tuple(start for start, _ in info["array-location"])
     return _upsample_into(field, origin, np.empty(info["chunk-shape"], out_dtype), geometry)
+
+
+def _cast_limits(target: np.dtype) -> tuple[float, float, np.integer, np.integer]:
+    """``low, high, minimum, maximum`` of :func:`cast_float_to_int` for a native integer."""
+    info = np.iinfo(target)
+    native = target.type
+    return float(info.min), float(info.max + 1), native(info.min), native(info.max)
+
+
+def _divide_cast(work: np.dtype, native: np.dtype) -> tuple:
+    """The `cast` argument of :func:`divide_upsampled_3d` for a `native` result."""
+    zero = native.type(0)
+    if native.kind == "f":
+        return 0, 0.0, 0.0, 0.0, zero, zero, np.int64
+    info = np.iinfo(native)
+    if int(work.type(info.min)) == info.min and int(work.type(info.max)) == info.max:
+        itype = np.int32 if native.itemsize <= 2 else np.int64
+        return 1, work.type(info.min), 0.0, work.type(info.max), zero, zero, itype
+    low, high, minimum, maximum = _cast_limits(native)
+    return 2, low, high, 0.0, minimum, maximum, np.int64
+
+
+def _divide_chunk(
+    full: np.ndarray,
+    field: np.ndarray,
+    geometry: _Geometry,
+    up: np.dtype,
+    offset: float,
+    target: np.dtype,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """One block of :func:`divide_upsampled`; `block_info` tells where it lies."""
+    work = np.result_type(full.dtype, np.float32)
+    # The kernel reads native integers or `work` (floats and bools convert to it exactly)
+    # and writes a native integer or float32 / float64; other floats are cast from `work`.
+    source = full.dtype.newbyteorder("=") if full.dtype.kind in "iu" else work
+    values = np.ascontiguousarray(full, dtype=source)
+    native = target.newbyteorder("=") if target.kind in "iu" or target.itemsize in (4, 8) else work
+    out = np.empty(full.shape, native)
+    origin = tuple(start for start, _ in block_info[None]["array-location"])
+    args = _block_weights(field, origin, full.shape, geometry)
+    max_rows = max(2, _SCRATCH_BYTES // (40 * out.shape[-1]))  # 5 float64 per field row item
+    divide_upsampled_3d(
+        _pad3(values), _pad3(field), *args, up.type, work.type, work.type(offset), offset != 0,
+        _divide_cast(work, native), max_rows, _pad3(out),
+    )  # fmt: skip
+    return out if out.dtype == target else out.astype(target)
 
 
 # --------------------------------------------------------------------------- public API
@@ -402,7 +517,7 @@ def upsample(
     dtype = _validate_out_dtype(dtype)
     # A delayed argument is one graph key shared by all tasks, not a copy inside each task.
     shared = dask.delayed(field, pure=True)
-    return da.map_blocks(
+    out = da.map_blocks(
         _upsample_chunk,
         shared,
         geometry=geometry,
@@ -412,6 +527,35 @@ def upsample(
         meta=np.empty((0,) * field.ndim, dtype),
         name="upsample-" + dask.base.tokenize(shared, shape, chunks, geometry, dtype),
     )
+    recipe = UpsampleRecipe(out.name, field, shared, shape, out.chunks, geometry, dtype)
+    setattr(out, _RECIPE, recipe)
+    return out
+
+
+def upsample_recipe(array: object) -> UpsampleRecipe | None:
+    """The recipe of an array returned by :func:`upsample`, None for any other object.
+
+    An array derived from one (rechunked, sliced, in arithmetic, assigned into) is another
+    array, with another name: it has no recipe.
+
+    Parameters
+    ----------
+    array : object
+        Usually a Dask array.
+
+    Returns
+    -------
+    UpsampleRecipe or None
+        How `array` computes its blocks, when :func:`upsample` made it as it is.
+    """
+    recipe = getattr(array, _RECIPE, None) if isinstance(array, da.Array) else None
+    if (
+        not isinstance(recipe, UpsampleRecipe)
+        or recipe.name != array.name
+        or recipe.chunks != array.chunks
+    ):
+        return None
+    return recipe
 
 
 def cast_to_dtype(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
@@ -456,7 +600,73 @@ def cast_to_dtype(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     work = np.float32 if values.dtype.itemsize <= 4 else np.float64
     flat = np.ascontiguousarray(values, dtype=work).reshape(-1)
     out = np.empty(values.shape, target.newbyteorder("="))
-    native = out.dtype.type
-    limits = float(info.min), float(info.max + 1)
-    cast_float_to_int(flat, out.reshape(-1), *limits, native(info.min), native(info.max))
+    cast_float_to_int(flat, out.reshape(-1), *_cast_limits(out.dtype))
     return out if out.dtype == target else out.astype(target)
+
+
+def divide_upsampled(
+    full: da.Array,
+    recipe: UpsampleRecipe,
+    offset: float = 0.0,
+    *,
+    dtype: np.dtype | str | type | None = None,
+) -> da.Array:
+    """Lazily divide an image by an upsampled field and cast the quotient, in one pass.
+
+    With ``up`` the array `recipe` describes (see :func:`upsample_recipe`) and ``t =
+    np.result_type(full.dtype, np.float32)`` (float32 for inputs of up to 16 bits, float64
+    for wider ones), the result equals, bit for bit, ::
+
+        q = (full.astype(t) - t.type(offset)) / up.astype(t) + t.type(offset)
+        cast_to_dtype(q, dtype)
+
+    with ``q = full.astype(t) / up.astype(t)`` for an offset of 0. Each task computes the
+    field over its block from the low-resolution field (one graph key shared by all tasks)
+    and walks the block once: there is no block-sized temporary beyond the result (and a
+    converted copy for bools, float16, a foreign byte order, or a float16 or foreign result).
+
+    Parameters
+    ----------
+    full : dask.array.Array, shape ``recipe.shape``
+        The image, with the chunks of ``recipe``; integers, floats or bools.
+    recipe : UpsampleRecipe
+        The upsampled field, from :func:`upsample_recipe`.
+    offset : float, optional
+        Dark level subtracted before and added back after the division.
+    dtype : dtype, optional
+        Output dtype: an integer (rounded half to even, saturated, NaN to 0, as
+        :func:`cast_to_dtype`) or a float. None: ``t``.
+
+    Returns
+    -------
+    dask.array.Array
+        The result, with the chunks of `full`.
+
+    Raises
+    ------
+    TypeError
+        When `full` is not a Dask array of numbers, `recipe` not an :class:`UpsampleRecipe`,
+        `offset` not a real number, or `dtype` neither an integer nor a float dtype.
+    ValueError
+        When `full` differs from the recipe in shape or chunks, or `offset` is not finite.
+    """
+    if not isinstance(full, da.Array) or full.dtype.kind not in "biuf":
+        got = full.dtype if isinstance(full, da.Array) else type(full).__name__
+        raise TypeError(f"`full` must be a Dask array of numbers, got {got}")
+    if not isinstance(recipe, UpsampleRecipe):
+        raise TypeError(f"`recipe` must be an UpsampleRecipe, got {type(recipe).__name__}")
+    if full.shape != recipe.shape or full.chunks != recipe.chunks:
+        raise ValueError(
+            f"`full` must have the shape {recipe.shape} and the chunks {recipe.chunks} of the "
+            f"upsampled field, got {full.shape} and {full.chunks}"
+        )
+    offset = _validate_real(offset, "offset", positive=False)
+    work = np.result_type(full.dtype, np.float32)
+    target = work if dtype is None else _validate_dtype(dtype, "fiu", "an integer or float dtype")
+    name = "divide-upsampled-" + dask.base.tokenize(
+        full, recipe.shared, recipe.geometry, recipe.dtype, offset, target
+    )
+    return da.map_blocks(
+        _divide_chunk, full, recipe.shared, recipe.geometry, recipe.dtype, offset, target,
+        dtype=target, meta=np.empty((0,) * full.ndim, target), name=name,
+    )  # fmt: skip

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from voxflow.core.upsample import cast_to_dtype, divide_upsampled, upsample_recipe
+
 __all__ = [
     "FIELD_FLOOR",
     "OFFSET_PERCENTILE",
@@ -264,17 +266,74 @@ def _divide_block(full: np.ndarray, field: np.ndarray, offset: float, dtype: np.
     return out
 
 
-def divide_field(full: da.Array, field: da.Array, offset: float) -> da.Array:
+def _validate_target(dtype: Any) -> np.dtype | None:
+    """None, or an integer or float dtype."""
+    if dtype is None:
+        return None
+    try:
+        got = np.dtype(dtype)
+    except TypeError:
+        got = None
+    if got is None or got.kind not in "iuf":
+        raise TypeError(f"`dtype` must be None, an integer or a float dtype, got {dtype!r}")
+    return got
+
+
+def divide_field(
+    full: da.Array, field: da.Array, offset: float, dtype: np.dtype | str | type | None = None
+) -> da.Array:
     """``offset + (full - offset) / field``, in float32 for inputs of up to 16 bits.
 
-    Evaluated blockwise in one compiled pass, bit for bit equal to the NumPy expression
-    ``(full.astype(t) - t(offset)) / field.astype(t) + t(offset)`` (``full.astype(t) /
-    field.astype(t)`` for an offset of 0).
+    Bit for bit equal to the NumPy expression ``(full.astype(t) - t(offset)) /
+    field.astype(t) + t(offset)`` (``full.astype(t) / field.astype(t)`` for an offset of 0),
+    with ``t = np.result_type(full.dtype, np.float32)``, then cast to `dtype` as
+    :func:`voxflow.core.cast_to_dtype` casts (rounded half to even, saturated, NaN to 0).
+
+    When `field` is an array returned by :func:`voxflow.core.upsample` as it is, with the
+    chunks of `full`, each block is upsampled, divided and cast in one compiled pass, without
+    block-sized temporaries (:func:`voxflow.core.upsample.divide_upsampled`); otherwise the
+    division is one compiled pass per block over the two arrays, then the cast another.
+
+    Parameters
+    ----------
+    full : dask.array.Array
+        The image.
+    field : dask.array.Array
+        The field, of the shape of `full` (rechunked to its chunks when they differ).
+    offset : float
+        Dark level subtracted before and added back after the division.
+    dtype : dtype, optional
+        Output dtype, an integer or a float; None: ``t``.
+
+    Returns
+    -------
+    dask.array.Array
+        The result, with the chunks of `full`.
+
+    Raises
+    ------
+    TypeError
+        When `dtype` is neither None, an integer nor a float dtype.
     """
-    dtype = np.result_type(full.dtype, np.float32)
+    target = _validate_target(dtype)
+    offset = float(offset)
+    recipe = upsample_recipe(field)
+    if (
+        recipe is not None
+        and (recipe.shape, recipe.chunks) == (full.shape, full.chunks)
+        and full.dtype.kind in "biuf"
+        and math.isfinite(offset)
+    ):
+        return divide_upsampled(full, recipe, offset, dtype=target)
+    work = np.result_type(full.dtype, np.float32)
     if field.chunks != full.chunks:
         field = field.rechunk(full.chunks)
-    return da.map_blocks(
-        _divide_block, full, field, float(offset), dtype, dtype=dtype,
-        meta=np.empty((0,) * full.ndim, dtype),
+    out = da.map_blocks(
+        _divide_block, full, field, offset, work, dtype=work,
+        meta=np.empty((0,) * full.ndim, work),
     )  # fmt: skip
+    if target is None or target == work:
+        return out
+    return out.map_blocks(
+        cast_to_dtype, target, dtype=target, meta=np.empty((0,) * full.ndim, target)
+    )

@@ -68,7 +68,11 @@ class ScaledProcessingSpec:
         Returns
         -------
         dask.array.Array, shape of `fullres_array`
-            The processed channel (any float dtype; the framework casts it).
+            The processed channel (any float dtype; the framework casts it). When
+            ``context.dtype`` names a dtype, the channel may come in it directly, rounded
+            and saturated as :func:`voxflow.core.cast_to_dtype` does, which saves the
+            framework's cast (see :func:`voxflow.core.upsample.upsample_recipe` to fuse
+            the upsampling as well).
         """
 
     @hookspec(firstresult=True)

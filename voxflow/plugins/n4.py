@@ -274,9 +274,11 @@ class N4BiasFieldCorrection(ScaledProcessingPlugin):
         Returns
         -------
         dask.array.Array
-            Corrected image, float32 for inputs of up to 16 bits (float64 for wider ones).
+            Corrected image, float32 for inputs of up to 16 bits (float64 for wider ones), or
+            already of the context's ``dtype`` when it has one.
         """
         validate_fullres(fullres_array, upsampled_output)
         offset = self.estimated_offset if self.estimated_offset is not None else self.offset
         offset = require_estimate(offset, self.name, "offset")
-        return divide_field(fullres_array, upsampled_output, offset)
+        dtype = self.context.dtype if self.context else None
+        return divide_field(fullres_array, upsampled_output, offset, dtype=dtype)
