@@ -8,6 +8,7 @@ the hooks with :data:`hookimpl`; installed packages declare plugins under the en
 group ``voxflow.plugins``. Built-ins: ``gaussian``, ``n4``, ``background``, ``normalize``.
 """
 
+from voxflow.plugins._field import divide_field
 from voxflow.plugins._spec import PluginError, ScaledProcessingSpec, hookimpl, hookspec
 from voxflow.plugins.background import BackgroundSubtraction
 from voxflow.plugins.base import ScaledProcessingPlugin
@@ -39,6 +40,7 @@ __all__ = [
     "ScaledProcessingSpec",
     "check_plugin",
     "describe_plugins",
+    "divide_field",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
