@@ -284,3 +284,17 @@ def test_the_estimate_leaves_its_input_untouched_and_fits_the_values_above_the_o
     fit = local_fit(before.astype(np.float32) - np.float32(offset), np.ones(low.shape, bool),
                     (3.0, 3.0, 3.0), dtype=np.float32)  # fmt: skip
     np.testing.assert_allclose(field, fit / fit.astype(np.float64).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["linear", "mean"])
+def test_an_offset_fits_as_the_values_shifted_first(dtype, mode):
+    # The fit subtracts the offset voxel by voxel, in the values' dtype, without a copy.
+    rng = np.random.default_rng(10)
+    values = rng.uniform(100, 600, size=(11, 27, 20)).astype(dtype)
+    mask = _ellipsoid(values.shape, 0.8)
+    offset = 97.3
+    got = local_fit(values, mask, (2.0, 4.0, 3.0), mode=mode, offset=offset)
+    want = local_fit(values - dtype(offset), mask, (2.0, 4.0, 3.0), mode=mode)
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, local_fit(values, mask, (2.0, 4.0, 3.0), mode=mode))

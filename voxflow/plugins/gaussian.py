@@ -79,12 +79,13 @@ def _over_slabs(run, units: int, unit: int, planes: int) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no cover
+def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out, offset):  # pragma: no cover
     """Add the moments of the masked voxels of planes ``z0 .. z1 − 1`` into their blocks.
 
     `out` is (14, Bz, By, Bx): w, wf, w u_a, w f u_a (a = z, y, x), then w u_a u_b for
-    (zz, zy, zx, yy, yx, xx); u_a are the voxel coordinates `cz`, `cy`, `cx`. One pass over
-    the voxels, nothing of their size allocated.
+    (zz, zy, zx, yy, yx, xx); u_a are the voxel coordinates `cz`, `cy`, `cx` and f the value
+    less `offset` (in the values' own precision). One pass over the voxels, nothing of their
+    size allocated.
     """
     _, ny, nx = values.shape
     sz, sy, sx = steps
@@ -95,7 +96,7 @@ def _block_moments(values, mask, cz, cy, cx, steps, z0, z1, out):  # pragma: no 
             for x in range(nx):
                 if not mask[z, y, x]:
                     continue
-                bx, ux, f = x // sx, cx[x], values[z, y, x]
+                bx, ux, f = x // sx, cx[x], values[z, y, x] - offset
                 out[0, bz, by, bx] += 1.0
                 out[1, bz, by, bx] += f
                 out[2, bz, by, bx] += uz
@@ -185,8 +186,10 @@ def _gaussian_smooth(block: np.ndarray, sigma: list[float], spare: np.ndarray) -
     return block
 
 
-def _moments(values, mask, coords, steps, sigma, mode="linear"):
+def _moments(values, mask, coords, steps, sigma, mode="linear", offset=0.0):
     """Gaussian-weighted moments of (1, u, u u, f, f u) on the block grid, about the origin.
+
+    f is ``values − offset``, subtracted voxel by voxel in the values' dtype.
 
     The block sums take one compiled pass over the masked voxels (slabs of whole blocks of
     planes on as many threads), so nothing of the image's size is made; the Gaussian then
@@ -204,7 +207,8 @@ def _moments(values, mask, coords, steps, sigma, mode="linear"):
         _axes3(coords),
     )
     # Whole blocks of planes per thread, so no two threads add into one block.
-    _over_slabs(lambda z0, z1: _block_moments(vol, msk, *axes, step3, z0, z1, sums),
+    shift = vol.dtype.type(offset)
+    _over_slabs(lambda z0, z1: _block_moments(vol, msk, *axes, step3, z0, z1, sums, shift),
                 blocks[0], step3[0], vol.shape[0])  # fmt: skip
     names = {0: "w", 1: "wf"}
     if mode == "linear":
@@ -421,6 +425,7 @@ def local_fit(
     *,
     mode: str = "linear",
     dtype: np.dtype | type = np.float64,
+    offset: float = 0.0,
 ) -> np.ndarray:
     """Smooth `values` over `mask` with a Gaussian window, by a local fit at every voxel.
 
@@ -447,6 +452,9 @@ def local_fit(
         Local model: a plane or a constant.
     dtype : {float64, float32}, optional
         Dtype of the result; the fit itself runs in float64 either way.
+    offset : float, optional
+        Subtracted from every value first (in the values' dtype, voxel by voxel, so no
+        shifted copy of `values` is made): the fit is that of ``values - offset``.
 
     Returns
     -------
@@ -460,7 +468,7 @@ def local_fit(
         _axis_view((np.arange(n) - (n - 1) / 2) / s, i, ndim)
         for i, (n, s) in enumerate(zip(values.shape, sigma, strict=True))
     ]
-    m = _moments(values, mask, coords, steps, sigma, mode)
+    m = _moments(values, mask, coords, steps, sigma, mode, offset)
     coarse_shape = m["w"].shape
     centres = [
         _axis_view(((np.arange(c) * k + (k - 1) / 2) - (n - 1) / 2) / s, i, ndim)
@@ -559,14 +567,13 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         ndarray of float32, shape of `lowres_array`
             The field, >= 0.001. The offset used is kept in `estimated_offset`.
         """
-        # Float32 throughout, and one copy (the values above the offset): the fit reads
-        # them once into float64 block sums, the largest arrays of the estimate.
+        # Float32 throughout, and no copy of the image: the fit subtracts the offset as it
+        # reads each value once into float64 block sums, the largest arrays of the estimate.
         image = validate_lowres(lowres_array, np.float32, copy=False)  # not to be modified
         offset = estimate_offset(image, self.offset)
         mask = foreground_mask(image, self.mask)
-        values = np.subtract(image, np.float32(offset), dtype=np.float32)
-        field = local_fit(values, mask, self.sigma_voxels(image.ndim), mode=self.mode,
-                          dtype=np.float32)  # fmt: skip
+        field = local_fit(image, mask, self.sigma_voxels(image.ndim), mode=self.mode,
+                          dtype=np.float32, offset=offset)  # fmt: skip
         self.estimated_offset = offset
         return normalise_field(field, mask, self.name)
 
