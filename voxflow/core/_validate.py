@@ -6,6 +6,8 @@ import enum
 import numbers
 from typing import TypeVar
 
+import numpy as np
+
 E = TypeVar("E", bound=enum.Enum)
 
 
@@ -16,6 +18,17 @@ def validate_int(value: object, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
     return int(value)
+
+
+def validate_dtype(dtype: object, kinds: str, what: str) -> np.dtype:
+    """A NumPy dtype of one of `kinds`; None is refused rather than read as float64."""
+    try:
+        got = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        got = None
+    if got is None or got.kind not in kinds:
+        raise TypeError(f"`dtype` must be {what}, got {dtype!r}")
+    return got
 
 
 def validate_choice(value: object, enum: type[E], name: str) -> E:

@@ -34,6 +34,7 @@ from voxflow.core._upsample_kernels import (
     divide_upsampled_3d,
     interpolate_3d,
 )
+from voxflow.core._validate import validate_dtype as _validate_dtype
 from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = [
@@ -71,10 +72,8 @@ class UpsampleRecipe:
         The validated field: C-contiguous, native float32 or float64.
     shared : dask.delayed.Delayed
         The field as the single graph key every task of the array reads.
-    shape : tuple of int
-        Shape of the array.
     chunks : tuple of tuple of int
-        Its chunks, as Dask spells them.
+        The array's chunks, as Dask spells them (they give its shape).
     geometry : tuple of tuple of float
         ``scale``, ``translation``, ``low_scale`` and ``low_translation``, one value per axis.
     dtype : numpy.dtype
@@ -84,10 +83,14 @@ class UpsampleRecipe:
     name: str
     field: np.ndarray
     shared: Delayed
-    shape: tuple[int, ...]
     chunks: tuple[tuple[int, ...], ...]
     geometry: _Geometry
     dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the array."""
+        return tuple(sum(sizes) for sizes in self.chunks)
 
 
 # --------------------------------------------------------------------------- validation
@@ -153,17 +156,6 @@ def _validate_geometry(
         _validate_reals(low_scale, ndim, "low_scale", positive=True),
         _validate_reals(low_translation, ndim, "low_translation", positive=False),
     )
-
-
-def _validate_dtype(dtype: object, kinds: str, what: str) -> np.dtype:
-    """A NumPy dtype of one of `kinds`; None is refused rather than read as float64."""
-    try:
-        got = None if dtype is None else np.dtype(dtype)
-    except TypeError:
-        got = None
-    if got is None or got.kind not in kinds:
-        raise TypeError(f"`dtype` must be {what}, got {dtype!r}")
-    return got
 
 
 def _validate_out_dtype(dtype: object) -> np.dtype:
@@ -527,7 +519,7 @@ def upsample(
         meta=np.empty((0,) * field.ndim, dtype),
         name="upsample-" + dask.base.tokenize(shared, shape, chunks, geometry, dtype),
     )
-    recipe = UpsampleRecipe(out.name, field, shared, shape, out.chunks, geometry, dtype)
+    recipe = UpsampleRecipe(out.name, field, shared, out.chunks, geometry, dtype)
     setattr(out, _RECIPE, recipe)
     return out
 
@@ -655,7 +647,7 @@ def divide_upsampled(
         raise TypeError(f"`full` must be a Dask array of numbers, got {got}")
     if not isinstance(recipe, UpsampleRecipe):
         raise TypeError(f"`recipe` must be an UpsampleRecipe, got {type(recipe).__name__}")
-    if full.shape != recipe.shape or full.chunks != recipe.chunks:
+    if full.chunks != recipe.chunks:
         raise ValueError(
             f"`full` must have the shape {recipe.shape} and the chunks {recipe.chunks} of the "
             f"upsampled field, got {full.shape} and {full.chunks}"

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from voxflow.core._validate import validate_dtype
 from voxflow.core.upsample import cast_to_dtype, divide_upsampled, upsample_recipe
 
 __all__ = [
@@ -266,19 +267,6 @@ def _divide_block(full: np.ndarray, field: np.ndarray, offset: float, dtype: np.
     return out
 
 
-def _validate_target(dtype: Any) -> np.dtype | None:
-    """None, or an integer or float dtype."""
-    if dtype is None:
-        return None
-    try:
-        got = np.dtype(dtype)
-    except TypeError:
-        got = None
-    if got is None or got.kind not in "iuf":
-        raise TypeError(f"`dtype` must be None, an integer or a float dtype, got {dtype!r}")
-    return got
-
-
 def divide_field(
     full: da.Array, field: da.Array, offset: float, dtype: np.dtype | str | type | None = None
 ) -> da.Array:
@@ -315,12 +303,14 @@ def divide_field(
     TypeError
         When `dtype` is neither None, an integer nor a float dtype.
     """
-    target = _validate_target(dtype)
+    target = (
+        None if dtype is None else validate_dtype(dtype, "iuf", "None, an integer or a float dtype")
+    )
     offset = float(offset)
     recipe = upsample_recipe(field)
     if (
         recipe is not None
-        and (recipe.shape, recipe.chunks) == (full.shape, full.chunks)
+        and recipe.chunks == full.chunks
         and full.dtype.kind in "biuf"
         and math.isfinite(offset)
     ):

@@ -26,6 +26,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+def _local_threads() -> int:
+    # Twice the cores: a thread waiting on TensorStore's disk I/O leaves its core idle.
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+def _compute_locally(*collections: Any) -> tuple:
+    """``dask.compute`` on local threads, then the freed memory back to the system."""
+    try:
+        return dask.compute(*collections, num_workers=_local_threads())
+    finally:
+        release_free_memory()
+
+
 def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``).
 
@@ -77,7 +90,7 @@ def on_cluster() -> Iterator[Any]:
             with dask.config.set(scheduler=client):
                 yield client
             return
-        with dask.config.set(scheduler="threads", num_workers=max(4, 2 * (os.cpu_count() or 1))):
+        with dask.config.set(scheduler="threads", num_workers=_local_threads()):
             yield None
 
 
@@ -119,11 +132,7 @@ def compute_blocks(
     total = len(blocks)
     with flow_client() as client:
         if client is None:
-            # Twice the cores: a thread waiting on TensorStore's disk I/O leaves its core idle.
-            try:
-                dask.compute(*blocks, num_workers=max(4, 2 * (os.cpu_count() or 1)))
-            finally:
-                release_free_memory()
+            _compute_locally(*blocks)
             if progress:
                 progress(total, total)
             return total
@@ -141,10 +150,7 @@ def compute_array(arr: da.Array) -> np.ndarray:
     """Compute a (small) Dask array into memory, on the flow's cluster when there is one."""
     with flow_client() as client:
         if client is None:
-            try:
-                return np.asarray(arr.compute(num_workers=max(4, 2 * (os.cpu_count() or 1))))
-            finally:
-                release_free_memory()
+            return np.asarray(_compute_locally(arr)[0])
         return np.asarray(client.compute(arr).result())
 
 
