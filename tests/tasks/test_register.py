@@ -7,7 +7,9 @@ from scipy import ndimage
 
 from voxflow.core import synth
 from voxflow.core.stack import pixel_rms, solve_stack
+from voxflow.core.warp import warp_slices
 from voxflow.io import Location, open_image, read_level, write_image
+from voxflow.tasks.pyramid import PyramidParams
 from voxflow.tasks.register import (
     INCOMPLETE_MARKER,
     TRANSFORMS_FILE,
@@ -22,6 +24,8 @@ from voxflow.tasks.register import (
     read_transforms,
     register_pairs_of,
     stack_geometry,
+    transforms_document,
+    warp_stack,
 )
 
 SPACING = (0.05, 0.004, 0.004)
@@ -237,11 +241,49 @@ def test_small_warp_blocks_give_the_same_stack(tmp_path, em, monkeypatch):
     whole = read_level(align_stack(ref, results, str(tmp_path / "w.ome.zarr"), params), 0)
     geo = stack_geometry(ref)
     # Room for 4 slices per block; 4 does not divide the 6 slices fed to level 1, so 3 do.
+    # (The stored chunks, 6 deep, are too large to be read whole here.)
     monkeypatch.setattr(task, "_SLAB_BYTES", 4 * 96 * 112)
+    monkeypatch.setattr(task, "_SLAB_MAX_BYTES", 4 * 96 * 112)
     plan = task._plan_pyramid(task._output_like(ref, geo, ((0, 96), (0, 112))), params.pyramid)[1]
     assert task._slab_depth(plan, ref, geo) == 3
     blocks = read_level(align_stack(ref, results, str(tmp_path / "b.ome.zarr"), params), 0)
     np.testing.assert_array_equal(blocks.compute(), whole.compute())
+
+
+def test_warp_blocks_span_whole_stored_chunks(tmp_path, monkeypatch):
+    import voxflow.tasks.register as task
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (12, 40, 48), dtype=np.uint8)
+    write_image(str(tmp_path / "a.ome.zarr"), image, "zyx", SPACING, chunks=(4, 16, 16),
+                shards=(12, 32, 32))  # fmt: skip
+    ref = open_image(str(tmp_path / "a.ome.zarr"))
+    geo = stack_geometry(ref)
+    params = RegistrationParams(crop=False, pyramid=PyramidParams(levels=1), **FAST)
+    plan = task._plan_pyramid(task._output_like(ref, geo, ((0, 40), (0, 48))), params.pyramid)[1]
+    per_slice = 40 * 48
+    depths = {}
+    for room, limit in ((2, 12), (5, 12), (9, 12), (2, 3)):
+        monkeypatch.setattr(task, "_SLAB_BYTES", room * per_slice)
+        monkeypatch.setattr(task, "_SLAB_MAX_BYTES", limit * per_slice)
+        depths[room, limit] = task._slab_depth(plan, ref, geo)
+    # Room for 2 or 5 slices: one 4-deep stored chunk per block rather than cutting it; for
+    # 9, two chunks would not divide the 12 slices, so one; stored chunks too large to read
+    # whole: the room decides (2 slices).
+    assert depths == {(2, 12): 4, (5, 12): 4, (9, 12): 4, (2, 3): 2}
+    monkeypatch.setattr(task, "_SLAB_BYTES", 12 * per_slice)
+    composed = np.tile(np.eye(3), (12, 1, 1))
+    composed[:, :2, 2] = rng.uniform(-3, 3, (12, 2))
+    composed[:, 0, 1], composed[:, 1, 0] = 0.02, -0.02
+    box = ((0, 40), (0, 48))
+    outputs = []
+    for room in (12, 2):
+        monkeypatch.setattr(task, "_SLAB_BYTES", room * per_slice)
+        doc = transforms_document(ref, geo, params, [], composed, box)
+        out = warp_stack(ref, doc, composed, box, str(tmp_path / f"w{room}.ome.zarr"), params)
+        outputs.append(read_level(out, 0).compute())
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    np.testing.assert_array_equal(outputs[0], warp_slices(image, composed, box=box, device="cpu"))
 
 
 def test_channels_share_the_transforms_of_the_registered_channel(tmp_path, em):

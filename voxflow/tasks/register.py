@@ -558,19 +558,24 @@ def warp_stack(
 
 
 _SLAB_BYTES = 16 * 2**20
+_SLAB_MAX_BYTES = 128 * 2**20
 
 
 def _slab_depth(plan, source: ImageRef, geo: StackGeometry) -> int:
     """Slices warped per block: about 16 MiB of input, at most level 1's feed depth.
 
     Blocks that size let reading, warping and writing of a long stack overlap; a divisor of
-    the feed depth, so the output blocks rechunk into it without splitting a slab.
+    the feed depth, so the output blocks rechunk into it without splitting a slab. A block
+    also spans whole stored chunks of the input (up to 128 MiB of them): a block that cuts
+    a stored chunk makes every block it feeds decode all of it again.
     """
     want = level0_chunks(plan, np.dtype(source.dtype).itemsize)[geo.z]
-    per_slice = math.prod(geo.frame) * geo.n_channels * np.dtype(source.dtype).itemsize
-    depth = max(1, min(want, _SLAB_BYTES // max(per_slice, 1)))
+    per_slice = max(math.prod(geo.frame) * geo.n_channels * np.dtype(source.dtype).itemsize, 1)
+    stored = source.levels[0].chunks[geo.z]
+    unit = stored if want % stored == 0 and stored * per_slice <= _SLAB_MAX_BYTES else 1
+    depth = max(unit, min(want, _SLAB_BYTES // per_slice) // unit * unit)
     while want % depth:
-        depth -= 1
+        depth -= unit
     return depth
 
 
