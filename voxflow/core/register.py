@@ -84,6 +84,8 @@ _DEFAULT_EPOCHS = 200
 _DEFAULT_LR_PER_FACTOR = 0.1
 _MIN_LEVEL_PX = 16  # coarse levels keep at least this many pixels on the short side
 _MIN_SIZE = 8
+DEFAULT_SAMPLES = 2**15  # pixels per pair the loss reads at a level that has more
+_MIN_SAMPLES = 64
 _EDGE_RAMP = 1.0  # level pixels over which a pixel's weight rises inside the fixed frame
 _MIN_OVERLAP = 0.1  # a pair whose overlap falls below this fraction of the frame is dropped
 _STD_TINY = 1e-6  # relative standard deviation below which an image counts as constant
@@ -374,13 +376,19 @@ class _LevelData:
     """Both images of every pair at one level, and where their pixels sit at full resolution."""
 
     fixed: torch.Tensor  # (B, 1, H, W)
-    moving: torch.Tensor  # (B, H, W)
-    xs: torch.Tensor  # (W,) centred full-resolution x of the level columns
-    ys: torch.Tensor  # (H,) centred full-resolution y of the level rows
+    moving: torch.Tensor  # (B, H, W), or (B, 1, N) at the N sampled pixels
+    xs: torch.Tensor  # (W,) centred full-resolution x of the level columns, or (N,) of the samples
+    ys: torch.Tensor  # (H,) centred full-resolution y of the level rows, or (N,) of the samples
     scale: torch.Tensor  # (2,) full-resolution (x, y) -> normalised grid, per axis
     offset: torch.Tensor  # (2,) added after `scale`
     # Weight gained per unit of the normalised grid inside the fixed frame's edge, (x, y).
     ramp: tuple[float, float, float]  # per axis scale (x, y), then the dead band, in ramps
+    sampled: bool = False  # `moving`, `xs` and `ys` hold a fixed random subset of the pixels
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of the moving image that the loss reads, per pair."""
+        return len(self.xs) if self.sampled else len(self.xs) * len(self.ys)
 
 
 def _gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -388,23 +396,37 @@ def _gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = min(math.ceil(3 * sigma), max(images.shape[-2:]) - 1)
     if sigma <= 0 or radius < 1:
         return images
-    taps = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = F.pad(images[:, None], (radius, radius, 0, 0), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
+    kernel = (kernel / kernel.sum()).tolist()
+    # A weighted sum of shifted views per axis: torch's conv2d on one channel is many times
+    # slower on a CPU, the more so the larger the batch.
+    for axis in (-1, -2):
+        n = images.shape[axis]
+        edges = (radius, radius, 0, 0) if axis == -1 else (0, 0, radius, radius)
+        padded = F.pad(images[:, None], edges, mode="replicate")[:, 0]
+        out = padded.narrow(axis, 0, n) * kernel[0]
+        for k in range(1, len(kernel)):
+            out.add_(padded.narrow(axis, k, n), alpha=kernel[k])
+        images = out
+    return images
 
 
 def _level_data(
-    fixed: torch.Tensor, moving: torch.Tensor, factor: int, smoothing: float = 0.0
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    factor: int,
+    smoothing: float = 0.0,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> _LevelData:
     """Block means (edge blocks over the pixels they have) and the level's pixel geometry.
 
     Level pixel ``j`` sits at full-resolution coordinate ``j * factor + (factor - 1) / 2``,
     so parameters in full-resolution pixels carry over between levels unchanged. Both images
-    are then smoothed by a Gaussian of `smoothing` level pixels.
+    are then smoothed by a Gaussian of `smoothing` level pixels. A level of more than
+    `samples` pixels keeps that many of the moving image's, drawn once by `generator`
+    without replacement (the same for every pair), in raster order.
     """
     full = fixed.shape[-2:]
     if factor > 1:
@@ -422,7 +444,14 @@ def _level_data(
     # count, and the weight ramps up after them.
     reach = math.ceil(3 * smoothing) if smoothing > 0 else 0
     ramp = ((w - 1) / 2 / _EDGE_RAMP, (h - 1) / 2 / _EDGE_RAMP, reach / _EDGE_RAMP)
-    return _LevelData(fixed[:, None].contiguous(), moving.contiguous(), xs, ys, scale, offset, ramp)
+    if samples is None or h * w <= samples:
+        return _LevelData(
+            fixed[:, None].contiguous(), moving.contiguous(), xs, ys, scale, offset, ramp
+        )
+    drawn = torch.randperm(h * w, generator=generator)[:samples].sort().values.to(fixed.device)
+    moving = moving.flatten(1)[:, None, drawn].contiguous()
+    xs, ys = xs[drawn % w].contiguous(), ys[drawn // w].contiguous()
+    return _LevelData(fixed[:, None].contiguous(), moving, xs, ys, scale, offset, ramp, True)
 
 
 # --------------------------------------------------------------------------- losses
@@ -461,14 +490,12 @@ class _WeightedMoments(torch.autograd.Function):
 
 
 def _moments(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor):
-    """Weighted sums n, Σm, Σs, Σm², Σs², Σms per pair (s: the warped fixed image)."""
-    sums = _WeightedMoments.apply(weight.flatten(1), moving.flatten(1), warped.flatten(1))
+    """Weighted sums Σw, Σwm, Σwm², Σws, Σwms, Σws² per pair (s: the warped fixed image)."""
+    return _WeightedMoments.apply(weight.flatten(1), moving.flatten(1), warped.flatten(1))
+
+
+def _ncc_of(sums: torch.Tensor) -> torch.Tensor:
     n, s_m, s_mm, s_s, s_ms, s_ss = sums.unbind(1)
-    return n, s_m, s_s, s_mm, s_ss, s_ms
-
-
-def _ncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
-    n, s_m, s_s, s_mm, s_ss, s_ms = _moments(moving, warped, weight)
     n = n.clamp_min(1)
     cov = s_ms - s_m * s_s / n
     var_m = (s_mm - s_m * s_m / n).clamp_min(0)
@@ -476,9 +503,17 @@ def _ncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, windo
     return 1 - cov / torch.sqrt(var_m * var_s + 1e-12)
 
 
-def _mse(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
-    n, _, _, s_mm, s_ss, s_ms = _moments(moving, warped, weight)
+def _mse_of(sums: torch.Tensor) -> torch.Tensor:
+    n, _, s_mm, _, s_ms, s_ss = sums.unbind(1)
     return (s_mm - 2 * s_ms + s_ss).clamp_min(0) / n.clamp_min(1)
+
+
+def _ncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
+    return _ncc_of(_moments(moving, warped, weight))
+
+
+def _mse(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
+    return _mse_of(_moments(moving, warped, weight))
 
 
 def _lncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, window: int):
@@ -496,6 +531,40 @@ def _lncc(moving: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor, wind
 
 
 _LOSSES = {Loss.NCC: _ncc, Loss.MSE: _mse, Loss.LNCC: _lncc}
+_MOMENT_LOSSES = {Loss.NCC: _ncc_of, Loss.MSE: _mse_of}
+
+
+class _KernelMoments(torch.autograd.Function):
+    """The moments of :class:`_WeightedMoments` straight from the affine maps, on a CPU.
+
+    ``forward(lin, off, data, rows)``: (n, 2, 2) and (n, 2) maps from centred (x, y) to
+    grid_sample's normalised grid, for the pairs `rows` (None: all) of `data`; returns the
+    (n, 6) moments. The compiled kernels sample, weigh and sum in one pass per pixel and
+    recompute the samples for the gradient, where the torch graph writes and reads the grid,
+    the warped image and the weights for every pair.
+    """
+
+    @staticmethod
+    def forward(ctx, lin, off, data, rows):
+        """The (n, 6) moments."""
+        from voxflow.core._register_kernels import weighted_moments
+
+        picked = np.arange(len(data.fixed)) if rows is None else rows.numpy()
+        ctx.args = (data.fixed[:, 0].numpy(), data.moving.flatten(1).numpy(), picked,
+                    data.xs.numpy(), data.ys.numpy(), not data.sampled)  # fmt: skip
+        ctx.ramp = tuple(float(v) for v in data.ramp)
+        ctx.maps = (lin.detach().double().numpy(), off.detach().double().numpy())
+        return torch.from_numpy(weighted_moments(*ctx.args, *ctx.maps, ctx.ramp)).to(lin.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Gradients with respect to `lin` and `off`."""
+        from voxflow.core._register_kernels import moments_gradient
+
+        coef = np.ascontiguousarray(grad[:, 3:].double().numpy())
+        g_lin, g_off = moments_gradient(*ctx.args, *ctx.maps, ctx.ramp, coef)
+        dtype = grad.dtype
+        return torch.from_numpy(g_lin).to(dtype), torch.from_numpy(g_off).to(dtype), None, None
 
 
 @dataclass(frozen=True)
@@ -546,8 +615,17 @@ def _evaluate(problem: _Problem, data: _LevelData, u: torch.Tensor, rows: torch.
     lin_xy = linear.flip(1).flip(2) * data.scale[None, :, None]
     off_xy = phys[:, :2].flip(1) * data.scale + data.offset
     # The grid is affine in the pixel position: a column term plus a row term.
+    if _compiled(problem, data):
+        sums = _KernelMoments.apply(lin_xy, off_xy, data, rows)
+        loss = _MOMENT_LOSSES[problem.loss](sums)
+        if problem.penalty and problem.kind in (TransformKind.SIMILARITY, TransformKind.AFFINE):
+            loss = loss + problem.penalty * (phys[:, 3:] ** 2).sum(1)
+        return loss, sums[:, 0].detach() / data.pixels
     columns = lin_xy[:, None, :, 0] * data.xs[None, :, None] + off_xy[:, None]
-    grid = _OuterSum.apply(columns, lin_xy[:, None, :, 1] * data.ys[None, :, None])
+    if data.sampled:  # (n, 1, N, 2) at the sampled pixels
+        grid = (columns + lin_xy[:, None, :, 1] * data.ys[None, :, None])[:, None]
+    else:
+        grid = _OuterSum.apply(columns, lin_xy[:, None, :, 1] * data.ys[None, :, None])
     fixed = data.fixed if rows is None else data.fixed[rows]
     moving = data.moving if rows is None else data.moving[rows]
     warped = F.grid_sample(fixed, grid, "bilinear", "zeros", align_corners=True)[:, 0]
@@ -603,10 +681,20 @@ def _step_rows(
         param[~active] = before[~active]
 
 
-def _chunk_size(data: _LevelData) -> int:
-    """Pairs per forward/backward pass: the whole batch on a GPU, cache-sized on a CPU."""
+def _compiled(problem: _Problem, data: _LevelData) -> bool:
+    """Whether the loss runs the compiled kernels (a CPU, and a loss of moments)."""
+    return problem.loss in _MOMENT_LOSSES and data.fixed.device.type == "cpu"
+
+
+def _chunk_size(problem: _Problem, data: _LevelData) -> int:
+    """Pairs per forward/backward pass: the whole batch on a GPU, cache-sized on a CPU.
+
+    The compiled kernels keep nothing per pixel, so they take the whole batch too.
+    """
+    if _compiled(problem, data):
+        return len(data.fixed)
     pixels = _CPU_CHUNK_PIXELS if data.fixed.device.type == "cpu" else _GPU_CHUNK_PIXELS
-    return max(1, pixels // (len(data.xs) * len(data.ys)))
+    return max(1, pixels // data.pixels)
 
 
 def _loss_and_gradient(problem, data, param, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,7 +704,7 @@ def _loss_and_gradient(problem, data, param, rows) -> tuple[torch.Tensor, torch.
     pair depends on its own row only, so chunking changes nothing but speed.
     """
     values, bads = [], []
-    for part in rows.split(_chunk_size(data)):
+    for part in rows.split(_chunk_size(problem, data)):
         if len(part) == len(param):
             loss, overlap = _evaluate(problem, data, param, None)
         else:
@@ -704,6 +792,7 @@ def register_pairs(
     optimizer: Optimizer | str = "adam",
     window: int = 9,
     smoothing: float = 1.0,
+    samples: int | None = DEFAULT_SAMPLES,
     seed: int = 0,
     device: str | torch.device | None = None,
     initial: np.ndarray | None = None,
@@ -754,9 +843,16 @@ def register_pairs(
         Interpolating an image with detail at the pixel scale biases the estimate towards
         whole-pixel shifts (by up to about 0.2 px on sharp EM-like slices); one pixel of
         smoothing removes that bias.
+    samples : int or None, optional
+        Pixels of the moving image the loss reads per pair at a level that has more: a
+        random subset drawn once per level from `seed`, the same for every pair of the batch,
+        so a pair gives the same result alone or batched. Fine levels cost in proportion to
+        their pixels while 32768 samples already fix a transform to a few hundredths of a
+        pixel; None reads every pixel. ``'lncc'`` always reads every pixel (its windows need
+        the whole image).
     seed : int, optional
-        Seed of the generator for random draws; the present algorithm draws none, so equal
-        inputs give equal outputs (bit for bit on the CPU) whatever the seed.
+        Seed of the pixel samples (the only random draw), so equal inputs and seed give
+        equal outputs (bit for bit on the CPU).
     device : str or torch.device, optional
         As for :func:`voxflow.core.predict.resolve_device`; None picks CUDA when available.
     initial : ndarray, shape (B, 3, 3), optional
@@ -784,6 +880,10 @@ def register_pairs(
         transform, loss, optimizer, levels, patience, min_delta, penalty, window
     )
     _validate_int(seed, "seed", 0)
+    if samples is not None:
+        samples = _validate_int(samples, "samples", _MIN_SAMPLES)
+    if loss is Loss.LNCC:
+        samples = None
     if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
         raise TypeError(f"`smoothing` must be a real number, got {type(smoothing).__name__}")
     if not math.isfinite(smoothing) or smoothing < 0:
@@ -808,11 +908,12 @@ def register_pairs(
         early=torch.zeros(batch, dtype=torch.bool, device=dev),
     )
     fitted = _fit_levels(levels, shape)
+    generator = torch.Generator().manual_seed(seed)
     for i, level in enumerate(fitted):
         # Coarse levels are block means already; the bias matters where the result is made.
         sigma = float(smoothing) if i == len(fitted) - 1 else 0.0
         with torch.no_grad():
-            data = _level_data(fixed_t, moving_t, level.factor, sigma)
+            data = _level_data(fixed_t, moving_t, level.factor, sigma, samples, generator)
         _run_level(problem, data, level, state, patience, min_delta, optimizer)
     return _result(kind, shape, start, units, state)
 
