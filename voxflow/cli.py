@@ -597,6 +597,9 @@ def register(
     smoothing: Annotated[
         float, typer.Option(help="Gaussian sigma at the finest level, pixels (0: none).")
     ] = 1.0,
+    samples: Annotated[
+        int, typer.Option(help="Pixels per pair the loss reads at finer levels (0: all).")
+    ] = 32768,
     batch_size: Annotated[int, typer.Option(help="Pairs optimised as one batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
     neighbours: Annotated[
@@ -630,9 +633,9 @@ def register(
             "epochs": _one_or_many(_ints(epochs, "epochs")),
             "lr": _one_or_many(_floats(lr, "lr")), "patience": patience,
             "min_delta": min_delta, "penalty": penalty, "window": window, "smoothing": smoothing,
-            "batch_size": batch_size, "device": device, "neighbours": neighbours,
-            "channel": channel, "reference": reference, "interpolation": interpolation,
-            "crop": not no_crop, "margin": margin, "seed": seed,
+            "samples": samples or None, "batch_size": batch_size, "device": device,
+            "neighbours": neighbours, "channel": channel, "reference": reference,
+            "interpolation": interpolation, "crop": not no_crop, "margin": margin, "seed": seed,
             "pyramid": _storage(settings, ngff_version),
         },
     })  # fmt: skip

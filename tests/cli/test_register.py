@@ -19,7 +19,8 @@ def test_register_and_warp_commands(cli_env, tmp_path):
     out = str(tmp_path / "out.ome.zarr")
     result = runner.invoke(
         app, ["register", src, "-o", out, "--transform", "affine", "--levels", "4,2,1",
-              "--channel", "1", "--batch-size", "2", "--margin", "2", "--interpolation", "cubic"],
+              "--channel", "1", "--batch-size", "2", "--margin", "2", "--interpolation", "cubic",
+              "--samples", "1000"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     words = " ".join(result.output.split())
@@ -27,6 +28,7 @@ def test_register_and_warp_commands(cli_env, tmp_path):
     assert f"{out}/transforms.json" in result.output.replace("\n", "")
     doc = json.loads((tmp_path / "out.ome.zarr" / "transforms.json").read_text())
     assert doc["registration"]["channel"] == 1 and doc["crop"]["margin"] == 2
+    assert doc["registration"]["samples"] == 1000
     assert pixel_rms(np.array(doc["composed"]), em.transforms, (72, 80)).max() < 0.5
     ref = open_image(out)
     (y0, y1), (x0, x1) = doc["crop"]["box"]
@@ -57,6 +59,7 @@ def test_register_rejects_bad_options(cli_env, tmp_path):
         (["--transform", "warp"], "transform"),
         (["--levels", "4,a"], "`levels` needs comma-separated integers"),
         (["--levels", "4,2", "--epochs", "1,2,3"], "`epochs` needs one value or one per level"),
+        (["--samples", "10"], "samples"),
     ]:
         result = runner.invoke(app, ["register", src, "-o", str(out), *args])
         assert result.exit_code == 2, result.output

@@ -57,7 +57,7 @@ def slices():
 
 def _pairs(slices, matrices, shape=(128, 160)):
     """Fixed slices and moving = fixed resampled by the known matrices (same content)."""
-    fixed = slices[: len(matrices), : shape[0], : shape[1]]
+    fixed = slices[: len(matrices), : shape[0], : shape[1]].copy()  # tests may change it
     moving = np.stack(
         [ndimage.affine_transform(f, m, order=3) for f, m in zip(fixed, matrices, strict=True)]
     )
@@ -488,3 +488,130 @@ def test_smoothing_removes_the_interpolation_bias_of_sharp_slices():
 def test_smoothing_is_validated(slices, smoothing, error, match):
     with pytest.raises(error, match=match):
         register_pairs(slices[0], slices[1], smoothing=smoothing)
+
+
+# --------------------------------------------------------------------------- compiled loss, samples
+
+
+def _level(rng, batch, shape, factor, samples=None, smoothing=0.0):
+    fixed = torch.from_numpy(rng.normal(size=(batch, *shape)).astype(np.float32))
+    moving = torch.from_numpy(rng.normal(size=(batch, *shape)).astype(np.float32))
+    fixed, moving = register_module._gaussian(fixed, 1.5), register_module._gaussian(moving, 1.5)
+    generator = torch.Generator().manual_seed(3)
+    return register_module._level_data(fixed, moving, factor, smoothing, samples, generator)
+
+
+@pytest.mark.parametrize("loss", ["ncc", "mse"])
+@pytest.mark.parametrize(
+    ("kind", "factor", "samples", "smoothing"),
+    [("rigid", 1, None, 1.0), ("affine", 2, None, 0.0), ("affine", 1, 700, 1.0),
+     ("similarity", 2, 300, 0.0)],
+)  # fmt: skip
+def test_compiled_loss_matches_the_torch_graph(monkeypatch, loss, kind, factor, samples, smoothing):
+    # On a CPU the moment losses run compiled kernels; the torch graph (grid_sample, edge
+    # weights, weighted moments) is what runs elsewhere. Same loss, overlap and gradient.
+    rng = np.random.default_rng(5)
+    shape = (46, 58)
+    data = _level(rng, 4, shape, factor, samples, smoothing)
+    assert data.sampled == (samples is not None)
+    assert data.pixels == (samples or len(data.xs) * len(data.ys))
+    kind = TransformKind(kind)
+    units = torch.tensor(register_module._units(kind, shape), dtype=torch.float32)
+    problem = register_module._Problem(kind, Loss(loss), units, 0.5, 9)
+    n = len(register_module._PARAM_NAMES[kind])
+    start = torch.from_numpy(rng.normal(scale=0.8, size=(4, n)).astype(np.float32))
+    start[2, :2] = 30.0  # a pair shifted far: most of its pixels leave the fixed frame
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(register_module, "_compiled", lambda p, d, c=compiled: c)
+        for rows in (None, torch.tensor([3, 1])):
+            u = (start if rows is None else start[rows]).clone().requires_grad_(True)
+            loss_value, overlap = register_module._evaluate(problem, data, u, rows)
+            (grad,) = torch.autograd.grad(loss_value.sum(), u)
+            results[compiled, rows is None] = (loss_value.detach(), overlap, grad)
+    for whole in (True, False):
+        got, want = results[True, whole], results[False, whole]
+        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5, atol=1e-6)
+        scale = float(want[2].abs().max())
+        assert scale > 0
+        np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), rtol=0, atol=3e-3 * scale)
+    # Rows pick pairs: the same pairs' values whichever way they are asked for.
+    np.testing.assert_allclose(results[True, False][0].numpy(),
+                               results[True, True][0].numpy()[[3, 1]], rtol=1e-6)  # fmt: skip
+    assert float(results[True, True][1][2]) < 0.5 < float(results[True, True][1][0])
+
+
+def test_samples_draw_a_fixed_subset_per_level():
+    rng = np.random.default_rng(6)
+    full = _level(rng, 2, (40, 50), 1)
+    rng = np.random.default_rng(6)
+    sampled = _level(rng, 2, (40, 50), 1, samples=300)
+    assert not full.sampled and sampled.pixels == 300 and sampled.moving.shape == (2, 1, 300)
+    # Every sample is a pixel of the raster, each at most once, with its own coordinates.
+    flat_x = full.xs[None, :].expand(40, 50).reshape(-1)
+    flat_y = full.ys[:, None].expand(40, 50).reshape(-1)
+    index = ((sampled.ys - full.ys[0]) * 50 + (sampled.xs - full.xs[0])).round().long()
+    assert len(set(index.tolist())) == 300 and (index.diff() > 0).all()
+    np.testing.assert_array_equal(flat_x[index].numpy(), sampled.xs.numpy())
+    np.testing.assert_array_equal(flat_y[index].numpy(), sampled.ys.numpy())
+    np.testing.assert_array_equal(full.moving.reshape(2, -1)[:, index].numpy(),
+                                  sampled.moving[:, 0].numpy())  # fmt: skip
+    # A level with no more pixels than samples keeps them all.
+    rng = np.random.default_rng(6)
+    assert not _level(rng, 2, (40, 50), 1, samples=2000).sampled
+
+
+def test_sampled_registration_is_accurate_seeded_and_batch_independent(slices):
+    shape = (128, 160)
+    truth = np.stack(
+        [_matrix(shape, shift=(3.0, -2.0), theta_deg=2.0),
+         _matrix(shape, shift=(-4.0, 3.5), theta_deg=-2.5)]
+    )  # fmt: skip
+    fixed, moving = _pairs(slices, truth)
+    opts = {"transform": "rigid", "samples": 2000}
+    batch = register_pairs(fixed, moving, **opts)
+    np.testing.assert_array_less(_rms(batch.matrices, truth, shape), 0.1)
+    # Every pair sees the same samples: alone it gives its batch result, bit for bit.
+    for k in range(2):
+        alone = register_pairs(fixed[k], moving[k], **opts)
+        np.testing.assert_array_equal(alone.matrices[0], batch.matrices[k])
+    again = register_pairs(fixed, moving, **opts)
+    np.testing.assert_array_equal(again.matrices, batch.matrices)
+    # Another seed draws other samples (another result, as accurate); every pixel, a third.
+    other = register_pairs(fixed, moving, seed=1, **opts)
+    every = register_pairs(fixed, moving, transform="rigid", samples=None)
+    for result in (other, every):
+        assert not np.array_equal(result.matrices, batch.matrices)
+        np.testing.assert_array_less(_rms(result.matrices, truth, shape), 0.1)
+
+
+def test_lncc_reads_every_pixel_whatever_the_samples(slices):
+    shape = (64, 80)
+    truth = _matrix(shape, shift=(1.5, -2.0))[None]
+    fixed, moving = _pairs(slices, truth, shape)
+    opts = {"transform": "translation", "loss": "lncc", "levels": make_levels((2, 1))}
+    few = register_pairs(fixed, moving, samples=100, **opts)
+    every = register_pairs(fixed, moving, samples=None, **opts)
+    np.testing.assert_array_equal(few.matrices, every.matrices)
+
+
+@pytest.mark.parametrize(
+    ("samples", "error", "match"),
+    [(63, ValueError, "`samples` must be >= 64"), (True, TypeError, "`samples` must be an int"),
+     (1e4, TypeError, "`samples` must be an int")],
+)  # fmt: skip
+def test_samples_are_validated(slices, samples, error, match):
+    with pytest.raises(error, match=match):
+        register_pairs(slices[0, :32, :32], slices[1, :32, :32], samples=samples)
+
+
+def test_gaussian_smoothing_equals_scipy_with_replicated_edges():
+    rng = np.random.default_rng(9)
+    images = rng.normal(size=(2, 30, 41)).astype(np.float32)
+    for sigma in (1.0, 2.0):  # radius ceil(3 sigma) = scipy's int(3 sigma + 0.5)
+        got = register_module._gaussian(torch.from_numpy(images), sigma).numpy()
+        want = [ndimage.gaussian_filter(im.astype(np.float64), sigma, mode="nearest",
+                                        truncate=3.0) for im in images]  # fmt: skip
+        np.testing.assert_allclose(got, np.stack(want), atol=2e-6)
+    assert register_module._gaussian(torch.from_numpy(images), 0.0) is not None

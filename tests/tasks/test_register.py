@@ -107,6 +107,20 @@ def test_params_per_level_lengths_are_checked():
     assert RegistrationParams(levels=(4, 2, 1), epochs=(10,), lr=(0.1, 0.2, 0.3)).lr[2] == 0.3
 
 
+def test_samples_default_and_bounds_are_the_cores():
+    from voxflow.core.register import DEFAULT_SAMPLES
+
+    assert RegistrationParams().samples == DEFAULT_SAMPLES
+    assert RegistrationParams(samples=None).registration_json()["samples"] is None
+    # The samples decide the pairwise results: they are part of the batch cache key.
+    assert (
+        RegistrationParams(samples=64).registration_json()
+        != RegistrationParams().registration_json()
+    )
+    with pytest.raises(ValueError, match="greater than or equal to 64"):
+        RegistrationParams(samples=63)
+
+
 @pytest.mark.parametrize(("n", "k", "size"), [(6, 1, 4), (6, 3, 4), (2, 1, 16), (9, 2, 5)])
 def test_pair_batches(n, k, size):
     batches = pair_batches(n, k, size)

@@ -102,6 +102,9 @@ class RegistrationParams(BaseModel):
     smoothing: float = Field(
         1.0, ge=0, le=10, description="Gaussian sigma (pixels) at the finest level; 0: none."
     )
+    samples: int | None = Field(
+        32768, ge=64, description="Pixels per pair the loss reads at a finer level; None: all."
+    )
     seed: int = Field(0, ge=0, description="Seed; equal seeds give identical results.")
     batch_size: PositiveInt = Field(16, le=4096, description="Pairs optimised as one batch.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Torch device.")
@@ -133,7 +136,7 @@ class RegistrationParams(BaseModel):
     def registration_json(self) -> dict[str, Any]:
         """The fields that decide the pairwise results (the batch cache key)."""
         keys = ("transform", "loss", "levels", "epochs", "lr", "patience", "min_delta",
-                "penalty", "window", "smoothing", "seed", "channel")  # fmt: skip
+                "penalty", "window", "smoothing", "samples", "seed", "channel")  # fmt: skip
         return {k: v for k, v in self.model_dump(mode="json").items() if k in keys}
 
 
@@ -304,8 +307,8 @@ def register_pairs_of(
     result = register_pairs(
         fixed, moving, transform=params.transform, loss=params.loss, levels=levels,
         patience=params.patience, min_delta=params.min_delta, penalty=params.penalty,
-        window=params.window, smoothing=params.smoothing, seed=params.seed,
-        device=params.device,
+        window=params.window, smoothing=params.smoothing, samples=params.samples,
+        seed=params.seed, device=params.device,
     )  # fmt: skip
     return [
         PairResult(
