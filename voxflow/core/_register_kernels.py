@@ -66,59 +66,12 @@ def _chunks(grid, xs, npix):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, parallel=True)
-def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp):  # pragma: no cover
-    """(n, 6) moments Σw, Σwm, Σwm², Σws, Σwms, Σws² of the pairs `rows`.
+def _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  # pragma: no cover
+    """Per pair, the six moments, or (`gradient`) the six sums of the gradient's terms.
 
-    `fixed` (B, H, W) and `moving` (B, N) are every pair's level images, the moving one at
-    its N pixels: the raster of ``xs`` (W',) × ``ys`` (H',) when `grid`, else the points
-    ``(xs[p], ys[p])``. ``lin`` (n, 2, 2) and ``off`` (n, 2) map (x, y) to grid_sample's
-    normalised (gx, gy); `ramp` is the edge weight's (x scale, y scale, dead band).
-    """
-    n, npix = len(rows), moving.shape[1]
-    chunks = _chunks(grid, xs, npix)
-    h, w = fixed.shape[1], fixed.shape[2]
-    sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
-    part = np.zeros((n, chunks, 6))
-    for item in numba.prange(n * chunks):
-        k, lo, hi = _span(grid, xs, npix, item, chunks)
-        b = rows[k]
-        a00, a01, a10, a11 = lin[k, 0, 0], lin[k, 0, 1], lin[k, 1, 0], lin[k, 1, 1]
-        s_w = s_wm = s_wmm = s_ws = s_wms = s_wss = 0.0
-        # Raster rows lo .. hi - 1, each sharing its y; or one line of the points lo .. hi - 1.
-        first, last = (lo, hi) if grid else (0, 1)
-        for r in range(first, last):
-            bx = a01 * float(ys[r]) + off[k, 0] if grid else off[k, 0]
-            by = a11 * float(ys[r]) + off[k, 1] if grid else off[k, 1]
-            start, stop = (r * len(xs), (r + 1) * len(xs)) if grid else (lo, hi)
-            for p in range(start, stop):
-                x = float(xs[p - start]) if grid else float(xs[p])
-                y = float(ys[r]) if grid else float(ys[p])
-                gx = a00 * x + bx + (0.0 if grid else a01 * y)
-                gy = a10 * x + by + (0.0 if grid else a11 * y)
-                wt = _weight(gx, gy, ramp)
-                if wt <= 0.0:
-                    continue
-                s = _sample(fixed, b, (gx + 1.0) * sx, (gy + 1.0) * sy)[0]
-                m = float(moving[b, p])
-                wm, ws = wt * m, wt * s
-                s_w += wt
-                s_wm += wm
-                s_wmm += wm * m
-                s_ws += ws
-                s_wms += wm * s
-                s_wss += ws * s
-        c = item % chunks
-        part[k, c, 0], part[k, c, 1], part[k, c, 2] = s_w, s_wm, s_wmm
-        part[k, c, 3], part[k, c, 4], part[k, c, 5] = s_ws, s_wms, s_wss
-    return part.sum(axis=1)
-
-
-@numba.njit(cache=True, parallel=True)
-def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):  # pragma: no cover
-    """Gradients (n, 2, 2) and (n, 2) of ``Σ coef[k] · (Σws, Σwms, Σws²)`` in `lin`, `off`.
-
-    The weight counts as a constant (it only fades pixels in at the frame edge), as in the
-    moments' torch counterpart.
+    Moments: Σw, Σwm, Σwm², Σws, Σwms, Σws². Gradient of ``Σ coef[k] · (Σws, Σwms, Σws²)``:
+    with ``g = ∂/∂(gx, gy)`` at each point, Σ g_x x, Σ g_x y, Σ g_y x, Σ g_y y, Σ g_x, Σ g_y,
+    i.e. the derivatives by ``lin`` (row-major) then ``off``.
     """
     n, npix = len(rows), moving.shape[1]
     chunks = _chunks(grid, xs, npix)
@@ -130,7 +83,8 @@ def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):  
         b = rows[k]
         a00, a01, a10, a11 = lin[k, 0, 0], lin[k, 0, 1], lin[k, 1, 0], lin[k, 1, 1]
         c_s, c_ms, c_ss = coef[k, 0], coef[k, 1], 2.0 * coef[k, 2]
-        g00 = g01 = g10 = g11 = g0 = g1 = 0.0
+        t0 = t1 = t2 = t3 = t4 = t5 = 0.0
+        # Raster rows lo .. hi - 1, each sharing its y; or one line of the points lo .. hi - 1.
         first, last = (lo, hi) if grid else (0, 1)
         for r in range(first, last):
             bx = a01 * float(ys[r]) + off[k, 0] if grid else off[k, 0]
@@ -146,16 +100,46 @@ def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):  
                     continue
                 s, d_ix, d_iy = _sample(fixed, b, (gx + 1.0) * sx, (gy + 1.0) * sy)
                 m = float(moving[b, p])
-                d_s = wt * (c_s + c_ms * m + c_ss * s)
-                d_gx, d_gy = d_s * d_ix * sx, d_s * d_iy * sy
-                g00 += d_gx * x
-                g01 += d_gx * y
-                g0 += d_gx
-                g10 += d_gy * x
-                g11 += d_gy * y
-                g1 += d_gy
+                if gradient:
+                    d_s = wt * (c_s + c_ms * m + c_ss * s)
+                    d_gx, d_gy = d_s * d_ix * sx, d_s * d_iy * sy
+                    t0 += d_gx * x
+                    t1 += d_gx * y
+                    t2 += d_gy * x
+                    t3 += d_gy * y
+                    t4 += d_gx
+                    t5 += d_gy
+                else:
+                    wm, ws = wt * m, wt * s
+                    t0 += wt
+                    t1 += wm
+                    t2 += wm * m
+                    t3 += ws
+                    t4 += wm * s
+                    t5 += ws * s
         c = item % chunks
-        part[k, c, 0], part[k, c, 1], part[k, c, 2] = g00, g01, g10
-        part[k, c, 3], part[k, c, 4], part[k, c, 5] = g11, g0, g1
-    total = part.sum(axis=1)
-    return total[:, :4].copy().reshape(n, 2, 2), total[:, 4:].copy()
+        part[k, c, 0], part[k, c, 1], part[k, c, 2] = t0, t1, t2
+        part[k, c, 3], part[k, c, 4], part[k, c, 5] = t3, t4, t5
+    return part.sum(axis=1)
+
+
+def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp) -> np.ndarray:
+    """(n, 6) moments Σw, Σwm, Σwm², Σws, Σwms, Σws² of the pairs `rows`.
+
+    `fixed` (B, H, W) and `moving` (B, N) are every pair's level images, the moving one at
+    its N pixels: the raster of ``xs`` (W',) × ``ys`` (H',) when `grid`, else the points
+    ``(xs[p], ys[p])``. ``lin`` (n, 2, 2) and ``off`` (n, 2) map (x, y) to grid_sample's
+    normalised (gx, gy); `ramp` is the edge weight's (x scale, y scale, dead band).
+    """
+    coef = np.zeros((len(rows), 3))
+    return _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, False)
+
+
+def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):
+    """Gradients (n, 2, 2) and (n, 2) of ``Σ coef[k] · (Σws, Σwms, Σws²)`` in `lin`, `off`.
+
+    The weight counts as a constant (it only fades pixels in at the frame edge), as in the
+    moments' torch counterpart.
+    """
+    total = _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, True)
+    return total[:, :4].reshape(-1, 2, 2).copy(), total[:, 4:].copy()
