@@ -615,3 +615,38 @@ def test_gaussian_smoothing_equals_scipy_with_replicated_edges():
                                         truncate=3.0) for im in images]  # fmt: skip
         np.testing.assert_allclose(got, np.stack(want), atol=2e-6)
     assert register_module._gaussian(torch.from_numpy(images), 0.0) is not None
+
+
+def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from voxflow.core import _register_kernels as kernels
+
+    rng = np.random.default_rng(12)
+    fixed = rng.normal(size=(3, 40, 52)).astype(np.float32)
+    xs = (np.arange(52) - 25.5).astype(np.float32)
+    ys = (np.arange(40) - 19.5).astype(np.float32)
+    lin = np.tile(np.diag([2 / 51, 2 / 39]), (3, 1, 1)) * rng.uniform(0.95, 1.05, (3, 1, 1))
+    off = rng.normal(scale=0.05, size=(3, 2))
+    coef = rng.normal(size=(3, 3))
+    ramp = (25.5, 19.5, 0.0)
+    cases = [(rng.normal(size=(3, 40 * 52)).astype(np.float32), xs, ys, True)]
+    drawn = np.sort(rng.choice(40 * 52, 700, replace=False))
+    cases.append((cases[0][0][:, drawn].copy(), xs[drawn % 52], ys[drawn // 52], False))
+    rows = np.array([2, 0])
+    for moving, px, py, grid in cases:
+        args = (fixed, moving, rows, px, py, grid, lin[:2], off[:2], ramp)
+        moments = kernels.weighted_moments(*args)
+        gradient = kernels.moments_gradient(*args, coef[:2])
+        # Threads of a Dask worker call the kernels at once.
+        with ThreadPoolExecutor(4) as pool:
+            many = list(pool.map(lambda a: kernels.weighted_moments(*a), [args] * 8))
+        for got in many:
+            np.testing.assert_array_equal(got, moments)
+        # Without a thread-safe layer the same loop runs on the calling thread.
+        monkeypatch.setattr(kernels, "_threadsafe", [False])
+        np.testing.assert_array_equal(kernels.weighted_moments(*args), moments)
+        for got, want in zip(kernels.moments_gradient(*args, coef[:2]), gradient, strict=True):
+            np.testing.assert_array_equal(got, want)
+        monkeypatch.undo()
+        assert moments[:, 0].min() > 0.5 * (moving.shape[1])  # most points count

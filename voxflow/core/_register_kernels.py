@@ -9,6 +9,9 @@ Nothing per pixel is stored between them, where torch's graph keeps several imag
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numba
 import numpy as np
 
@@ -65,8 +68,7 @@ def _chunks(grid, xs, npix):  # pragma: no cover - compiled
     return (npix + _CHUNK - 1) // _CHUNK
 
 
-@numba.njit(cache=True, parallel=True)
-def _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  # pragma: no cover
+def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  # pragma: no cover
     """Per pair, the six moments, or (`gradient`) the six sums of the gradient's terms.
 
     Moments: Σw, Σwm, Σwm², Σws, Σwms, Σws². Gradient of ``Σ coef[k] · (Σws, Σwms, Σws²)``:
@@ -121,6 +123,35 @@ def _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  #
         part[k, c, 0], part[k, c, 1], part[k, c, 2] = t0, t1, t2
         part[k, c, 3], part[k, c, 4], part[k, c, 5] = t3, t4, t5
     return part.sum(axis=1)
+
+
+_sums_parallel = numba.njit(cache=True, parallel=True)(_sums_py)
+_probe_lock = threading.Lock()
+_threadsafe: list[bool] = []
+
+
+def _sums(*args) -> np.ndarray:
+    """`_sums_py` compiled, its pairs and chunks spread over the cores where that is safe.
+
+    Numba's parallel loops run on its threading layer: TBB or OpenMP take calls from any
+    number of threads at once (Dask workers make them); its own fallback aborts on a second
+    concurrent call, so without them the loop runs on the calling thread. The layer is known
+    once a parallel loop has run: the first call probes it, alone.
+    """
+    if not _threadsafe:
+        with _probe_lock:
+            if not _threadsafe:
+                sums = _sums_parallel(*args)
+                _threadsafe.append(numba.threading_layer() in ("tbb", "omp"))
+                return sums
+    if _threadsafe[0]:
+        return _sums_parallel(*args)
+    return _serial()(*args)
+
+
+@functools.cache
+def _serial():
+    return numba.njit(nogil=True)(_sums_py)
 
 
 def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp) -> np.ndarray:
