@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -382,12 +383,15 @@ def _ants_pairs(data: dict[str, Any], family: str, count: int) -> dict[str, Any]
 
     matrices, seconds = [], []
     image = data["image"].astype(np.float32)
-    for k in range(1, count + 1):
-        fixed, moving = ants.from_numpy(image[k]), ants.from_numpy(image[k - 1])
-        t0 = time.perf_counter()
-        result = ants.registration(fixed, moving, type_of_transform=ANTS_TYPES[family])
-        seconds.append(time.perf_counter() - t0)
-        matrices.append(_ants_matrix(result))
+    # ANTs writes its transforms to files, by default loose in the temporary directory.
+    with tempfile.TemporaryDirectory(prefix="voxflow-bench-ants-") as scratch:
+        for k in range(1, count + 1):
+            fixed, moving = ants.from_numpy(image[k]), ants.from_numpy(image[k - 1])
+            t0 = time.perf_counter()
+            result = ants.registration(fixed, moving, type_of_transform=ANTS_TYPES[family],
+                                       outprefix=os.path.join(scratch, f"{k}_"))  # fmt: skip
+            seconds.append(time.perf_counter() - t0)
+            matrices.append(_ants_matrix(result))
     return {"matrices": np.stack(matrices), "seconds": seconds}
 
 
