@@ -614,13 +614,19 @@ def _evaluate(problem: _Problem, data: _LevelData, u: torch.Tensor, rows: torch.
     # Rows and columns in (x, y) order: grid_sample wants the last grid axis as (x, y).
     lin_xy = linear.flip(1).flip(2) * data.scale[None, :, None]
     off_xy = phys[:, :2].flip(1) * data.scale + data.offset
-    # The grid is affine in the pixel position: a column term plus a row term.
     if _compiled(problem, data):
         sums = _KernelMoments.apply(lin_xy, off_xy, data, rows)
-        loss = _MOMENT_LOSSES[problem.loss](sums)
-        if problem.penalty and problem.kind in (TransformKind.SIMILARITY, TransformKind.AFFINE):
-            loss = loss + problem.penalty * (phys[:, 3:] ** 2).sum(1)
-        return loss, sums[:, 0].detach() / data.pixels
+        loss, overlap = _MOMENT_LOSSES[problem.loss](sums), sums[:, 0].detach() / data.pixels
+    else:
+        loss, overlap = _torch_loss(problem, data, lin_xy, off_xy, rows)
+    if problem.penalty and problem.kind in (TransformKind.SIMILARITY, TransformKind.AFFINE):
+        loss = loss + problem.penalty * (phys[:, 3:] ** 2).sum(1)
+    return loss, overlap
+
+
+def _torch_loss(problem, data, lin_xy, off_xy, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and overlap through torch's ``grid_sample`` (GPUs, and the windowed loss)."""
+    # The grid is affine in the pixel position: a column term plus a row term.
     columns = lin_xy[:, None, :, 0] * data.xs[None, :, None] + off_xy[:, None]
     if data.sampled:  # (n, 1, N, 2) at the sampled pixels
         grid = (columns + lin_xy[:, None, :, 1] * data.ys[None, :, None])[:, None]
@@ -635,10 +641,7 @@ def _evaluate(problem: _Problem, data: _LevelData, u: torch.Tensor, rows: torch.
         # as pixels cross it.
         weight = _edge_weight(grid.detach(), data.ramp)
     loss = _LOSSES[problem.loss](moving, warped, weight, problem.window)
-    if problem.penalty and problem.kind in (TransformKind.SIMILARITY, TransformKind.AFFINE):
-        loss = loss + problem.penalty * (phys[:, 3:] ** 2).sum(1)
-    overlap = weight.sum((1, 2)) / weight[0].numel()
-    return loss, overlap
+    return loss, weight.sum((1, 2)) / weight[0].numel()
 
 
 # --------------------------------------------------------------------------- optimisation
