@@ -49,25 +49,6 @@ def _weight(gx, gy, ramp):  # pragma: no cover - compiled
     return min(max(inside, 0.0), 1.0)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _span(grid, xs, npix, item, chunks):  # pragma: no cover - compiled
-    """Pair slot, and the first and last + 1 of the rows (grid) or points of work `item`."""
-    k, c = item // chunks, item % chunks
-    if grid:
-        per = max(1, _CHUNK // len(xs))
-        return k, c * per, min((c + 1) * per, npix // len(xs))
-    return k, c * _CHUNK, min((c + 1) * _CHUNK, npix)
-
-
-@numba.njit(cache=True, nogil=True)
-def _chunks(grid, xs, npix):  # pragma: no cover - compiled
-    if grid:
-        per = max(1, _CHUNK // len(xs))
-        rows = npix // len(xs)
-        return (rows + per - 1) // per
-    return (npix + _CHUNK - 1) // _CHUNK
-
-
 def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  # pragma: no cover
     """Per pair, the six moments, or (`gradient`) the six sums of the gradient's terms.
 
@@ -76,12 +57,17 @@ def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):
     i.e. the derivatives by ``lin`` (row-major) then ``off``.
     """
     n, npix = len(rows), moving.shape[1]
-    chunks = _chunks(grid, xs, npix)
+    # Work items: whole raster rows (grid) or points, about `_CHUNK` pixels of one pair.
+    per_unit = len(xs) if grid else 1
+    units = npix // per_unit
+    per = max(1, _CHUNK // per_unit)
+    chunks = (units + per - 1) // per
     h, w = fixed.shape[1], fixed.shape[2]
     sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
     part = np.zeros((n, chunks, 6))
     for item in numba.prange(n * chunks):
-        k, lo, hi = _span(grid, xs, npix, item, chunks)
+        k, c = item // chunks, item % chunks
+        lo, hi = c * per, min((c + 1) * per, units)
         b = rows[k]
         a00, a01, a10, a11 = lin[k, 0, 0], lin[k, 0, 1], lin[k, 1, 0], lin[k, 1, 1]
         c_s, c_ms, c_ss = coef[k, 0], coef[k, 1], 2.0 * coef[k, 2]
@@ -119,7 +105,6 @@ def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):
                     t3 += ws
                     t4 += wm * s
                     t5 += ws * s
-        c = item % chunks
         part[k, c, 0], part[k, c, 1], part[k, c, 2] = t0, t1, t2
         part[k, c, 3], part[k, c, 4], part[k, c, 5] = t3, t4, t5
     return part.sum(axis=1)
