@@ -614,7 +614,8 @@ def test_gaussian_smoothing_equals_scipy_with_replicated_edges():
         want = [ndimage.gaussian_filter(im.astype(np.float64), sigma, mode="nearest",
                                         truncate=3.0) for im in images]  # fmt: skip
         np.testing.assert_allclose(got, np.stack(want), atol=2e-6)
-    assert register_module._gaussian(torch.from_numpy(images), 0.0) is not None
+    unsmoothed = torch.from_numpy(images)
+    assert register_module._gaussian(unsmoothed, 0.0) is unsmoothed  # sigma 0: untouched
 
 
 def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
