@@ -25,6 +25,7 @@ from _measure import (
     StepResult,
     add_common_arguments,
     bounded,
+    codec_label,
     cpu_seconds,
     drop_page_cache,
     format_table,
@@ -46,7 +47,9 @@ DIMS = "zyx"
 SCALE = (1.0, 1.0, 1.0)  # isotropic: every level halves each axis still above MIN_SIZE
 MIN_SIZE = 64
 SEED = 20240601
-GENERATOR = 1  # bump when the synthetic data change, so a cached input is regenerated
+# Bump when the synthetic data or voxflow's default layout change, so a cached input is made
+# again (2: blosc zstd level 2).
+GENERATOR = 2
 IN_FLIGHT = 4  # TensorStore operations pending at once in the floors and the baseline
 TIMED_STEPS = ("read", "copy", "voxflow_in_place", "voxflow_new", "tensorstore", "dask")
 LABELS = {
@@ -309,11 +312,10 @@ def step_dask(case: Case) -> dict[str, Any]:
     import dask.array as da
     import numpy as np
     import zarr
-    from zarr.codecs import BloscCodec
 
     levels = case.plan()["levels"]
-    codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
     z = zarr.open_array(str(case.input / "0"), mode="r")
+    codec = z.compressors  # level 0's, as every other tool writes
     prev = da.from_zarr(z, chunks=z.shards)
     for level in levels[1:]:
         axes = dict(enumerate(level["factors"]))
@@ -478,7 +480,8 @@ def _ensure_input(case: Case, workdir: Path) -> dict[str, Any]:
     shutil.rmtree(case.root, ignore_errors=True)
     case.root.mkdir(parents=True)
     result = run_step("input", _child_argv(case, "input", workdir))
-    doc = {"key": want, "seconds": result.seconds, "stored_bytes": result.info["stored_bytes"]}
+    doc = {"key": want, "seconds": result.seconds, "stored_bytes": result.info["stored_bytes"],
+           "codec": codec_label(case.input / "0")}  # fmt: skip
     marker.write_text(json.dumps(doc))
     return {**doc, "reused": False}
 
@@ -676,7 +679,7 @@ def _case_header(name: str, res: dict[str, Any]) -> str:
     shape = "x".join(map(str, res["shape"]))
     return (
         f"\n[{name}] {shape} uint16, {res['derived']['level0_bytes'] / MiB:.0f} MiB, stored "
-        f"{made['stored_bytes'] / MiB:.0f} MiB (blosc zstd 3 + shuffle, 64^3 chunks in 256^3 "
+        f"{made['stored_bytes'] / MiB:.0f} MiB ({made.get('codec', '?')}, 64^3 chunks in 256^3 "
         f"shards); input {how}; best of {res['repeat']} cold runs per step"
     )
 

@@ -27,6 +27,7 @@ from _measure import (
     add_common_arguments,
     best_of,
     bounded,
+    codec_label,
     drop_page_cache,
     ensure_venv,
     format_table,
@@ -49,7 +50,9 @@ DIMS = "zyx"
 SCALE = (1.0, 1.0, 1.0)  # isotropic micrometres: one sigma means the same to both tools
 UNIT = "micrometer"
 SEED = 20240607
-GENERATOR = 1  # bump when the synthetic data change, so a cached input is regenerated
+# Bump when the synthetic data or voxflow's default layout change, so a cached input is made
+# again (2: blosc zstd level 2).
+GENERATOR = 2
 IN_FLIGHT = 4  # TensorStore operations pending at once in the floor and the untimed reads
 SLAB = 32  # z planes of a block made at a time, so making the input holds little memory
 
@@ -361,7 +364,8 @@ def step_input(case: Case) -> dict[str, Any]:
         }
         for d in ngff_levels(case.input)
     ]
-    return {"stored_bytes": stored_bytes(case.input / "0"), "levels": levels}
+    return {"stored_bytes": stored_bytes(case.input / "0"), "levels": levels,
+            "codec": codec_label(case.input / "0")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -984,7 +988,7 @@ def _case_header(name: str, res: dict[str, Any]) -> str:
     shape = "x".join(map(str, res["shape"]))
     return (
         f"\n[{name}] {shape} uint16, {res['derived']['level0_bytes'] / MiB:.0f} MiB, stored "
-        f"{made['stored_bytes'] / MiB:.0f} MiB (blosc zstd 3 + shuffle, 64^3 chunks in 256^3 "
+        f"{made['stored_bytes'] / MiB:.0f} MiB ({made.get('codec', '?')}, 64^3 chunks in 256^3 "
         f"shards); input levels {levels}; input {how}; best of {res['repeat']} cold runs per step"
     )
 

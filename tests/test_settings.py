@@ -68,11 +68,19 @@ def test_defaults(tmp_path):
     assert settings.storage.chunks is None
     assert settings.storage.shards is None
     assert settings.storage.compressor == "zstd"
-    assert settings.storage.clevel == 3
+    assert settings.storage.clevel == 2
     assert settings.prefect.result_storage == tmp_path / "home" / ".voxflow" / "results"
     assert settings.prefect.persist_results is True
     assert settings.prefect.api_url is None
     assert settings.log_level == "INFO"
+
+
+def test_default_clevel_is_the_writers():
+    # The settings repeat the writer's default (they import nothing heavier); one value.
+    from voxflow.io import DEFAULT_CLEVEL
+    from voxflow.tasks.pyramid import PyramidParams
+
+    assert StorageSettings().clevel == DEFAULT_CLEVEL == PyramidParams().clevel
 
 
 def test_relative_result_storage_is_made_absolute(tmp_path, monkeypatch):

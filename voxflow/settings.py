@@ -42,6 +42,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# voxflow.io.DEFAULT_CLEVEL, repeated so the settings import nothing heavier (a test keeps the
+# two equal): blosc level 2, zstd's own default level.
+DEFAULT_CLEVEL = 2
+
 __all__ = [
     "CONFIG_ENV_VAR",
     "ClusterSettings",
@@ -222,7 +226,9 @@ class StorageSettings(BaseModel):
     compressor: Literal["zstd", "lz4", "gzip", "none"] = Field(
         "zstd", description="Compression codec of the chunks."
     )
-    clevel: int = Field(3, ge=0, le=9, description="Compression level, 0 (fastest) to 9.")
+    clevel: int = Field(
+        DEFAULT_CLEVEL, ge=0, le=9, description="Compression level, 0 (fastest) to 9."
+    )
 
     @model_validator(mode="after")
     def _check_shards(self) -> Self:

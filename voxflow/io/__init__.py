@@ -13,6 +13,7 @@ from voxflow.io.reader import (
 from voxflow.io.ref import ImageRef, LevelRef
 from voxflow.io.writer import (
     COMPRESSORS,
+    DEFAULT_CLEVEL,
     ArrayLayout,
     check_output,
     clear_output,
@@ -29,6 +30,7 @@ from voxflow.io.writer import (
 
 __all__ = [
     "COMPRESSORS",
+    "DEFAULT_CLEVEL",
     "NGFF_VERSIONS",
     "SUPPORTED_DTYPES",
     "ArrayLayout",

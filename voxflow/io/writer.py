@@ -36,6 +36,7 @@ from voxflow.io.ref import ImageRef
 
 __all__ = [
     "COMPRESSORS",
+    "DEFAULT_CLEVEL",
     "ArrayLayout",
     "check_output",
     "clear_output",
@@ -51,6 +52,10 @@ __all__ = [
 
 Compressor = Literal["zstd", "lz4", "gzip", "none"]
 COMPRESSORS = ("zstd", "lz4", "gzip", "none")
+# Blosc level 2 is zstd's own default level (3): as small as blosc level 3 (zstd 5) on
+# microscopy volumes and their pyramid levels, and 1.5x (raw) to 5x (block means) faster to
+# write (benchmarks/README.md, "Codec").
+DEFAULT_CLEVEL = 2
 DEFAULT_CHUNK = {"0.5": 64, "0.4": 128}
 SHARD_PER_CHUNK = 4
 _GROUP_KEYS = ("zarr.json", ".zattrs", ".zgroup")
@@ -192,7 +197,7 @@ def create_array(
     layout: ArrayLayout,
     zarr_format: int = 3,
     compressor: Compressor = "zstd",
-    clevel: int = 3,
+    clevel: int = DEFAULT_CLEVEL,
 ) -> dict[str, Any]:
     """Create (or replace) an empty array and return the spec that writes into it.
 
@@ -512,7 +517,7 @@ def write_image(
     chunks: int | Sequence[int] | None = None,
     shards: int | Sequence[int] | None = None,
     compressor: Compressor = "zstd",
-    clevel: int = 3,
+    clevel: int = DEFAULT_CLEVEL,
 ) -> None:
     """Write an array as a single-level OME-Zarr image (arrays first, metadata last).
 

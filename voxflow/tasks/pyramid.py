@@ -18,6 +18,7 @@ from voxflow.core.axes import spatial_mask
 from voxflow.core.levels import plan_levels
 from voxflow.core.pyramid import Method, downsample, level_transform
 from voxflow.io import (
+    DEFAULT_CLEVEL,
     ArrayLayout,
     Dataset,
     ImageRef,
@@ -85,7 +86,7 @@ class PyramidParams(BaseModel):
         None, description="Shard edge per spatial axis (NGFF 0.5 only)."
     )
     compressor: Literal["zstd", "lz4", "gzip", "none"] = Field("zstd", description="Codec.")
-    clevel: int = Field(3, ge=0, le=9, description="Compression level.")
+    clevel: int = Field(DEFAULT_CLEVEL, ge=0, le=9, description="Compression level.")
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def level0_chunks(plan: list[LevelPlan], itemsize: int) -> tuple[int, ...]:
 
 def pyramid_writes(
     source: ImageRef, output: Location, plan: list[LevelPlan], method: Method, *,
-    ngff_version: str, write_level0: bool, compressor: str = "zstd", clevel: int = 3,
+    ngff_version: str, write_level0: bool, compressor: str = "zstd", clevel: int = DEFAULT_CLEVEL,
 ) -> tuple[list[da.Array], list[Delayed]]:  # fmt: skip
     """Create the level arrays and return the lazy work that fills them.
 
@@ -262,7 +263,7 @@ def pyramid_writes(
 def level_writes(
     level0: da.Array, output: Location, plan: list[LevelPlan], method: Method, *,
     dims: Sequence[str], ngff_version: str, write_level0: bool = True, compressor: str = "zstd",
-    clevel: int = 3,
+    clevel: int = DEFAULT_CLEVEL,
 ) -> list[da.Array]:  # fmt: skip
     """Create the level arrays of `plan` and return the lazy block writes that fill them.
 
