@@ -75,10 +75,10 @@ def _spec(data: np.ndarray, cname: str, clevel: int) -> dict[str, Any]:
 
 def measure(data: np.ndarray, cname: str, clevel: int, repeat: int) -> dict[str, float]:
     """Best-of-`repeat` CPU ms per MiB to encode and to decode, and the compression ratio."""
-    ctx = ts.Context({"data_copy_concurrency": {"limit": 1}})
     mib = data.nbytes / 2**20
     encode, decode = [], []
     for _ in range(repeat):
+        ctx = ts.Context({"data_copy_concurrency": {"limit": 1}})  # a fresh memory store
         store = ts.open(_spec(data, cname, clevel), context=ctx).result()
         c0 = time.process_time()
         store.write(data).result()
