@@ -62,13 +62,23 @@ def _spec(data: np.ndarray, cname: str, clevel: int) -> dict[str, Any]:
         "driver": "zarr3",
         "kvstore": {"driver": "memory"},
         "metadata": {
-            "shape": list(data.shape), "data_type": data.dtype.name,
+            "shape": list(data.shape),
+            "data_type": data.dtype.name,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(data.shape)}},
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": chunk, "codecs": inner,
-                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                 {"name": "crc32c"}]}}],
-        },  # fmt: skip
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": chunk,
+                        "codecs": inner,
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                    },
+                }
+            ],
+        },
         "create": True,
     }
 
@@ -89,8 +99,11 @@ def measure(data: np.ndarray, cname: str, clevel: int, repeat: int) -> dict[str,
     assert np.array_equal(back, data)
     kv = store.kvstore
     stored = sum(len(kv.read(key).result().value) for key in kv.list().result())
-    return {"encode_ms_per_mib": 1e3 * min(encode) / mib,
-            "decode_ms_per_mib": 1e3 * min(decode) / mib, "ratio": data.nbytes / stored}  # fmt: skip
+    return {
+        "encode_ms_per_mib": 1e3 * min(encode) / mib,
+        "decode_ms_per_mib": 1e3 * min(decode) / mib,
+        "ratio": data.nbytes / stored,
+    }
 
 
 def main() -> None:
@@ -118,8 +131,10 @@ def main() -> None:
                              f"{fig['ratio']:.3f}"])  # fmt: skip
     print(format_table(["data", "level", "codec (+ shuffle)", "encode ms/MiB", "decode ms/MiB",
                         "ratio"], rows))  # fmt: skip
-    print("\nCPU milliseconds per MiB of raw voxels on one thread, best of "
-          f"{args.repeat}; ratio = raw bytes / stored bytes (64^3 chunks in one shard).")  # fmt: skip
+    print(
+        f"\nCPU milliseconds per MiB of raw voxels on one thread, best of {args.repeat}; "
+        "ratio = raw bytes / stored bytes (64^3 chunks in one shard)."
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
