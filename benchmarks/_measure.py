@@ -288,17 +288,12 @@ def ts_copy_meta(like: Path) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in ("attributes", "node_type", "zarr_format")}
 
 
-def inner_codecs(array: Path) -> list[dict[str, Any]]:
-    """The codecs of the inner chunks of the (sharded) zarr v3 array at `array`."""
-    codecs = ts_copy_meta(array)["codecs"]
-    if codecs and codecs[0]["name"] == "sharding_indexed":
-        return codecs[0]["configuration"]["codecs"]
-    return codecs
-
-
 def codec_label(array: Path) -> str:
     """``blosc zstd 2 + shuffle``, ``gzip 6``, ...: the compressor of the array at `array`."""
-    for codec in inner_codecs(array):
+    codecs = ts_copy_meta(array)["codecs"]
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        codecs = codecs[0]["configuration"]["codecs"]  # the inner chunks'
+    for codec in codecs:
         cfg = codec.get("configuration", {})
         if codec["name"] == "blosc":
             shuffle = "" if cfg.get("shuffle") == "noshuffle" else f" + {cfg.get('shuffle')}"
