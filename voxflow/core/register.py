@@ -444,14 +444,14 @@ def _level_data(
     # count, and the weight ramps up after them.
     reach = math.ceil(3 * smoothing) if smoothing > 0 else 0
     ramp = ((w - 1) / 2 / _EDGE_RAMP, (h - 1) / 2 / _EDGE_RAMP, reach / _EDGE_RAMP)
-    if samples is None or h * w <= samples:
-        return _LevelData(
-            fixed[:, None].contiguous(), moving.contiguous(), xs, ys, scale, offset, ramp
-        )
-    drawn = torch.randperm(h * w, generator=generator)[:samples].sort().values.to(fixed.device)
-    moving = moving.flatten(1)[:, None, drawn].contiguous()
-    xs, ys = xs[drawn % w].contiguous(), ys[drawn // w].contiguous()
-    return _LevelData(fixed[:, None].contiguous(), moving, xs, ys, scale, offset, ramp, True)
+    sampled = samples is not None and h * w > samples
+    if sampled:
+        drawn = torch.randperm(h * w, generator=generator)[:samples].sort().values
+        drawn = drawn.to(fixed.device)
+        moving = moving.flatten(1)[:, None, drawn]
+        xs, ys = xs[drawn % w], ys[drawn // w]
+    return _LevelData(fixed[:, None].contiguous(), moving.contiguous(), xs.contiguous(),
+                      ys.contiguous(), scale, offset, ramp, sampled)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- losses
