@@ -1,5 +1,6 @@
 import os
 
+import dask
 import dask.array as da
 import distributed
 import numpy as np
@@ -18,6 +19,8 @@ from voxflow.runtime import (
     make_task_runner,
     open_client,
     start_kube_cluster,
+    start_local_cluster,
+    worker_environ,
 )
 from voxflow.settings import ClusterSettings, KubernetesSettings, VoxflowSettings
 
@@ -125,6 +128,7 @@ def test_kubernetes_cluster_spec():
         "requests": {"cpu": "8", "memory": "32Gi"},
         "limits": {"memory": "32Gi"},
     }
+    assert container["env"] == [{"name": "MALLOC_ARENA_MAX", "value": "2"}]
     assert container["args"][:3] == ["dask-worker", "--nthreads", "8"]
     assert "--resources" not in container["args"]
     scheduler = spec["spec"]["scheduler"]
@@ -146,6 +150,7 @@ def test_gpu_worker_group_spec():
         "requests": {"cpu": "8", "memory": "32Gi"},
         "limits": {"memory": "32Gi", "nvidia.com/gpu": "2"},
     }
+    assert container["env"] == [{"name": "MALLOC_ARENA_MAX", "value": "2"}]
     args = container["args"]
     assert args[args.index("--resources") + 1] == "GPU=2"
     assert spec["spec"]["tolerations"] == [
@@ -170,8 +175,8 @@ def test_task_runner_local(machine):
     settings = VoxflowSettings(cluster={"n_workers": 2})
     runner = make_task_runner(settings)
     assert isinstance(runner, DaskTaskRunner)
-    assert runner.cluster_class == "distributed.LocalCluster"
-    assert runner.resolved_cluster_class is distributed.LocalCluster
+    assert runner.cluster_class == "voxflow.runtime.cluster.start_local_cluster"
+    assert runner.resolved_cluster_class is start_local_cluster
     assert runner.cluster_kwargs == local_cluster_kwargs(settings.cluster)
     assert runner.cluster_kwargs["n_workers"] == 2
     assert runner.address is None
@@ -290,7 +295,8 @@ def _check_computation(client):
     np.testing.assert_allclose(result, (image * 2 + 1).sum(axis=0))
 
 
-def test_open_client_local_process_cluster():
+def test_open_client_local_process_cluster(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     settings = VoxflowSettings(
         cluster={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard": False}
     )
@@ -302,6 +308,9 @@ def test_open_client_local_process_cluster():
         pids = set(client.run(os.getpid).values())
         assert len(pids) == 2
         assert os.getpid() not in pids
+        # Started with their heaps limited, which the C library reads only at start.
+        arenas = client.run(os.environ.get, "MALLOC_ARENA_MAX")
+        assert set(arenas.values()) == {worker_environ(1)["MALLOC_ARENA_MAX"]}
         _check_computation(client)
         cluster = client.cluster
     assert client.status == "closed"
@@ -318,3 +327,22 @@ def test_open_client_address_leaves_the_cluster_running():
             _check_computation(client)
         assert client.status == "closed"
         assert cluster.status.name == "running"
+
+
+def test_worker_environ_limits_heaps_as_local_threads_do():
+    from voxflow.tasks._compute import heap_arenas
+
+    for threads in (1, 2, 4, 8, 16, 33, 64):
+        assert worker_environ(threads) == {"MALLOC_ARENA_MAX": str(heap_arenas(threads))}
+
+
+def test_start_local_cluster_sets_the_environment_of_its_workers(monkeypatch):
+    # A value in this process's environment would win (Dask's rule), and starting a cluster
+    # leaves one there.
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    kwargs = {"n_workers": 1, "threads_per_worker": 16, "processes": True,
+              "dashboard_address": None}  # fmt: skip
+    with start_local_cluster(**kwargs) as cluster, distributed.Client(cluster) as client:
+        (value,) = client.run(os.environ.get, "MALLOC_ARENA_MAX").values()
+        assert value == "4"
+    assert "MALLOC_ARENA_MAX" not in dask.config.get("distributed.nanny.pre-spawn-environ")

@@ -9,6 +9,8 @@ from voxflow.runtime.cluster import (
     make_task_runner,
     open_client,
     start_kube_cluster,
+    start_local_cluster,
+    worker_environ,
 )
 from voxflow.runtime.prefect import (
     prefect_context,
@@ -32,4 +34,6 @@ __all__ = [
     "shared_api",
     "start_api",
     "start_kube_cluster",
+    "start_local_cluster",
+    "worker_environ",
 ]
