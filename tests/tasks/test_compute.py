@@ -94,6 +94,11 @@ def test_limit_heap_arenas_makes_threads_share_heaps():
     assert heaps("limit") <= 2
 
 
+def test_limit_heap_arenas_leaves_the_environments_limit(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert compute.limit_heap_arenas.__wrapped__(2) is False
+
+
 def test_heap_arenas_is_one_per_four_threads_at_least_two():
     assert [compute.heap_arenas(t) for t in (1, 4, 8, 9, 16, 33)] == [2, 2, 2, 2, 4, 8]
 

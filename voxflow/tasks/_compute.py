@@ -52,13 +52,17 @@ def limit_heap_arenas(count: int) -> bool:
     MiB buffers is too rare for the shared locks to cost time.
 
     glibc fixes its limit when the ninth heap is made, so this acts only early in a
-    process; the first call wins and later calls return its result.
+    process; the first call wins and later calls return its result. A ``MALLOC_ARENA_MAX``
+    in the environment, which glibc read when the process started, is left in force.
 
     Returns
     -------
     bool
-        Whether the limit was set (glibc only; other C libraries return False).
+        Whether the limit was set (glibc only; other C libraries return False, as does a
+        process whose environment sets the limit).
     """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
     mallopt = _libc_function("mallopt")
     return mallopt is not None and mallopt(_M_ARENA_MAX, int(count)) == 1
 
