@@ -330,7 +330,7 @@ def test_open_client_address_leaves_the_cluster_running():
 
 
 def test_worker_environ_limits_heaps_as_local_threads_do():
-    from voxflow.tasks._compute import heap_arenas
+    from voxflow.io import heap_arenas
 
     for threads in (1, 2, 4, 8, 16, 33, 64):
         assert worker_environ(threads) == {"MALLOC_ARENA_MAX": str(heap_arenas(threads))}

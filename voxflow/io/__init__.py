@@ -1,5 +1,6 @@
 """The only code that opens stores: OME-NGFF metadata, readers and the TensorStore writer."""
 
+from voxflow.io.heap import heap_arenas, limit_heap_arenas
 from voxflow.io.location import Location, tensorstore_context
 from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale
 from voxflow.io.reader import (
@@ -47,6 +48,8 @@ __all__ = [
     "create_array",
     "derive_layout",
     "fingerprint",
+    "heap_arenas",
+    "limit_heap_arenas",
     "open_image",
     "provenance",
     "read_level",

@@ -19,6 +19,8 @@ from typing import Any
 
 import tensorstore as ts
 
+from voxflow.io.heap import heap_arenas, limit_heap_arenas
+
 __all__ = ["Location", "tensorstore_context"]
 
 _SCHEMES = ("file", "gs", "memory")
@@ -29,8 +31,11 @@ def tensorstore_context() -> ts.Context:
     """The one TensorStore context of this process.
 
     Sharing it is what makes ``memory://`` locations visible to every reader and writer of the
-    process (the memory key-value store belongs to a context).
+    process (the memory key-value store belongs to a context). Made before TensorStore's
+    threads start, so it first limits the C heaps they will share (:mod:`voxflow.io.heap`),
+    for as many threads as voxflow computes on locally (twice the cores).
     """
+    limit_heap_arenas(heap_arenas(2 * (os.cpu_count() or 1)))
     return ts.Context()
 
 

@@ -112,10 +112,10 @@ def local_cluster_kwargs(settings: ClusterSettings) -> dict[str, Any]:
 def worker_environ(threads: int) -> dict[str, str]:
     """Environment a Dask worker process with `threads` threads starts with.
 
-    ``MALLOC_ARENA_MAX``: one C heap (glibc arena) per four threads, at least two, the
-    count that chunk work on local threads gets too (``voxflow.tasks``). glibc otherwise
-    gives every thread a heap, and blocks freed into one thread's heap are not reused by
-    the others, so a worker's memory would grow over a long run.
+    ``MALLOC_ARENA_MAX``: one C heap (glibc arena) per four threads, at least two, as
+    ``voxflow.io.heap_arenas`` gives a process that computes on local threads. glibc
+    otherwise gives every thread a heap, and blocks freed into one thread's heap are not
+    reused by the others, so a worker's memory would grow over a long run.
 
     Parameters
     ----------

@@ -15,56 +15,17 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
+from voxflow.io import heap_arenas, limit_heap_arenas
+
 ProgressFn = Callable[[int, int], None]
 
-# glibc's mallopt parameter for the largest number of heaps (arenas); MALLOC_ARENA_MAX in the
-# environment sets the same before a process starts.
-_M_ARENA_MAX = -8
-
 
 @functools.cache
-def _libc_function(name: str) -> Callable[..., int] | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
-
-
-def heap_arenas(threads: int) -> int:
-    """The C heaps (glibc arenas) a process with `threads` compute threads should keep.
-
-    One per four threads, at least two; the Dask workers of a local or Kubernetes cluster get
-    the same count in their environment (``MALLOC_ARENA_MAX``).
-    """
-    return max(2, threads // 4)
-
-
-@functools.cache
-def limit_heap_arenas(count: int) -> bool:
-    """Let this process's threads share at most `count` C heaps (glibc's ``M_ARENA_MAX``).
-
-    glibc gives every thread that allocates a heap of its own, up to eight per core. A
-    block's buffers (MiBs, below glibc's adaptive mmap threshold) are freed into the heap of
-    the thread that finished with them, where another thread's next block cannot reuse
-    them, so a process computing blocks on many threads (Dask's and TensorStore's) holds
-    several blocks' worth of free memory per thread, and its peak grows with the length of
-    the run. Sharing a few heaps keeps the peak that of the blocks in flight; allocation of
-    MiB buffers is too rare for the shared locks to cost time.
-
-    glibc fixes its limit when the ninth heap is made, so this acts only early in a
-    process; the first call wins and later calls return its result. A ``MALLOC_ARENA_MAX``
-    in the environment, which glibc read when the process started, is left in force.
-
-    Returns
-    -------
-    bool
-        Whether the limit was set (glibc only; other C libraries return False, as does a
-        process whose environment sets the limit).
-    """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    mallopt = _libc_function("mallopt")
-    return mallopt is not None and mallopt(_M_ARENA_MAX, int(count)) == 1
 
 
 def _local_threads() -> int:
@@ -95,7 +56,7 @@ def release_free_memory() -> bool:
     bool
         Whether the C library offers the call (glibc does; others return False).
     """
-    trim = _libc_function("malloc_trim")
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
