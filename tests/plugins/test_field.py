@@ -86,3 +86,16 @@ def test_fill_holes_equals_scipy(shape):
         filled = fill_holes(shell)
         assert filled[radius <= 0.4].all() and filled.sum() > shell.sum()
         np.testing.assert_array_equal(filled, ndimage.binary_fill_holes(shell))
+
+
+@pytest.mark.parametrize("offset", [None, 7.5])
+def test_offset_and_mask_equal_the_two_estimates(offset):
+    from voxflow.plugins._field import estimate_offset, foreground_mask, offset_and_mask
+
+    rng = np.random.default_rng(8)
+    image = rng.gamma(2.0, 30.0, size=(30, 40, 50)).astype(np.float32)
+    image[8:22, 10:30, 12:38] += 200.0
+    got_offset, got_mask = offset_and_mask(image, offset, "otsu")
+    assert got_offset == estimate_offset(image, offset)
+    np.testing.assert_array_equal(got_mask, foreground_mask(image, "otsu"))
+    assert 0 < got_mask.sum() < got_mask.size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import numbers
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "fill_holes",
     "foreground_mask",
     "normalise_field",
+    "offset_and_mask",
     "require_estimate",
     "validate_bool",
     "validate_choice",
@@ -213,6 +215,22 @@ def estimate_offset(image: np.ndarray, offset: float | None) -> float:
     if offset is not None:
         return offset
     return float(np.percentile(image, OFFSET_PERCENTILE))
+
+
+def offset_and_mask(
+    image: np.ndarray, offset: float | None, mask: str | float | np.ndarray
+) -> tuple[float, np.ndarray]:
+    """:func:`estimate_offset` and :func:`foreground_mask` of `image`, side by side.
+
+    The percentile (a selection in NumPy) runs on a second thread while the mask is made:
+    both release the GIL, and each is a pass over the whole low-resolution image.
+    """
+    if offset is not None:
+        return offset, foreground_mask(image, mask)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        level = pool.submit(estimate_offset, image, offset)
+        chosen = foreground_mask(image, mask)
+        return level.result(), chosen
 
 
 def normalise_field(field: np.ndarray, mask: np.ndarray, plugin: str) -> np.ndarray:

@@ -14,9 +14,8 @@ from scipy import ndimage
 
 from voxflow.plugins._field import (
     divide_field,
-    estimate_offset,
-    foreground_mask,
     normalise_field,
+    offset_and_mask,
     require_estimate,
     validate_choice,
     validate_fullres,
@@ -573,8 +572,7 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         # Float32 throughout, and no copy of the image: the fit subtracts the offset as it
         # reads each value once into float64 block sums, the largest arrays of the estimate.
         image = validate_lowres(lowres_array, np.float32, copy=False)  # not to be modified
-        offset = estimate_offset(image, self.offset)
-        mask = foreground_mask(image, self.mask)
+        offset, mask = offset_and_mask(image, self.offset, self.mask)
         field = local_fit(image, mask, self.sigma_voxels(image.ndim), mode=self.mode,
                           dtype=np.float32, offset=offset)  # fmt: skip
         self.estimated_offset = offset

@@ -13,9 +13,8 @@ import numpy as np
 
 from voxflow.plugins._field import (
     divide_field,
-    estimate_offset,
-    foreground_mask,
     normalise_field,
+    offset_and_mask,
     require_estimate,
     validate_bool,
     validate_fullres,
@@ -228,8 +227,7 @@ class N4BiasFieldCorrection(ScaledProcessingPlugin):
                 f"`shrink_factor` {self.shrink_factor} leaves fewer than 2 voxels on an axis of "
                 f"the low-resolution array {image.shape}; lower it"
             )
-        offset = estimate_offset(image, self.offset)
-        mask = foreground_mask(image, self.mask)
+        offset, mask = offset_and_mask(image, self.offset, self.mask)
         signal = image - offset
         level = float(np.clip(signal[mask], 0, None).mean())
         if level <= 0:
