@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import voxflow.tasks._compute as compute
-from voxflow.io import heap_arenas
 
 
 def _rss_bytes() -> int:
@@ -51,14 +50,3 @@ def test_local_computes_release_free_memory_once(monkeypatch):
     assert calls == [1]
     np.testing.assert_array_equal(compute.compute_array(arr * 2), np.arange(100) * 2)
     assert calls == [1, 1]
-
-
-def test_local_computes_limit_the_heaps_first(monkeypatch):
-    limits = []
-    monkeypatch.setattr(compute, "limit_heap_arenas", lambda n: limits.append(n) or True)
-    arr = da.arange(10, chunks=5)
-    assert compute.compute_blocks([arr]) == 2
-    with compute.on_cluster() as client:
-        assert client is None
-    expected = heap_arenas(compute._local_threads())
-    assert limits == [expected, expected]

@@ -38,9 +38,10 @@ def limit_heap_arenas(count: int) -> bool:
 
     glibc keeps the heaps it has made and fixes its limit when the ninth is made, so this
     acts fully only before the threads of a process start allocating: voxflow calls it when
-    it makes its TensorStore context and before it computes on local threads. The first call
-    wins; later calls return its result. A ``MALLOC_ARENA_MAX`` in the environment, which
-    glibc read when the process started, stays in force.
+    it makes its TensorStore context, which every read and write of an image goes through
+    before any block is computed. The first call wins; later calls return its result. A
+    ``MALLOC_ARENA_MAX`` in the environment, which glibc read when the process started,
+    stays in force.
 
     Returns
     -------

@@ -15,8 +15,6 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from voxflow.io import heap_arenas, limit_heap_arenas
-
 ProgressFn = Callable[[int, int], None]
 
 
@@ -35,10 +33,8 @@ def _local_threads() -> int:
 
 def _compute_locally(*collections: Any) -> tuple:
     """``dask.compute`` on local threads, then the freed memory back to the system."""
-    threads = _local_threads()
-    limit_heap_arenas(heap_arenas(threads))
     try:
-        return dask.compute(*collections, num_workers=threads)
+        return dask.compute(*collections, num_workers=_local_threads())
     finally:
         release_free_memory()
 
@@ -94,9 +90,7 @@ def on_cluster() -> Iterator[Any]:
             with dask.config.set(scheduler=client):
                 yield client
             return
-        threads = _local_threads()
-        limit_heap_arenas(heap_arenas(threads))
-        with dask.config.set(scheduler="threads", num_workers=threads):
+        with dask.config.set(scheduler="threads", num_workers=_local_threads()):
             yield None
 
 
