@@ -651,3 +651,52 @@ def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
             np.testing.assert_array_equal(got, want)
         monkeypatch.undo()
         assert moments[:, 0].min() > 0.5 * (moving.shape[1])  # most points count
+
+
+def _level_after_failures(monkeypatch, growth, failures=8, epochs=60):
+    """One level on a 1-D bowl whose first `failures` steps fail to improve, as when a pair
+    oscillates about a coarse optimum; returns the parameter at the end (optimum 40)."""
+    calls = []
+
+    def bowl(problem, data, param, rows):
+        loss = 0.01 * (param[rows][:, 0] - 40.0) ** 2
+        loss.sum().backward()
+        calls.append(None)
+        value = loss.detach().double() + (100.0 if 1 < len(calls) <= 1 + failures else 0.0)
+        return value, torch.zeros(len(rows), dtype=torch.bool)
+
+    monkeypatch.setattr(register_module, "_loss_and_gradient", bowl)
+    state = register_module._State(
+        u=torch.zeros(1, 1), alive=torch.ones(1, dtype=torch.bool),
+        steps=torch.zeros(1, dtype=torch.int64),
+        loss=torch.full((1,), math.nan, dtype=torch.float64),
+        early=torch.zeros(1, dtype=torch.bool),
+    )  # fmt: skip
+    register_module._run_level(
+        None, None, Level(1, epochs, 1.0), state, 100, 1e-4, Optimizer.ADAM, growth
+    )
+    assert state.steps.item() == epochs
+    return state.u.item()
+
+
+def test_learning_rate_grows_back_after_the_steps_that_slowed_it(monkeypatch):
+    # Eight failed steps leave 0.7 ** 8 (6 %) of the rate: without growing back, the pair
+    # crawls the rest of the level; growing by 1.2 per improving step, it nears the optimum.
+    crawled = _level_after_failures(monkeypatch, 1.0)
+    grown = _level_after_failures(monkeypatch, register_module._GAIN_GROWTH)
+    assert crawled < 10.0
+    assert grown > 30.0
+
+
+def test_only_coarse_levels_grow_the_learning_rate_back(monkeypatch, slices):
+    seen = []
+    run_level = register_module._run_level
+
+    def spy(*args):
+        seen.append(args[-1])
+        return run_level(*args)
+
+    monkeypatch.setattr(register_module, "_run_level", spy)
+    fixed, moving = _pairs(slices, [_matrix((128, 160), shift=(1.5, -2.0))])
+    register_pairs(fixed, moving, transform="translation", levels=make_levels((4, 2, 1), 30))
+    assert seen == [register_module._GAIN_GROWTH, register_module._GAIN_GROWTH, 1.0]

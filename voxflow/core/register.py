@@ -92,6 +92,7 @@ _STD_TINY = 1e-6  # relative standard deviation below which an image counts as c
 _LNCC_EPS = 1e-3  # variance floor of the local correlation, for flat windows
 _SGD_MOMENTUM = 0.9
 _GAIN_DECAY = 0.7  # per-pair learning-rate factor applied after each step that did not improve
+_GAIN_GROWTH = 1.2  # ... and after each step that did, up to the level's learning rate
 # Pixels per forward/backward pass: on a CPU one pass should stay within the cache (batching
 # large images only thrashes it); on a GPU as many as memory comfortably holds.
 _CPU_CHUNK_PIXELS = 2**18
@@ -719,7 +720,7 @@ def _loss_and_gradient(problem, data, param, rows) -> tuple[torch.Tensor, torch.
     return torch.cat(values), torch.cat(bads)
 
 
-def _run_level(problem, data, level, state, patience, min_delta, optimizer) -> None:
+def _run_level(problem, data, level, state, patience, min_delta, optimizer, growth) -> None:
     """Optimise every live pair at one level; each takes its best parameters at the end."""
     param = torch.nn.Parameter(state.u.clone())
     opt = _make_optimizer(optimizer, param, level.lr)
@@ -740,7 +741,10 @@ def _run_level(problem, data, level, state, patience, min_delta, optimizer) -> N
         active[rows[bad]] = False
         better = ~bad & (value < best[rows])
         # A step that fails to improve means the pair oscillates about its optimum: slow it.
+        # One that improves lets it speed up again, so a pair slowed down in a narrow valley
+        # does not crawl along it for the rest of the level.
         gain[rows[~better]] *= _GAIN_DECAY
+        gain[rows[better]] = (gain[rows[better]] * growth).clamp_(max=1.0)
         best[rows[better]] = value[better]
         best_u[rows[better]] = param.detach()[rows[better]]
         progress = ~bad & (value < reference[rows] - min_delta)
@@ -813,7 +817,9 @@ def register_pairs(
     when its loss has not improved by `min_delta` for `patience` steps (its parameters are then
     frozen and it is no longer computed), and every pair takes its best parameters of the
     level. Each step that does not improve a pair's best loss multiplies that pair's learning
-    rate by 0.7, so an optimiser oscillating about the optimum settles into it.
+    rate by 0.7, so an optimiser oscillating about the optimum settles into it; each step that
+    does multiplies it by 1.2, up to the level's rate, so a pair slowed down in a narrow valley
+    does not then crawl along it.
 
     Parameters
     ----------
@@ -917,7 +923,8 @@ def register_pairs(
         sigma = float(smoothing) if i == len(fitted) - 1 else 0.0
         with torch.no_grad():
             data = _level_data(fixed_t, moving_t, level.factor, sigma, samples, generator)
-        _run_level(problem, data, level, state, patience, min_delta, optimizer)
+        growth = _GAIN_GROWTH if i < len(fitted) - 1 else 1.0
+        _run_level(problem, data, level, state, patience, min_delta, optimizer, growth)
     return _result(kind, shape, start, units, state)
 
 
