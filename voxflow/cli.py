@@ -7,9 +7,11 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -49,15 +51,28 @@ err = Console(stderr=True)
 def _quiet(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Prefect and Dask logs.")] = False,
 ) -> None:
-    """The command draws its own progress; library logs stay below warnings unless asked for."""
+    """The command draws its own progress and reports its own errors, in one line each.
+
+    Unless asked for, library logs stay quiet: Prefect's record of a failed task (with its
+    traceback) would repeat the error the command prints; warnings print as one line.
+    """
     if verbose:
         return
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # worker processes
-    for name in ("distributed", "prefect"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # worker processes
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    logging.getLogger("prefect").setLevel(logging.CRITICAL)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    # Another local cluster (another command) holds the dashboard port: this one takes a free
+    # port, which is all the message says.
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
+    warnings.formatwarning = _warning_line
     # Prefect's embedded API logs a cancelled SQLite rollback as it shuts down; it is harmless.
     logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
+
+
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """A warning as the command prints it: one line, without the file and source line."""
+    return f"warning: {message}\n"
 
 
 _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError)
@@ -88,13 +103,11 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
     if text is None:
         return None
+    # Every item counts: "4,x" or "2,,2" is a typo, not a shorter list.
     try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        return tuple(int(v) for v in re.split(r"[,x]", text))
     except ValueError:
         raise ValueError(f"`{name}` needs comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"`{name}` needs at least one integer, got {text!r}")
-    return values
 
 
 def _storage(settings: VoxflowSettings, ngff_version: str | None) -> dict[str, Any]:
@@ -532,15 +545,19 @@ def count(
 @app.command()
 @_user_errors
 def view(run: Annotated[str, typer.Argument(help="Run folder made by voxflow segment.")]) -> None:
-    """Open a run's image and every intermediate in napari (extra: voxflow[viewers])."""
+    """Open a run's image and every intermediate in napari (needs the viewers extra)."""
     from voxflow.flows.view import run_layers, show_layers
 
     layers = run_layers(run)
     for layer in layers:
         out.print(f"{layer.kind:7} {layer.name}")
+    try:
+        import napari
+    except ImportError:
+        err.print("[bold red]error:[/] the viewer needs napari: pip install 'voxflow\\[viewers]'",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+        raise typer.Exit(2) from None
     viewer = show_layers(layers)
-    import napari
-
     napari.run()
     viewer.close()
 
@@ -549,12 +566,9 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"`{name}` needs comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"`{name}` needs at least one number, got {text!r}")
-    return values
 
 
 def _one_or_many(values: tuple | None) -> Any:

@@ -95,6 +95,10 @@ def _bad_inputs(tmp_path, image_path):
         (["pyramid", image_path, "-o", str(existing)], "already exists"),
         (["pyramid", image_path, "-o", out, "--ngff-version", "0.4", "--shards", "16"], "shards"),
         (["pyramid", image_path, "-o", out, "--chunks", "a,b"], "comma-separated integers"),
+        # A typo in a list is refused, not dropped.
+        (["pyramid", image_path, "-o", out, "--factors", "2,x,2"], "got '2,x,2'"),
+        (["pyramid", image_path, "-o", out, "--in-place"], "give no output (-o)"),
+        (["pyramid", image_path, "-o", out, "--chunks", "16,,16"], "got '16,,16'"),
     ]
 
 

@@ -65,6 +65,7 @@ def test_plugins_command_lists_the_built_ins(cli_env):
         (["--factor", "0"], "factor"),
         (["--factor", "-2"], "factor"),
         (["--factor", "2,2"], "one per spatial axis"),
+        (["--factor", "4,x"], "got '4,x'"),
         (["--plugin", "no-such"], "no-such"),
         (["--param", "sigma"], "KEY=VALUE"),
         (["--channel", "5"], "channels"),

@@ -58,6 +58,9 @@ def test_register_rejects_bad_options(cli_env, tmp_path):
     for args, message in [
         (["--transform", "warp"], "transform"),
         (["--levels", "4,a"], "`levels` needs comma-separated integers"),
+        (["--levels", "8,x"], "`levels` needs comma-separated integers, got '8,x'"),
+        (["--epochs", "5,"], "`epochs` needs comma-separated integers, got '5,'"),
+        (["--lr", "0.1,,0.2"], "`lr` needs comma-separated numbers"),
         (["--levels", "4,2", "--epochs", "1,2,3"], "`epochs` needs one value or one per level"),
         (["--samples", "10"], "samples"),
     ]:

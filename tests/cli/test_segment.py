@@ -94,8 +94,10 @@ def test_view_names_the_extra_without_napari(cli_env, data, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "napari", None)
     result = runner.invoke(app, ["view", run])
-    assert result.exit_code != 0
-    assert "voxflow[viewers]" in str(result.exception) + result.output
+    # One line, no traceback.
+    assert result.exit_code == 2, result.output
+    assert "error: the viewer needs napari: pip install 'voxflow[viewers]'" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_view_opens_napari_headless(cli_env, data, monkeypatch):

@@ -76,6 +76,29 @@ def test_flow_segments_counts_and_reruns_from_the_run_folder(tmp_path, settings)
     assert recount.computed == ("counts", "qc") and recount.regions is None
 
 
+def test_flow_with_a_torchscript_model_file(tmp_path, settings):
+    """A loaded TorchScript module cannot be pickled: the model travels as its path."""
+    import torch
+
+    class Above(torch.nn.Module):
+        def forward(self, x):
+            return (x > 300.0).float()
+
+    centres, image = _spheres(tmp_path)
+    model = tmp_path / "above.pt"
+    torch.jit.script(Above()).save(str(model))
+    config = SegmentationConfig.model_validate({
+        "input": str(tmp_path / "image.ome.zarr"), "run": str(tmp_path / "run"),
+        "segment": {"chunks": (8, 24, 20), "mask": {"model": str(model), "halo": 0}},
+    })  # fmt: skip
+    result = run_segmentation(config, settings)
+    assert result.segment.objects == len(centres)
+    from voxflow.io import open_image, read_level
+
+    mask = read_level(open_image(str(tmp_path / "run/mask.ome.zarr"))).compute()
+    np.testing.assert_array_equal(mask.astype(bool), image.astype(np.uint16) > 300)
+
+
 def test_view_layers_of_a_run(tmp_path, settings):
     centres, _image = _spheres(tmp_path)
     config = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(tmp_path / "run"))

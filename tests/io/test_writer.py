@@ -17,6 +17,7 @@ from ome_zarr_models.v05.image import Image as ImageV05
 from voxflow.core.axes import axis_from_name
 from voxflow.io import (
     COMPRESSORS,
+    INCOMPLETE_MARKER,
     ArrayLayout,
     Location,
     NotAnImageError,
@@ -27,6 +28,7 @@ from voxflow.io import (
     open_image,
     provenance,
     read_level,
+    replaceable,
     writable,
     write_blocks,
     write_image_metadata,
@@ -538,6 +540,51 @@ def test_check_output_existing(tmp_path, make_image):
         check_output(out, [])
     assert check_output(out, [], overwrite=True) == Location.parse(out)
     assert open_image(out).shape == (4, 4)  # still intact
+
+
+def test_overwrite_never_replaces_data_that_voxflow_did_not_make(tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.txt").write_text("years of work")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    for out in (folder, plain):
+        assert not replaceable(out)
+        with pytest.raises(FileExistsError, match="neither a zarr hierarchy nor a voxflow output"):
+            check_output(out, [], overwrite=True)
+    assert (folder / "chapter1.txt").read_text() == "years of work"
+    assert plain.read_text() == "x"
+    # A run folder is recognised by the marker its stage names.
+    (folder / "run.json").write_text("{}")
+    assert not replaceable(folder) and replaceable(folder, markers=("run.json",))
+    assert check_output(folder, [], overwrite=True, markers=("run.json",)) == Location.parse(folder)
+
+
+@pytest.mark.parametrize(
+    "content", [None, {}, {"sub/": None}, {INCOMPLETE_MARKER: "{}", "0/c/0": "x"},
+                {".zarray": "{}"}, {".zgroup": "{}"}, {"zarr.json": "{}"}],
+)  # fmt: skip
+def test_overwrite_replaces_zarr_nodes_unfinished_outputs_and_empty_folders(tmp_path, content):
+    out = tmp_path / "out.zarr"
+    if content is not None:
+        out.mkdir()
+        for key, text in content.items():
+            (out / key).parent.mkdir(parents=True, exist_ok=True)
+            if text is None:
+                (out / key).mkdir()
+            else:
+                (out / key).write_text(text)
+    assert replaceable(out)
+    assert check_output(out, [], overwrite=True) == Location.parse(out)
+
+
+def test_overwrite_guard_in_memory():
+    loc = Location.parse("memory://guard-test")
+    loc.write_bytes("data.bin", b"x")
+    assert not replaceable(loc)
+    loc.write_json("zarr.json", {})
+    assert replaceable(loc)
+    loc.delete()
 
 
 @pytest.mark.parametrize("version", ["0.5", "0.4"])

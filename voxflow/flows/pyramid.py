@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from voxflow.flows._run import run_flow, submit_stage
 from voxflow.runtime import make_task_runner
@@ -34,6 +34,15 @@ class PyramidConfig(BaseModel):
     in_place: bool = Field(False, description="Add levels to the input itself (never level 0).")
     overwrite: bool = Field(False, description="Replace an existing output.")
     pyramid: PyramidParams = Field(default_factory=PyramidParams, description="Levels, storage.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PyramidConfig:
+        if self.in_place and self.output is not None:
+            raise ValueError(
+                "in place, the levels go into the input itself: give no output (-o), or drop "
+                "--in-place to write a new OME-Zarr"
+            )
+        return self
 
     @property
     def target(self) -> str:

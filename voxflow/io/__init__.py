@@ -15,6 +15,7 @@ from voxflow.io.ref import ImageRef, LevelRef
 from voxflow.io.writer import (
     COMPRESSORS,
     DEFAULT_CLEVEL,
+    INCOMPLETE_MARKER,
     ArrayLayout,
     check_output,
     clear_output,
@@ -22,6 +23,7 @@ from voxflow.io.writer import (
     create_array,
     derive_layout,
     provenance,
+    replaceable,
     writable,
     write_blocks,
     write_group,
@@ -32,6 +34,7 @@ from voxflow.io.writer import (
 __all__ = [
     "COMPRESSORS",
     "DEFAULT_CLEVEL",
+    "INCOMPLETE_MARKER",
     "NGFF_VERSIONS",
     "SUPPORTED_DTYPES",
     "ArrayLayout",
@@ -53,6 +56,7 @@ __all__ = [
     "open_image",
     "provenance",
     "read_level",
+    "replaceable",
     "tensorstore_context",
     "writable",
     "write_blocks",

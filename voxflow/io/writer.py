@@ -601,8 +601,43 @@ def write_group(
         loc.write_json(".zgroup", {"zarr_format": 2})
 
 
+INCOMPLETE_MARKER = "voxflow-incomplete.json"
+"""Written into an output while it is being made; its presence lets a rerun resume there."""
+
+# Objects at the root of something voxflow may replace: a zarr node, or an unfinished output.
+_REPLACEABLE_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", INCOMPLETE_MARKER)
+
+
+def replaceable(output: str | Location, markers: Sequence[str] = ()) -> bool:
+    """Whether `output` may be deleted to make room: absent, empty, or a zarr node or output.
+
+    Parameters
+    ----------
+    output : str or Location
+        An existing (or absent) location.
+    markers : sequence of str, optional
+        More root objects that identify an output of the caller's own kind (a run manifest).
+
+    Returns
+    -------
+    bool
+        False for anything else (a folder of other files, a plain file), which voxflow never
+        deletes, whatever ``--overwrite`` says.
+    """
+    out = Location.parse(output)
+    if not out.exists():
+        return True
+    if any(out.exists(key) for key in (*_REPLACEABLE_KEYS, *markers)):
+        return True
+    return not out.list_sizes()
+
+
 def check_output(
-    output: str | Location, inputs: Sequence[str | Location], *, overwrite: bool = False
+    output: str | Location,
+    inputs: Sequence[str | Location],
+    *,
+    overwrite: bool = False,
+    markers: Sequence[str] = (),
 ) -> Location:
     """Refuse an output that would touch an input or replace data without permission.
 
@@ -614,6 +649,8 @@ def check_output(
         Locations that must stay untouched.
     overwrite : bool, optional
         Whether an existing output may be replaced.
+    markers : sequence of str, optional
+        As for :func:`replaceable`.
 
     Returns
     -------
@@ -625,7 +662,8 @@ def check_output(
     ValueError
         When the output is an input, lies inside one, or contains one.
     FileExistsError
-        When the output exists and `overwrite` is false.
+        When the output exists and `overwrite` is false, or it holds something that is not
+        a zarr node or a voxflow output (see :func:`replaceable`), which is never replaced.
     """
     out = Location.parse(output)
     for item in inputs:
@@ -635,6 +673,11 @@ def check_output(
             raise ValueError(f"output {out.url} {where} the input {src.url}; choose another path")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out.url} already exists; pass --overwrite to replace it")
+    if not replaceable(out, markers):
+        raise FileExistsError(
+            f"output {out.url} holds data that is neither a zarr hierarchy nor a voxflow "
+            "output; voxflow does not delete it, even with --overwrite: choose another path"
+        )
     return out
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from voxflow.io import Location, clear_output
+from voxflow.io import INCOMPLETE_MARKER, Location, clear_output
 
-INCOMPLETE_MARKER = "voxflow-incomplete.json"
-"""Written into an output while it is being made; its presence lets a rerun resume there."""
+__all__ = ["INCOMPLETE_MARKER", "begin_output", "resumable"]
 
 
 def resumable(out: Location) -> bool:

@@ -78,7 +78,7 @@ class RunFolder:
         ValueError
             When the folder is, lies inside or contains the input.
         """
-        check_output(self.loc, [source.url], overwrite=True)
+        check_output(self.loc, [source.url], overwrite=True, markers=(MANIFEST,))
         doc = self.loc.read_json(MANIFEST) if self.loc.exists() else None
         old_input = (doc or {}).get("input", {})
         same = old_input.get("fingerprint") == source.fingerprint

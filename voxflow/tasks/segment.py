@@ -313,8 +313,10 @@ def check_segment(vol: Volume, params: SegmentParams) -> dict[str, Any]:
 def _probe_model(m: MaskParams) -> None:
     model = load_model(m.model)
     edge = m.tile or 16
+    # In this process: a loaded TorchScript module cannot travel to a worker (the blocks load
+    # the model from its spec there instead).
     predict(np.zeros((edge,) * 3, np.float32), model, halo=0, tile=edge, batch_size=1,
-            device=m.device).compute()  # fmt: skip
+            device=m.device).compute(scheduler="sync")  # fmt: skip
 
 
 def _size_limits(inst: InstanceParams, voxel_um3: float) -> tuple[int | None, int | None]:

@@ -22,6 +22,9 @@ from voxflow.io.ngff import NGFF_VERSIONS
 __all__ = ["write_em_stack", "write_lightsheet"]
 
 
+_TRUTH = "ground_truth.json"  # at the root of every dataset: the folder is one of ours
+
+
 def _omero(image: np.ndarray, names: Sequence[str]) -> dict:
     colours = ("00FF00", "FF00FF", "00FFFF", "FFFF00")
     channels = []
@@ -56,7 +59,7 @@ def _start(
     """
     if ngff_version not in NGFF_VERSIONS:
         raise ValueError(f"`ngff_version` must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
-    out = check_output(output, [], overwrite=overwrite)
+    out = check_output(output, [], overwrite=overwrite, markers=(_TRUTH,))
     data = generate(shape, seed=seed, **options) if shape else generate(seed=seed, **options)
     clear_output(out)
     parameters = {"shape": list(data.image.shape), "seed": seed}
@@ -111,13 +114,13 @@ def write_lightsheet(
         image, vol.image, "czyx", (1.0, *zscale), name="synthetic lightsheet",
         omero=_omero(vol.image, vol.channel_names), provenance=record, ngff_version=ngff_version,
     )  # fmt: skip
-    out.write_json("ground_truth.json", json.loads(json.dumps(vol.ground_truth())))
+    out.write_json(_TRUTH, json.loads(json.dumps(vol.ground_truth())))
     out.write_bytes("regions.csv", _regions_csv(vol.region_table()))
     return {
         "image": image.url,
         "cells": image.child("labels/cells").url,
         "atlas": image.child("labels/atlas").url,
-        "ground truth": out.child("ground_truth.json").url,
+        "ground truth": out.child(_TRUTH).url,
         "regions": out.child("regions.csv").url,
     }
 
@@ -176,9 +179,9 @@ def write_em_stack(
             out.child(name), data, "zyx", stack.spacing, name=name.split(".")[0],
             provenance=record, ngff_version=ngff_version,
         )  # fmt: skip
-    out.write_json("ground_truth.json", json.loads(json.dumps(stack.ground_truth())))
+    out.write_json(_TRUTH, json.loads(json.dumps(stack.ground_truth())))
     return {
         "image": out.child("image.ome.zarr").url,
         "aligned": out.child("aligned.ome.zarr").url,
-        "ground truth": out.child("ground_truth.json").url,
+        "ground truth": out.child(_TRUTH).url,
     }
