@@ -113,3 +113,28 @@ def test_view_opens_napari_headless(cli_env, data, monkeypatch):
         assert [layer.name for layer in viewer.layers][:3] == ["image", "mask", "labels"]
     finally:
         viewer.close()
+
+
+def test_an_error_found_inside_a_task_is_one_line(cli_env, data):
+    """Prefect logs a failed task with its traceback; the command shows the error once.
+
+    Run as a process of its own: the logs go to the real stderr, which the in-process
+    runner does not see.
+    """
+    import os
+    import subprocess
+    import sys
+
+    path, _ = data
+    run = path / "run-limits"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from voxflow.cli import app; app()", "segment",
+         str(path / "image.ome.zarr"), "-o", str(run), "--min-size", "100", "--max-size", "10"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["error: the size limits exclude every object: min 100 > max 10 voxels"]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not run.exists()
