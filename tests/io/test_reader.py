@@ -59,6 +59,14 @@ def test_directory_that_is_not_zarr(tmp_path, content):
         open_image(folder)
 
 
+def test_an_unfinished_output_says_so(tmp_path, make_image):
+    out = tmp_path / "out.ome.zarr"
+    make_image(out / "0", np.zeros((4, 4), "uint8"), "yx", n_levels=1)
+    (out / "voxflow-incomplete.json").write_text("{}")
+    with pytest.raises(NotAnImageError, match=r"unfinished output .* run the same command again"):
+        open_image(out)
+
+
 def test_not_an_image_is_a_value_error():
     assert issubclass(NotAnImageError, ValueError)
 

@@ -21,7 +21,10 @@ import tensorstore as ts
 
 from voxflow.io.heap import heap_arenas, limit_heap_arenas
 
-__all__ = ["Location", "tensorstore_context"]
+__all__ = ["INCOMPLETE_MARKER", "Location", "tensorstore_context"]
+
+INCOMPLETE_MARKER = "voxflow-incomplete.json"
+"""Written into an output while it is being made; its presence lets a rerun resume there."""
 
 _SCHEMES = ("file", "gs", "memory")
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorstore as ts
 
 from voxflow.core.axes import default_axes
-from voxflow.io.location import Location, tensorstore_context
+from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
 from voxflow.io.ngff import Multiscale, parse_group_attributes
 from voxflow.io.ref import ImageRef, LevelRef
 
@@ -116,6 +116,11 @@ def open_image(url: str | os.PathLike[str] | Location) -> ImageRef:
         if loc.read_json(".zgroup") is None:
             if not loc.exists():
                 raise FileNotFoundError(f"no such image: {loc.url}")
+            if loc.exists(INCOMPLETE_MARKER):
+                raise NotAnImageError(
+                    f"{loc.url} is an unfinished output (its run stopped before the end): run "
+                    "the same command again to finish it"
+                )
             raise NotAnImageError(f"{loc.url} is not a zarr array or group")
     try:
         meta, omero = parse_group_attributes(attrs or {}, zarr_format=fmt)

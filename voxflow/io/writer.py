@@ -29,7 +29,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from voxflow.core.axes import axis_from_name, spatial_mask, validate_dims
-from voxflow.io.location import Location, tensorstore_context
+from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
 from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale, group_attributes
 from voxflow.io.reader import open_store
 from voxflow.io.ref import ImageRef
@@ -600,9 +600,6 @@ def write_group(
             loc.write_json(".zattrs", dict(ome))
         loc.write_json(".zgroup", {"zarr_format": 2})
 
-
-INCOMPLETE_MARKER = "voxflow-incomplete.json"
-"""Written into an output while it is being made; its presence lets a rerun resume there."""
 
 # Objects at the root of something voxflow may replace: a zarr node, or an unfinished output.
 _REPLACEABLE_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", INCOMPLETE_MARKER)
