@@ -1,7 +1,7 @@
 """The only code that opens stores: OME-NGFF metadata, readers and the TensorStore writer."""
 
 from voxflow.io.heap import heap_arenas, limit_heap_arenas
-from voxflow.io.location import Location, tensorstore_context
+from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
 from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale
 from voxflow.io.reader import (
     SUPPORTED_DTYPES,
@@ -15,7 +15,6 @@ from voxflow.io.ref import ImageRef, LevelRef
 from voxflow.io.writer import (
     COMPRESSORS,
     DEFAULT_CLEVEL,
-    INCOMPLETE_MARKER,
     ArrayLayout,
     check_output,
     clear_output,

@@ -178,6 +178,13 @@ class Location:
         """Whether an object or any object below `key` exists."""
         return _backend(self).exists(self.child(key).path)
 
+    def holds_objects(self, key: str = "") -> bool:
+        """Whether any object lies at or below `key`: an empty local folder holds none.
+
+        Stops at the first object found, however large the tree.
+        """
+        return _backend(self).holds_objects(self.child(key).path)
+
     def list_sizes(self, key: str = "") -> dict[str, int]:
         """Every object below `key`, as relative key → size in bytes."""
         base = self.child(key).path
@@ -227,6 +234,10 @@ class _LocalBackend:
     def exists(self, path: str) -> bool:
         return Path(path).exists()
 
+    def holds_objects(self, path: str) -> bool:
+        root = Path(path)
+        return root.is_file() or any(files for _, _, files in os.walk(root))
+
     def list_sizes(self, path: str) -> dict[str, int]:
         root = Path(path)
         if root.is_file():
@@ -272,6 +283,10 @@ class _FsspecBackend:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
+    def holds_objects(self, path: str) -> bool:
+        # A bucket has no empty folders: a prefix exists only with objects under it.
+        return self.exists(path)
+
     def list_sizes(self, path: str) -> dict[str, int]:
         found = self.fs.find(path, detail=True)
         return {name: int(info.get("size", 0)) for name, info in found.items()}
@@ -305,6 +320,9 @@ class _MemoryBackend:
 
     def exists(self, path: str) -> bool:
         return bool(self._keys(path))
+
+    def holds_objects(self, path: str) -> bool:
+        return self.exists(path)
 
     def list_sizes(self, path: str) -> dict[str, int]:
         return {k: len(self.kv.read(k).result().value) for k in self._keys(path)}

@@ -602,7 +602,7 @@ def write_group(
 
 
 # Objects at the root of something voxflow may replace: a zarr node, or an unfinished output.
-_REPLACEABLE_KEYS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", INCOMPLETE_MARKER)
+_REPLACEABLE_KEYS = (*_GROUP_KEYS, ".zarray", INCOMPLETE_MARKER)
 
 
 def replaceable(output: str | Location, markers: Sequence[str] = ()) -> bool:
@@ -622,11 +622,9 @@ def replaceable(output: str | Location, markers: Sequence[str] = ()) -> bool:
         deletes, whatever ``--overwrite`` says.
     """
     out = Location.parse(output)
-    if not out.exists():
-        return True
     if any(out.exists(key) for key in (*_REPLACEABLE_KEYS, *markers)):
         return True
-    return not out.list_sizes()
+    return not out.holds_objects()
 
 
 def check_output(
@@ -668,7 +666,9 @@ def check_output(
         if src.contains(out) or out.contains(src):
             where = "is" if src == out else "lies inside" if src.contains(out) else "contains"
             raise ValueError(f"output {out.url} {where} the input {src.url}; choose another path")
-    if out.exists() and not overwrite:
+    if not out.exists():
+        return out
+    if not overwrite:
         raise FileExistsError(f"output {out.url} already exists; pass --overwrite to replace it")
     if not replaceable(out, markers):
         raise FileExistsError(
