@@ -25,7 +25,7 @@ from rich.table import Table
 # The stages import their flows (and with them Prefect, Dask, TensorStore, torch) only when
 # they run: `voxflow --help` and `voxflow info` stay quick, and a command loads what it uses.
 from voxflow.flows.synth import SYNTH_DEFAULTS
-from voxflow.settings import VoxflowSettings
+from voxflow.settings import StorageSettings, VoxflowSettings
 
 if TYPE_CHECKING:
     from voxflow.flows.segment import SegmentationConfig
@@ -119,6 +119,19 @@ def _storage(settings: VoxflowSettings, ngff_version: str | None) -> dict[str, A
     }  # fmt: skip
 
 
+def _setting(name: str, fallback: str | None = None) -> str:
+    """How a storage option left out is set: its variable, else the setting's default."""
+    default = StorageSettings.model_fields[name].default if fallback is None else fallback
+    return f"default VOXFLOW_STORAGE__{name.upper()}, else {default}"
+
+
+NgffVersionOption = Annotated[
+    str | None,
+    typer.Option(help=f"0.5 (zarr v3, sharded) or 0.4 (zarr v2); {_setting('ngff_version')}."),
+]
+"""``--ngff-version`` of a command that writes a new OME-Zarr."""
+
+
 @contextlib.contextmanager
 def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -175,25 +188,63 @@ def _follow(run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSetting
 def pyramid(
     input: Annotated[str, typer.Argument(help="Level-0 OME-Zarr image or plain zarr array.")],
     output: Annotated[
-        str | None, typer.Option("-o", "--output", help="New OME-Zarr (default: beside input).")
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="New OME-Zarr; default INPUT.pyramid.ome.zarr beside INPUT, and for a label "
+            "image IMAGE/labels/NAME, IMAGE.labels.NAME.pyramid.ome.zarr beside IMAGE.",
+        ),
     ] = None,
     method: Annotated[
-        str, typer.Option(help="mean | mode (labels) | min | max | stride | gaussian.")
-    ] = "mean",
-    levels: Annotated[int | None, typer.Option(help="Number of levels, level 0 included.")] = None,
+        str | None,
+        typer.Option(
+            help="mean | mode | min | max | stride | gaussian; default mode for a label image "
+            "(image-label metadata), else mean."
+        ),
+    ] = None,
+    levels: Annotated[
+        int | None,
+        typer.Option(
+            help="Number of levels, level 0 included; default: until no axis is larger than "
+            "--min-size."
+        ),
+    ] = None,
     min_size: Annotated[int, typer.Option(help="Stop reducing an axis at this size.")] = 64,
     factors: Annotated[
-        str | None, typer.Option(help="Fixed factor per spatial axis, e.g. 1,2,2.")
+        str | None,
+        typer.Option(
+            help="Fixed factor per spatial axis, e.g. 1,2,2; default: anisotropy-aware, the "
+            "finer axes first, then all."
+        ),
     ] = None,
     ngff_version: Annotated[
-        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
+        str | None,
+        typer.Option(
+            help=f"0.5 (zarr v3, sharded) or 0.4 (zarr v2); {_setting('ngff_version')}; in "
+            "place, the input's."
+        ),
     ] = None,
-    chunks: Annotated[str | None, typer.Option(help="Chunk edge per spatial axis.")] = None,
-    shards: Annotated[str | None, typer.Option(help="Shard edge per spatial axis (0.5).")] = None,
+    chunks: Annotated[
+        str | None,
+        typer.Option(
+            help="Chunk edge per spatial axis; "
+            f"{_setting('chunks', '64 for 0.5 and 128 for 0.4, capped to the shape')}."
+        ),
+    ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option(
+            help="Shard edge per spatial axis (0.5); "
+            f"{_setting('shards', '4 chunks per axis, capped to the shape')}."
+        ),
+    ] = None,
     compressor: Annotated[
-        str | None, typer.Option(help="zstd | lz4 | gzip | none (default: settings).")
+        str | None, typer.Option(help=f"zstd | lz4 | gzip | none; {_setting('compressor')}.")
     ] = None,
-    clevel: Annotated[int | None, typer.Option(help="Compression level 0-9.")] = None,
+    clevel: Annotated[
+        int | None, typer.Option(help=f"Compression level 0-9; {_setting('clevel')}.")
+    ] = None,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Add levels to INPUT itself (level 0 untouched).")
     ] = False,
@@ -202,7 +253,9 @@ def pyramid(
     """Build a multiscale OME-Zarr pyramid from level 0.
 
     Storage options left out come from the settings (VOXFLOW_STORAGE__*); in place, the
-    input's NGFF version is kept.
+    input's NGFF version is kept. A label image (IMAGE/labels/NAME, reduced with mode unless
+    --method says otherwise) keeps its image-label metadata, its source pointing at IMAGE
+    from the output.
     """
     from voxflow.flows.pyramid import PyramidConfig, run_pyramid, validate_pyramid
 
@@ -340,15 +393,14 @@ def correct(
         str, typer.Option(help="Downsampling factor: N for every spatial axis, or Z,Y,X.")
     ] = "4",
     channel: Annotated[
-        list[int] | None, typer.Option("--channel", help="Channel to process (repeatable).")
+        list[int] | None,
+        typer.Option("--channel", help="Channel to process (repeatable); default: all."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="keep (input dtype, rounded) | float32.")] = "keep",
     no_field: Annotated[
         bool, typer.Option("--no-field", help="Do not keep the low-resolution field.")
     ] = False,
-    ngff_version: Annotated[
-        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
-    ] = None,
+    ngff_version: NgffVersionOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
 ) -> None:
     """Estimate a smooth field at low resolution and apply it at full resolution.
@@ -439,7 +491,9 @@ def segment(
     atlas: Annotated[
         str | None, typer.Option(help="Also count per region of this atlas label image.")
     ] = None,
-    regions: Annotated[str | None, typer.Option(help="Region table CSV for --atlas.")] = None,
+    regions: Annotated[
+        str | None, typer.Option(help="Region table CSV for --atlas; without it: atlas ids.")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a folder that is not a run of INPUT.")
     ] = False,
@@ -491,7 +545,7 @@ def _run_segmentation(config: SegmentationConfig, description: str) -> None:
 
 def _print_regions(counted: Any) -> None:
     if counted.regions:
-        out.print(f"region table: {counted.regions}")
+        out.print(f"region counts: {counted.regions}", soft_wrap=True)
         if counted.unlisted:
             out.print(f"[yellow]atlas ids missing from the region table:[/] "
                       f"{', '.join(map(str, counted.unlisted))} (rows 'unlisted')")  # fmt: skip
@@ -515,7 +569,8 @@ def count(
         str | None, typer.Option(help="Atlas label image in the image's physical space.")
     ] = None,
     regions: Annotated[
-        str | None, typer.Option(help="Region table CSV: id, acronym, name, parent_id.")
+        str | None,
+        typer.Option(help="Region table CSV: id, acronym, name, parent_id; without it: atlas ids."),
     ] = None,
     block: Annotated[float, typer.Option(help="Cell edge of the count/density maps (µm).")] = 100.0,
     split_axis: Annotated[
@@ -575,21 +630,47 @@ def _one_or_many(values: tuple | None) -> Any:
     return values[0] if values and len(values) == 1 else values
 
 
-def _print_alignment(ref: ImageRef, seconds: float) -> None:
+def _print_alignment(ref: ImageRef, seconds: float, *, reused: bool = False) -> None:
     from voxflow.flows.register import TRANSFORMS_FILE
 
     doc = (ref.provenance or {}).get("transforms") or {}
     pairs = doc.get("pairs", [])
     failed = [p for p in pairs if not p["converged"]]
     (y0, y1), (x0, x1) = doc.get("crop", {}).get("box", [[0, 0], [0, 0]])
-    out.print(f"wrote [bold]{ref.url}[/] in {seconds:.1f} s: {len(pairs)} pairs, crop box "
-              f"y {y0}:{y1}, x {x0}:{x1}")  # fmt: skip
+    done = (f"reused [bold]{ref.url}[/] (already up to date, nothing recomputed)" if reused
+            else f"wrote [bold]{ref.url}[/]")  # fmt: skip
+    out.print(f"{done} in {seconds:.1f} s: {len(pairs)} pairs, crop box y {y0}:{y1}, "
+              f"x {x0}:{x1}")  # fmt: skip
     if failed:
         listed = ", ".join(f"{p['moving']}→{p['fixed']}" for p in failed[:10])
         out.print(f"[yellow]{len(failed)} pair(s) did not converge[/] ({listed}); those slices "
                   "carry their neighbour's transform")  # fmt: skip
     out.print(f"transforms: {ref.url.rstrip('/')}/{TRANSFORMS_FILE}")
     _print_levels(ref)
+
+
+# The least `--samples` that RegistrationParams accepts; 0 stands for None (every pixel).
+_MIN_SAMPLES = 64
+
+
+def _samples(samples: int) -> int | None:
+    if samples == 0:
+        return None
+    if samples < _MIN_SAMPLES:
+        raise ValueError(
+            f"`--samples` must be >= {_MIN_SAMPLES}, or 0 to read every pixel; got {samples}"
+        )
+    return samples
+
+
+def _image_or_none(url: str) -> ImageRef | None:
+    """The complete image at `url`, or None when there is none (yet)."""
+    from voxflow.io import open_image
+
+    try:
+        return open_image(url)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 @app.command()
@@ -602,8 +683,13 @@ def register(
     ] = "rigid",
     loss: Annotated[str, typer.Option(help="ncc | mse | lncc (local NCC).")] = "ncc",
     levels: Annotated[str, typer.Option(help="Factor per level, coarse to fine.")] = "8,4,2,1",
-    epochs: Annotated[str | None, typer.Option(help="Most steps per level (N or N,N,…).")] = None,
-    lr: Annotated[str | None, typer.Option(help="Learning rate per level (x or x,x,…).")] = None,
+    epochs: Annotated[
+        str | None, typer.Option(help="Most steps per level (N or N,N,…); default 200.")
+    ] = None,
+    lr: Annotated[
+        str | None,
+        typer.Option(help="Learning rate per level (x or x,x,…); default 0.1 × its factor."),
+    ] = None,
     patience: Annotated[int, typer.Option(help="Early stop: steps without gain.")] = 10,
     min_delta: Annotated[float, typer.Option(help="Early stop: smallest gain.")] = 1e-4,
     penalty: Annotated[float, typer.Option(help="L2 penalty on scale and shear.")] = 0.0,
@@ -612,7 +698,7 @@ def register(
         float, typer.Option(help="Gaussian sigma at the finest level, pixels (0: none).")
     ] = 1.0,
     samples: Annotated[
-        int, typer.Option(help="Pixels per pair the loss reads at finer levels (0: all).")
+        int, typer.Option(help="Pixels per pair the loss reads at finer levels, >= 64 (0: all).")
     ] = 32768,
     batch_size: Annotated[int, typer.Option(help="Pairs optimised as one batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
@@ -627,15 +713,14 @@ def register(
     ] = False,
     margin: Annotated[int, typer.Option(help="Extra pixels cropped on each side.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the optimisation.")] = 0,
-    ngff_version: Annotated[
-        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
-    ] = None,
+    ngff_version: NgffVersionOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
 ) -> None:
     """Align a stack of slices: batched pairwise registration, composed, warped and cropped.
 
     The transforms (pixels and physical units, per-pair loss, steps and convergence, crop box)
-    land in OUTPUT/transforms.json; voxflow warp re-applies them.
+    land in OUTPUT/transforms.json; voxflow warp re-applies them. A rerun with the same input
+    and options reuses the output that is already there.
     """
     from voxflow.flows.register import RegistrationConfig, run_registration, validate_registration
 
@@ -647,19 +732,20 @@ def register(
             "epochs": _one_or_many(_ints(epochs, "epochs")),
             "lr": _one_or_many(_floats(lr, "lr")), "patience": patience,
             "min_delta": min_delta, "penalty": penalty, "window": window, "smoothing": smoothing,
-            "samples": samples or None, "batch_size": batch_size, "device": device,
+            "samples": _samples(samples), "batch_size": batch_size, "device": device,
             "neighbours": neighbours, "channel": channel, "reference": reference,
             "interpolation": interpolation, "crop": not no_crop, "margin": margin, "seed": seed,
             "pyramid": _storage(settings, ngff_version),
         },
     })  # fmt: skip
-    validate_registration(config)
+    validate_registration(config, settings)
+    before = _image_or_none(output)
     start = time.perf_counter()
     ref = run_with_progress(
         lambda s, key: run_registration(config, s, progress_key=key), settings,
         f"register ({transform})",
     )  # fmt: skip
-    _print_alignment(ref, time.perf_counter() - start)
+    _print_alignment(ref, time.perf_counter() - start, reused=ref == before)
 
 
 @app.command()
@@ -672,9 +758,7 @@ def warp(
     output: Annotated[str, typer.Option("-o", "--output", help="New OME-Zarr, warped.")],
     interpolation: Annotated[str, typer.Option(help="linear | cubic.")] = "linear",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
-    ngff_version: Annotated[
-        str | None, typer.Option(help="0.5 (zarr v3, sharded) or 0.4 (zarr v2).")
-    ] = None,
+    ngff_version: NgffVersionOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT.")] = False,
 ) -> None:
     """Re-apply the transforms of an earlier registration to another copy of the stack.
@@ -690,7 +774,7 @@ def warp(
         "registration": {"interpolation": interpolation, "device": device,
                          "pyramid": _storage(settings, ngff_version)},
     })  # fmt: skip
-    validate_warp(config)
+    validate_warp(config, settings)
     start = time.perf_counter()
     ref = run_with_progress(lambda s, key: run_warp(config, s, progress_key=key), settings, "warp")
     _print_alignment(ref, time.perf_counter() - start)

@@ -145,3 +145,67 @@ def test_synth_em_stack_options_reach_ground_truth(tmp_path):
     bad = runner.invoke(app, ["synth", "em-stack", str(tmp_path / "x"), "--noise", "2"])
     assert bad.exit_code == 2 and "`noise` must lie in" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_pyramid_help_and_readme_state_every_default():
+    import click
+    import typer
+
+    command = typer.main.get_command(app).commands["pyramid"]
+    for param in command.params:
+        if isinstance(param, click.Option) and not (param.is_flag or param.required):
+            shown = param.default is not None and param.show_default is not False
+            assert shown or "default" in (param.help or ""), f"{param.name} shows no default"
+    result = runner.invoke(app, ["pyramid", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    assert "default VOXFLOW_STORAGE__NGFF_VERSION, else 0.5; in place, the input's." in text
+    assert "default VOXFLOW_STORAGE__CLEVEL, else 2." in text
+    assert "IMAGE.labels.NAME.pyramid.ome.zarr beside IMAGE" in text
+    # The defaults the help states are the settings' own.
+    from voxflow.settings import StorageSettings
+
+    assert (StorageSettings().ngff_version, StorageSettings().clevel) == ("0.5", 2)
+    readme = open(os.path.join(os.path.dirname(__file__), "../../README.md")).read()
+    section = readme.split("### `voxflow pyramid")[1].split("\n### ")[0]
+    cells = [re.split(r"(?<!\\)\|", line) for line in section.splitlines() if "| `-" in line]
+    rows = {row[1].strip(): row[2] for row in cells}
+    for option in ("`--ngff-version 0.5\\|0.4`", "`-o OUTPUT`", "`--levels N`", "`--min-size N`"):
+        assert "default" in rows[option], option
+
+
+def test_label_image_pyramid_lands_beside_its_image_with_its_metadata(cli_env, tmp_path):
+    from voxflow.io import write_group
+
+    image = str(tmp_path / "brain.ome.zarr")
+    labels = np.random.default_rng(2).integers(0, 3, (6, 20, 18), dtype=np.uint16)
+    write_image(image, labels * 100, "zyx", (2.0, 1.0, 1.0))
+    label = {
+        "colors": [{"label-value": 1, "rgba": [255, 0, 0, 255]}],
+        "source": {"image": "../../"},
+    }
+    write_image(f"{image}/labels/cells", labels, "zyx", (2.0, 1.0, 1.0), image_label=label)
+    write_group(f"{image}/labels", "0.5", {"labels": ["cells"]})
+    before = snapshot(image)
+    result = runner.invoke(app, ["pyramid", f"{image}/labels/cells", "--method", "mode",
+                                 "--levels", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = str(tmp_path / "brain.labels.cells.pyramid.ome.zarr")
+    assert out in result.output.replace("\n", "")
+    assert snapshot(image) == before
+    attrs = zarr.open_group(out, mode="r").attrs["ome"]
+    assert attrs["image-label"] == {**label, "source": {"image": "../brain.ome.zarr"}}
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    ImageLabel.from_zarr(zarr.open_group(out, mode="r"))
+
+
+def test_plain_array_warning_is_printed_once(cli_env, tmp_path, recwarn):
+    from voxflow.io import PlainArrayWarning
+
+    plain = str(tmp_path / "plain.zarr")
+    zarr.create_array(plain, shape=(8, 16, 16), chunks=(4, 8, 8), dtype="uint8")[...] = 3
+    result = runner.invoke(app, ["pyramid", plain, "--levels", "2"])
+    assert result.exit_code == 0, result.output
+    plain_warnings = [w for w in recwarn if w.category is PlainArrayWarning]
+    assert len(plain_warnings) == 1, [str(w.message) for w in plain_warnings]

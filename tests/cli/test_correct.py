@@ -130,3 +130,43 @@ def test_the_voxflow_command_discovers_the_installed_package(example_plugin_inst
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "example-scale" in done.stdout and "example-offset" in done.stdout
+
+
+def test_normalize_to_float32_gets_display_windows_of_the_floats(cli_env, tmp_path):
+    rng = np.random.default_rng(4)
+    data = rng.integers(400, 3000, (2, 16, 33, 40)).astype(np.uint16)
+    omero = {
+        "channels": [{"label": name, "color": "00FF00", "active": True,
+                      "window": {"min": 0.0, "max": 65535.0, "start": 450.0, "end": 2900.0}}
+                     for name in ("a", "b")],
+        "rdefs": {"model": "color"},
+    }  # fmt: skip
+    path = str(tmp_path / "in.ome.zarr")
+    write_image(path, data, "czyx", (1.0, 2.0, 1.0, 1.0), omero=omero, chunks=8, shards=16)
+    out = str(tmp_path / "out.ome.zarr")
+    result = runner.invoke(
+        app, ["correct", path, "-o", out, "--plugin", "normalize", "--param", "out_max=1",
+              "--dtype", "float32", "--factor", "2", "--no-field"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ref = open_image(out)
+    assert ref.dtype == "float32"
+    coarsest = read_level(ref, len(ref.levels) - 1).compute()
+    for c, channel in enumerate(ref.omero["channels"]):
+        start, end = np.percentile(coarsest[c], (0.5, 99.8))
+        low, high = coarsest[c].min(), coarsest[c].max()
+        assert channel["window"] == pytest.approx(
+            {"min": low, "max": high, "start": start, "end": end}
+        )
+        assert 0.0 <= low <= start < end <= high <= 1.0
+        assert channel["label"] == "ab"[c]
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(zarr.open_group(out, mode="r"))
+
+
+def test_correct_help_states_the_ngff_version_default():
+    result = runner.invoke(app, ["correct", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "0.4 (zarr v2); default VOXFLOW_STORAGE__NGFF_VERSION, else 0.5." in text

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import snapshot
 from tests.flows.test_segment_flow import _spheres
 from voxflow.cli import app
 
@@ -84,6 +85,67 @@ def test_count_bad_input(cli_env, data, tmp_path):
     result = runner.invoke(app, ["count", run, "--split-axis", "q",
                                  "--atlas", str(path / "atlas.ome.zarr")])  # fmt: skip
     assert result.exit_code == 2 and "split_axis" in result.output
+
+
+def test_a_region_table_without_rows_is_one_line_and_writes_nothing(cli_env, data):
+    path, _ = data
+    image, run = str(path / "image.ome.zarr"), path / "run"
+    (path / "empty.csv").write_text("id,acronym,name,parent_id\n")
+    tables = ["--atlas", str(path / "atlas.ome.zarr"), "--regions", str(path / "empty.csv")]
+    result = runner.invoke(app, ["segment", image, "-o", str(run), *tables])
+    assert result.exit_code == 2, result.output
+    assert "needs one row per region, got none" in result.output
+    assert "Traceback" not in result.output and not run.exists()
+    assert runner.invoke(app, ["segment", image, "-o", str(run)]).exit_code == 0
+    files = snapshot(run)
+    result = runner.invoke(app, ["count", str(run), *tables])
+    assert result.exit_code == 2 and "needs one row per region, got none" in result.output
+    assert snapshot(run) == files
+
+
+def test_a_rerun_without_atlas_leaves_no_region_table(cli_env, data):
+    path, _ = data
+    run = str(path / "run")
+    image = str(path / "image.ome.zarr")
+    atlas = ["--atlas", str(path / "atlas.ome.zarr"), "--regions", str(path / "regions.csv")]
+    for first, rerun in ((["segment", image, "-o", run, *atlas], ["segment", image, "-o", run]),
+                         (["count", run, *atlas], ["count", run])):  # fmt: skip
+        result = runner.invoke(app, first)
+        assert result.exit_code == 0, result.output
+        assert "regions.csv" in result.output and (path / "run/regions.csv").exists()
+        result = runner.invoke(app, rerun)
+        assert result.exit_code == 0, result.output
+        assert "regions.csv" not in result.output and "densest regions" not in result.output
+        assert not (path / "run/regions.csv").exists(), rerun[0]
+        assert not (path / "run/steps/regions.json").exists(), rerun[0]
+
+
+def test_atlas_without_regions_counts_per_atlas_id_with_one_warning_line(cli_env, data):
+    """What the command prints, on its real stdout and stderr (the warnings included)."""
+    import os
+    import subprocess
+    import sys
+
+    path, centres = data
+    run = str(path / "run")
+    assert runner.invoke(app, ["segment", str(path / "image.ome.zarr"), "-o", run]).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from voxflow.cli import app; app()", "count", run,
+         "--atlas", str(path / "atlas.ome.zarr")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert warned == [
+        "warning: no region table (--regions): regions.csv has one row per atlas id, labelled "
+        "by the id, without region names or parents"
+    ], done.stderr
+    assert "unlisted" not in done.stdout and "missing" not in done.stdout, done.stdout
+    assert f"region counts: {run}/regions.csv" in done.stdout.splitlines()
+    rows = pd.read_csv(path / "run/regions.csv", dtype={"acronym": str})
+    assert rows["acronym"].tolist() == ["1", "2", "outside"]
+    assert rows["count"].sum() == len(centres)
 
 
 def test_view_names_the_extra_without_napari(cli_env, data, monkeypatch):

@@ -1,3 +1,5 @@
+import warnings
+
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -328,6 +330,35 @@ def test_unlisted_ids_get_rows_and_one_warning(volume):
     assert tail["volume_mm3"].iloc[1] == pytest.approx(th_voxels * np.prod(volume.spacing) * 1e-9)
     root = got.iloc[0]
     assert root["count"] == volume.n_cells - (ids == 549).sum()  # TH no longer rolls up
+
+
+@pytest.mark.parametrize("table", ["omitted", None, "empty"])
+def test_quantify_regions_without_a_table_has_one_row_per_atlas_id(volume, table):
+    points = volume.centroids_um
+    ids = np.r_[assign_regions(points, volume.atlas, scale=volume.spacing), 77]
+    midline = atlas_midline(volume.atlas.shape, volume.spacing, (0, 0, 0), 2)
+    sides = np.r_[side_of(points, 2, midline), True]  # 77: an id with objects, no voxels
+    volumes = atlas_volumes(volume.atlas, scale=volume.spacing, split_axis=2, midline_um=midline)
+    args = {"omitted": (), None: (None,), "empty": (pd.DataFrame(columns=REGION_COLUMNS),)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is missing from a table that is not there
+        got, unlisted = quantify_regions(ids, volumes, *args[table], sides=sides)
+    assert unlisted == []
+    present = sorted((set(np.unique(volume.atlas).tolist()) | {77}) - {0})
+    assert got["id"].tolist() == [*present, 0]
+    assert got["acronym"].tolist() == [*map(str, present), "outside"]
+    assert got["name"].tolist() == [*(f"atlas region {i}" for i in present),
+                                     "outside the atlas regions"]  # fmt: skip
+    assert got["parent_id"].isna().all() and got["parent_id"].dtype == "Int64"
+    with pytest.warns(UserWarning, match="77"):  # a table that does not list 77
+        named, _ = quantify_regions(ids, volumes, _table(volume.regions), sides=sides)
+    assert list(got.columns) == list(named.columns)
+    voxel_mm3 = np.prod(volume.spacing) * 1e-9
+    for row in got.itertuples():  # no roll-up: each row holds its own id only
+        mine = ids == row.id
+        assert (row.count, row.count_left) == (mine.sum(), (mine & sides).sum())
+        assert row.volume_mm3 == pytest.approx((volume.atlas == row.id).sum() * voxel_mm3)
+    assert got["count"].sum() == ids.size
 
 
 def test_quantify_regions_with_huge_ids_and_atlas_ids_on_parents():

@@ -598,8 +598,10 @@ def test_lncc_reads_every_pixel_whatever_the_samples(slices):
 
 @pytest.mark.parametrize(
     ("samples", "error", "match"),
-    [(63, ValueError, "`samples` must be >= 64"), (True, TypeError, "`samples` must be an int"),
-     (1e4, TypeError, "`samples` must be an int")],
+    [(63, ValueError, "`samples` must be >= 64, or None to read every pixel; got 63"),
+     (0, ValueError, "`samples` must be >= 64, or None to read every pixel; got 0"),
+     (-1, ValueError, "`samples` must be >= 64, or None"),
+     (True, TypeError, "`samples` must be an int"), (1e4, TypeError, "`samples` must be an int")],
 )  # fmt: skip
 def test_samples_are_validated(slices, samples, error, match):
     with pytest.raises(error, match=match):

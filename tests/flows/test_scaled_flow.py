@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import zarr
 
 from tests.conftest import snapshot
 from voxflow.core import lowres_geometry, upsample_array
@@ -70,3 +71,30 @@ def test_changed_parameter_recomputes_and_removed_output_is_rebuilt(tmp_path, se
         settings,
     )
     assert open_image(out).dtype == "float32" and third.url == out
+
+
+def test_normalized_output_gets_display_windows_of_its_own(tmp_path, settings):
+    from ome_zarr_models.v05.image import Image
+
+    _, data = _input(tmp_path / "plain.ome.zarr", seed=2)
+    src = str(tmp_path / "in.ome.zarr")
+    omero = {
+        "channels": [{"label": "dapi", "color": "0000FF", "active": True,
+                      "window": {"min": 0.0, "max": 65535.0, "start": 700.0, "end": 1100.0}}],
+        "rdefs": {"model": "color"},
+    }  # fmt: skip
+    write_image(src, data, "zyx", (2.0, 1.0, 1.0), omero=omero, chunks=8, shards=16)
+    out = str(tmp_path / "out.ome.zarr")
+    params = ScaledParams(plugin="normalize", params={"low": 2, "high": 98}, factor=2)
+    ref = run_scaled(ScaledConfig(input=src, output=out, processing=params), settings)
+
+    # uint16 stretched to its full range: the input's window (700 to 1100) would saturate it.
+    coarsest = read_level(ref, len(ref.levels) - 1).compute()
+    start, end = np.percentile(coarsest, (0.5, 99.8))
+    (channel,) = ref.omero["channels"]
+    assert channel["window"] == pytest.approx({"min": 0, "max": 65535, "start": start, "end": end})
+    assert end - start > 30000
+    assert {k: channel[k] for k in ("label", "color", "active")} == {
+        "label": "dapi", "color": "0000FF", "active": True
+    }  # fmt: skip
+    Image.from_zarr(zarr.open_group(out, mode="r"))

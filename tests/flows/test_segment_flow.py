@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -141,6 +143,91 @@ def test_flow_on_multiprocess_cluster_with_watershed(tmp_path, results_dir):
     result = run_segmentation(config, procs)
     assert result.segment.objects == len(centres)
     assert result.count.objects == len(centres)
-    rows = pd.read_csv(tmp_path / "run/regions.csv").set_index("id")
+    rows = pd.read_csv(tmp_path / "run/regions.csv", dtype={"acronym": str}).set_index("id")
     assert rows.loc[1, "count"] + rows.loc[2, "count"] == len(centres)
-    assert rows.loc[1, "acronym"] == "unlisted"  # no region table: every atlas id is unlisted
+    assert rows.loc[1, "acronym"] == "1"  # no region table: each atlas id is a region
+
+
+def _on_record(run):
+    """The outputs the step records list, and the outputs the folder holds besides its records."""
+    listed = set()
+    for record in (run / "steps").glob("*.json"):
+        listed |= set(json.loads(record.read_text())["outputs"])
+    held = {p.relative_to(run).as_posix() for p in run.glob("*") if p.name not in
+            ("run.json", "steps", "qc")} | {f"qc/{p.name}" for p in run.glob("qc/*")}  # fmt: skip
+    return listed, held
+
+
+def test_count_without_an_atlas_removes_the_earlier_region_table(tmp_path, settings):
+    _spheres(tmp_path)
+    run = tmp_path / "run"
+    atlas = CountParams(atlas=str(tmp_path / "atlas.ome.zarr"),
+                        regions=str(tmp_path / "regions.csv"))  # fmt: skip
+    config = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(run), count=atlas)
+    run_segmentation(config, settings)
+    assert (run / "regions.csv").exists() and (run / "steps/regions.json").exists()
+    recount = run_counting(CountingConfig(run=str(run)), settings)
+    assert recount.regions is None and recount.rows == () and "qc" in recount.computed
+    assert not (run / "regions.csv").exists()
+    assert not (run / "steps/regions.json").exists()
+    listed, held = _on_record(run)
+    assert listed == held and "regions.csv" not in listed
+    # The same through the segmentation flow, and the region table comes back with the atlas.
+    again = run_counting(CountingConfig(run=str(run), count=atlas), settings)
+    assert "regions" in again.computed and (run / "regions.csv").exists()
+    plain = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(run))
+    result = run_segmentation(plain, settings)
+    assert result.segment.computed == () and result.count.regions is None
+    assert not (run / "regions.csv").exists()
+    assert not (run / "steps/regions.json").exists()
+    assert _on_record(run)[0] == _on_record(run)[1]
+
+
+def test_no_counting_keeps_the_counts_of_the_same_objects_and_removes_older_ones(
+    tmp_path, settings
+):
+    _spheres(tmp_path)
+    run = tmp_path / "run"
+    config = SegmentationConfig.model_validate({
+        "input": str(tmp_path / "image.ome.zarr"), "run": str(run),
+        "count": {"atlas": str(tmp_path / "atlas.ome.zarr"),
+                  "regions": str(tmp_path / "regions.csv")},
+    })  # fmt: skip
+    run_segmentation(config, settings)
+    files = snapshot(run)
+    skipped = run_segmentation(config.model_copy(update={"count": None}), settings)
+    assert skipped.count is None and snapshot(run) == files  # the counts still describe them
+    other = SegmentationConfig.model_validate({
+        "input": config.input, "run": str(run), "count": None,
+        "segment": {"instances": {"min_size": 5}},
+    })  # fmt: skip
+    result = run_segmentation(other, settings)
+    assert "objects" in result.segment.computed
+    held = sorted(p.name for p in run.iterdir())
+    assert held == ["labels.ome.zarr", "mask.ome.zarr", "objects.parquet", "run.json", "steps"]
+    assert sorted(p.name for p in (run / "steps").iterdir()) == [
+        "labels.json", "mask.json", "objects.json"
+    ]  # fmt: skip
+
+
+def test_atlas_without_a_region_table_counts_per_atlas_id(tmp_path, settings):
+    centres, _ = _spheres(tmp_path)
+    run = str(tmp_path / "run")
+    run_segmentation(SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=run), settings)
+    params = CountParams(atlas=str(tmp_path / "atlas.ome.zarr"), split_axis="x")
+    with pytest.warns(UserWarning) as record:
+        counted = run_counting(CountingConfig(run=run, count=params), settings)
+    messages = [str(w.message) for w in record if "region" in str(w.message)]
+    assert messages == [
+        "no region table (--regions): regions.csv has one row per atlas id, labelled by the id, "
+        "without region names or parents"
+    ]
+    assert counted.unlisted == () and counted.regions.endswith("regions.csv")
+    rows = pd.read_csv(tmp_path / "run/regions.csv", dtype={"acronym": str})
+    assert rows["id"].tolist() == [1, 2, 0]
+    assert rows["acronym"].tolist() == ["1", "2", "outside"]
+    assert rows["name"].tolist()[:2] == ["atlas region 1", "atlas region 2"]
+    left = sum(1 for c in centres if c[2] < 20)  # atlas: 1 where x < 20, 2 elsewhere
+    assert rows["count"].tolist() == [left, len(centres) - left, 0]
+    assert rows["count_left"].tolist() == [left, 0, 0]
+    assert [r["acronym"] for r in counted.rows] == ["1", "2", "outside"]

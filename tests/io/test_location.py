@@ -128,6 +128,45 @@ def test_contains(outer, inner, expected):
     assert Location.parse(outer).contains(Location.parse(inner)) is expected
 
 
+@pytest.mark.parametrize(
+    ("url", "reference", "expected"),
+    [
+        ("/d/brain.ome.zarr/labels/cells", "../../", "/d/brain.ome.zarr"),
+        ("/d/brain.ome.zarr/labels/cells", "../../../other.zarr", "/d/other.zarr"),
+        ("/d/x.zarr", "0", "/d/x.zarr/0"),
+        ("gs://b/brain.ome.zarr/labels/cells", "../..", "gs://b/brain.ome.zarr"),
+        ("memory://m/a.zarr/labels/c", "../../", "memory://m/a.zarr"),
+        # leaving the file system, the bucket or the memory store names nothing
+        ("/d/x.zarr", "../../..", None),
+        ("gs://b/x.zarr", "../..", None),
+        ("gs://b/x.zarr", "../../other/y.zarr", None),
+        ("memory://m/x.zarr", "../../n/y.zarr", None),
+    ],
+)
+def test_resolve_a_relative_reference(url, reference, expected):
+    got = Location.parse(url).resolve(reference)
+    assert got == (None if expected is None else Location.parse(expected))
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "expected"),
+    [
+        ("/d/brain.labels.cells.pyramid.ome.zarr", "/d/brain.ome.zarr", "../brain.ome.zarr"),
+        ("/d/brain.ome.zarr/labels/cells", "/d/brain.ome.zarr", "../.."),
+        ("gs://b/x/cells.zarr", "gs://b/brain.zarr", "../../brain.zarr"),
+        ("gs://b/cells.zarr", "gs://c/brain.zarr", "gs://c/brain.zarr"),
+        ("/d/cells.zarr", "gs://b/brain.zarr", "gs://b/brain.zarr"),
+        ("memory://m/cells.zarr", "memory://n/brain.zarr", "memory://n/brain.zarr"),
+    ],
+)
+def test_reference_to_is_the_inverse_of_resolve(url, target, expected):
+    here = Location.parse(url)
+    reference = here.reference_to(Location.parse(target))
+    assert reference == expected
+    if "://" not in reference:
+        assert here.resolve(reference) == Location.parse(target)
+
+
 def test_contains_across_schemes_with_same_path():
     assert not Location("memory", "d/x").contains(Location("gs", "d/x"))
 

@@ -6,8 +6,13 @@ from ome_zarr_models.v04.image import ImageAttrs as ImageAttrsV04
 from ome_zarr_models.v05.image import ImageAttrs as ImageAttrsV05
 
 from voxflow.core.axes import Axis, AxisType
-from voxflow.io import NGFF_VERSIONS, Dataset, Multiscale
-from voxflow.io.ngff import group_attributes, parse_group_attributes
+from voxflow.io import NGFF_VERSIONS, Dataset, Location, Multiscale
+from voxflow.io.ngff import (
+    group_attributes,
+    parse_group_attributes,
+    parse_image_label,
+    relocate_image_label,
+)
 
 # Written by hand after the examples of the OME-NGFF 0.4 and 0.5 specifications.
 MULTISCALE_04 = {
@@ -379,3 +384,96 @@ def test_multiscale_metadata_does_not_affect_equality_or_hash():
     b = _multiscale(metadata={"b": 2})
     assert a == b
     assert hash(a) == hash(b)
+
+
+# -- image-label -------------------------------------------------------------------------------
+
+# After the label example of the OME-NGFF 0.4 and 0.5 specifications.
+IMAGE_LABEL = {
+    "colors": [
+        {"label-value": 1, "rgba": [255, 255, 255, 255]},
+        {"label-value": 4, "rgba": [0, 255, 255, 128]},
+    ],
+    "properties": [
+        {"label-value": 1, "area (pixels)": 1200, "class": "foo"},
+        {"label-value": 4, "area (pixels)": 1650},
+    ],
+    "source": {"image": "../../"},
+}
+
+
+@pytest.mark.parametrize("version", NGFF_VERSIONS)
+def test_image_label_round_trips_and_validates(version):
+    from ome_zarr_models.v04.image_label import ImageLabelAttrs as LabelAttrsV04
+    from ome_zarr_models.v05.image_label import ImageLabelAttrs as LabelAttrsV05
+
+    attrs = group_attributes(_multiscale(dims="zyx"), ngff_version=version,
+                             image_label=IMAGE_LABEL)  # fmt: skip
+    if version == "0.5":
+        assert "image-label" in attrs["ome"] and "image-label" not in attrs
+        LabelAttrsV05.model_validate(attrs["ome"])
+    else:
+        assert attrs["image-label"]["version"] == "0.4"
+        LabelAttrsV04.model_validate(attrs)
+    fmt = 3 if version == "0.5" else 2
+    assert parse_image_label(attrs, zarr_format=fmt) == IMAGE_LABEL
+
+
+@pytest.mark.parametrize("version", NGFF_VERSIONS)
+def test_image_without_image_label_parses_to_none(version):
+    attrs = group_attributes(_multiscale(dims="zyx"), ngff_version=version, omero=OMERO)
+    assert parse_image_label(attrs, zarr_format=3 if version == "0.5" else 2) is None
+
+
+def test_malformed_image_label_is_refused():
+    with pytest.raises(ValueError, match="`image-label` must be a JSON object"):
+        parse_image_label({"image-label": ["colors"]}, zarr_format=2)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "image"),
+    [
+        # beside the image it labels: the default output of a label pyramid
+        ("/d/brain.ome.zarr/labels/cells", "/d/brain.labels.cells.pyramid.ome.zarr",
+         "../brain.ome.zarr"),
+        # into the labels group of another image
+        ("/d/brain.ome.zarr/labels/cells", "/e/copy.ome.zarr/labels/cells",
+         "../../../../d/brain.ome.zarr"),
+        ("gs://bucket/a/brain.ome.zarr/labels/cells", "gs://bucket/b/cells.ome.zarr",
+         "../../a/brain.ome.zarr"),
+        # another bucket or store: no relative path reaches it
+        ("gs://bucket/brain.ome.zarr/labels/cells", "gs://other/cells.ome.zarr",
+         "gs://bucket/brain.ome.zarr"),
+        ("gs://bucket/brain.ome.zarr/labels/cells", "/d/cells.ome.zarr",
+         "gs://bucket/brain.ome.zarr"),
+    ],
+)  # fmt: skip
+def test_relocated_image_label_names_the_same_image(source, target, image):
+    moved = relocate_image_label(IMAGE_LABEL, source, target)
+    assert moved["source"] == {"image": image}
+    assert moved["colors"] == IMAGE_LABEL["colors"]
+    assert moved["properties"] == IMAGE_LABEL["properties"]
+    named = Location.parse(image) if "://" in image else Location.parse(target).resolve(image)
+    assert named == Location.parse(source).resolve("../../")
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        None,
+        {"colors": IMAGE_LABEL["colors"]},  # no source: nothing to re-point
+        {"source": {"image": "gs://bucket/brain.ome.zarr"}},  # a URL holds anywhere
+        {"source": {"image": "../../../../../../.."}},  # leaves the file system
+    ],
+)
+def test_relocating_keeps_what_names_no_reachable_image(label):
+    moved = relocate_image_label(label, "/d/brain.ome.zarr/labels/cells", "/d/x.ome.zarr")
+    assert moved == label
+
+
+def test_relocating_in_place_keeps_the_reference_and_a_missing_one_is_the_default():
+    url = "/d/brain.ome.zarr/labels/cells"
+    assert relocate_image_label(IMAGE_LABEL, url, url) == IMAGE_LABEL
+    # NGFF: without `image`, the source is the image whose labels group holds the label image.
+    moved = relocate_image_label({"source": {}}, url, "/d/cells.ome.zarr")
+    assert moved == {"source": {"image": "../brain.ome.zarr"}}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 from ome_zarr.format import FormatV04, FormatV05
-from ome_zarr.writer import write_image
+from ome_zarr.writer import write_image, write_labels
 
 from voxflow.core.axes import default_axes
 from voxflow.io import (
@@ -187,6 +187,21 @@ def test_plain_array_warning_points_at_the_caller(tmp_path):
     assert caught[0].filename == __file__
 
 
+def test_plain_array_warns_once_per_process(tmp_path):
+    # A run opens its input when it is checked and again when it starts; the user hears once.
+    _plain(tmp_path / "a.zarr", np.zeros((4, 4), "uint8"), 3, (2, 2))
+    _plain(tmp_path / "b.zarr", np.zeros((4, 4), "uint8"), 3, (2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = open_image(tmp_path / "a.zarr")
+        again = open_image(str(tmp_path / "a.zarr"))
+        other = open_image(tmp_path / "b.zarr")
+    assert first == again and other.is_plain
+    messages = [str(w.message) for w in caught if w.category is PlainArrayWarning]
+    assert len(messages) == 2, messages
+    assert str(tmp_path / "a.zarr") in messages[0] and str(tmp_path / "b.zarr") in messages[1]
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1, 2, 2), (7,)])
 def test_plain_array_with_unsupported_dimensions(tmp_path, shape):
     _plain(tmp_path / "a.zarr", np.zeros(shape, "uint8"), 3, shape)
@@ -230,6 +245,31 @@ def test_image_written_by_ome_zarr_py(tmp_path, random_array, fmt, zarr_format):
     assert ref.levels[1].shape == (2, 6, 16, 15)
     np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
     np.testing.assert_array_equal(read_level(ref, 1).compute(), group[ms["datasets"][1]["path"]])
+
+
+@pytest.mark.parametrize(("fmt", "zarr_format"), [(FormatV04(), 2), (FormatV05(), 3)])
+def test_label_image_written_by_ome_zarr_py_carries_its_image_label(tmp_path, fmt, zarr_format):
+    data = np.random.default_rng(5).integers(0, 4, (6, 32, 30), dtype=np.uint16)
+    url = str(tmp_path / "image.ome.zarr")
+    group = zarr.open_group(url, mode="w", zarr_format=zarr_format)
+    colors = [
+        {"label-value": 1, "rgba": [255, 0, 0, 255]},
+        {"label-value": 3, "rgba": [0, 0, 255, 128]},
+    ]
+    properties = [{"label-value": 1, "class": "nucleus"}, {"label-value": 3, "area": 12}]
+    write_image(data, group, scale_factors=[], fmt=fmt, axes="zyx")
+    write_labels(
+        data, group, "cells", scaler=None, scale_factors=[2], fmt=fmt, axes="zyx",
+        label_metadata={"colors": colors, "properties": properties, "source": {"image": "../../"}},
+    )  # fmt: skip
+    label = open_image(f"{url}/labels/cells")
+    attrs = group["labels/cells"].attrs.asdict()
+    written = (attrs["ome"] if zarr_format == 3 else attrs)["image-label"]
+    assert label.image_label == {k: v for k, v in written.items() if k != "version"}
+    assert label.image_label["colors"] == colors
+    assert label.image_label["properties"] == properties
+    assert label.image_label["source"] == {"image": "../../"}
+    assert open_image(url).image_label is None
 
 
 def test_open_image_accepts_path_location_and_trailing_slash(tmp_path, make_image):

@@ -505,6 +505,59 @@ def test_write_image_metadata_replaces_earlier_metadata(tmp_path, make_image):
     assert ref.provenance is None
 
 
+def _uint16_omero(n):
+    window = {"min": 0.0, "max": 65535.0, "start": 500.0, "end": 2500.0}
+    channels = [{"label": f"ch{i}", "color": "00FF00", "active": True, "window": dict(window)}
+                for i in range(n)]  # fmt: skip
+    return {"channels": channels, "rdefs": {"model": "color"}}
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_fit_windows_take_each_channel_window_from_the_coarsest_level(
+    tmp_path, make_image, dtype, version
+):
+    rng = np.random.default_rng(3)
+    values = rng.random((2, 4, 24, 20)) * np.array([1.0, 0.25])[:, None, None, None]
+    data = values.astype(np.float32) if dtype == "float32" else (values * 255).astype(np.uint8)
+    omero = _uint16_omero(2)
+    levels = make_image(tmp_path, data, "czyx", ngff_version=version, omero=omero)
+    ref = open_image(tmp_path)
+    from voxflow.io import Dataset, Multiscale
+
+    datasets = tuple(Dataset(lv.path, lv.scale, lv.translation) for lv in ref.levels)
+    multiscale = Multiscale(ref.axes, datasets, name=ref.name)
+    write_image_metadata(tmp_path, multiscale, ngff_version=version, omero=omero, fit_windows=True)
+    fitted = open_image(tmp_path).omero
+    (ImageV05 if version == "0.5" else ImageV04).from_zarr(zarr.open_group(tmp_path, mode="r"))
+    for c, channel in enumerate(fitted["channels"]):
+        coarsest = levels[-1][c]
+        start, end = np.percentile(coarsest, (0.5, 99.8))
+        low, high = (coarsest.min(), coarsest.max()) if dtype == "float32" else (0, 255)
+        assert channel["window"] == pytest.approx(
+            {"min": low, "max": high, "start": start, "end": end}
+        )
+        assert {k: v for k, v in channel.items() if k != "window"} == {
+            k: v for k, v in omero["channels"][c].items() if k != "window"
+        }
+    assert fitted["rdefs"] == omero["rdefs"]
+    # Without fit_windows the windows are written as given.
+    write_image_metadata(tmp_path, multiscale, ngff_version=version, omero=omero)
+    assert open_image(tmp_path).omero == omero
+
+
+def test_fit_windows_sample_a_large_level_and_keep_what_has_no_values():
+    from voxflow.io.omero import fit_windows, sample_steps
+
+    assert sample_steps((2, 1000, 1000, 1000), "czyx") == (1, 7, 7, 7)  # 143³ ≤ 2**22 < 167³
+    assert sample_steps((3, 40, 50), "cyx") == (1, 1, 1)
+    assert sample_steps((1, 1, 4096, 4096), "tcyx", voxels=4096) == (64, 1, 64, 64)
+    nan = np.full((2, 3), np.nan, dtype=np.float32)
+    omero = _uint16_omero(1)
+    assert fit_windows(omero, nan, "yx") == omero
+    assert fit_windows(None, nan, "yx") is None
+
+
 # -- check_output / clear_output ---------------------------------------------------------------
 
 

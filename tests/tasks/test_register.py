@@ -232,6 +232,35 @@ def test_register_and_align_matches_truth_and_reference_warp(tmp_path, em):
     assert np.array_equal(zarr.open_array(f"{out}/0", mode="r")[:], got)
 
 
+def test_an_earlier_output_passes_only_for_the_same_request(tmp_path, em):
+    """Rerunning the same registration into its output is allowed (the cache serves it, or
+    the same image is written again); any other request into it is refused before a pair is
+    registered, not after every pair."""
+    ref = _write(tmp_path / "a.ome.zarr", em.image)
+    params = RegistrationParams(**FAST)
+    pairs = [p for b in pair_batches(6, 1, 4) for p in b]
+    results = register_pairs_of(ref, pairs, params)
+    out = str(tmp_path / "out.ome.zarr")
+    first = align_stack(ref, results, out, params)
+    before = read_level(first, 0).compute()
+
+    check_registration(ref, out, params)  # the same request
+    again = align_stack(ref, results, out, params)  # the same image, written again
+    np.testing.assert_array_equal(read_level(again, 0).compute(), before)
+
+    for other in (params.model_copy(update={"margin": 2}), RegistrationParams(levels=(2, 1))):
+        with pytest.raises(FileExistsError, match="already exists"):
+            check_registration(ref, out, other)
+    # Other transforms with the same parameters: never written over silently.
+    shifted = [
+        r.model_copy(update={"matrix": ((1.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))})
+        for r in results
+    ]
+    with pytest.raises(FileExistsError, match="already exists"):
+        align_stack(ref, shifted, out, params)
+    np.testing.assert_array_equal(read_level(open_image(out), 0).compute(), before)
+
+
 def test_no_crop_keeps_frame_and_translation(tmp_path, em):
     ref = _write(tmp_path / "a.ome.zarr", em.image, translation=(0.0, 1.0, 2.0))
     params = RegistrationParams(crop=False, **FAST)

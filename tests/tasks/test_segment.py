@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -8,10 +9,10 @@ import zarr
 from scipy import ndimage
 
 from tests.conftest import snapshot
-from voxflow.io import open_image, read_level, write_image
+from voxflow.io import Location, open_image, read_level, write_image
 from voxflow.tasks import ScaledParams, scaled_processing, write_lightsheet
 from voxflow.tasks import segment as segment_module
-from voxflow.tasks.count import CountParams, count
+from voxflow.tasks.count import CountParams, count, count_run, discard_counts, read_regions
 from voxflow.tasks.report import read_json, segmentation_figures
 from voxflow.tasks.segment import InstanceParams, MaskParams, SegmentParams, segment
 
@@ -153,6 +154,92 @@ def test_count_reruns_are_cached(lightsheet, tmp_path):
     assert count(run, params).computed == ("counts", "regions", "qc")
     assert count(run, params).computed == ()
     assert count(run, params.model_copy(update={"block_um": 50.0})).computed == ("counts",)
+
+
+def _records_match_the_folder(run):
+    """Whether the step records list exactly the outputs the run folder holds."""
+    listed = set()
+    for record in (run / "steps").glob("*.json"):
+        listed |= set(json.loads(record.read_text())["outputs"])
+    held = {p.name for p in run.iterdir() if p.name not in ("run.json", "steps", "qc")}
+    held |= {f"qc/{p.name}" for p in run.glob("qc/*")}
+    return listed == held
+
+
+def test_count_without_an_atlas_removes_the_region_table_of_an_earlier_count(
+    lightsheet, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    segment(lightsheet["corrected"], str(run))
+    params = CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"])
+    assert count(str(run), params).computed == ("counts", "regions", "qc")
+    assert (run / "regions.csv").exists() and (run / "steps/regions.json").exists()
+    deleted = []
+    delete = Location.delete
+    monkeypatch.setattr(Location, "delete",
+                        lambda loc, key="": deleted.append(key) or delete(loc, key))  # fmt: skip
+    counted = count(str(run), CountParams())
+    assert counted.regions is None and counted.rows == () and counted.notes == ()
+    assert counted.computed == ("qc",)  # the same maps; the picture loses its bar chart
+    assert not (run / "regions.csv").exists()
+    assert not (run / "steps/regions.json").exists()
+    assert deleted.index("steps/regions.json") < deleted.index("regions.csv")  # record first
+    assert _records_match_the_folder(run)
+    monkeypatch.undo()
+    assert count(str(run), params).computed == ("regions", "qc")  # and back with the atlas
+    assert _records_match_the_folder(run)
+
+
+def test_discard_counts_removes_every_counting_step_and_nothing_else(lightsheet, tmp_path):
+    run = tmp_path / "run"
+    segment(lightsheet["corrected"], str(run))
+    segmented = snapshot(run)
+    count(str(run), CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"]))
+    with pytest.raises(ValueError, match=r"`steps` must be counting steps .* got \['objects'\]"):
+        discard_counts(str(run), ["regions", "objects"])
+    assert (run / "regions.csv").exists()
+    discard_counts(str(run))
+    assert snapshot(run) == segmented and _records_match_the_folder(run)
+    discard_counts(str(run), "qc")  # nothing left to remove
+    assert snapshot(run) == segmented
+
+
+def test_an_atlas_without_a_region_table_counts_per_atlas_id_and_warns_once(lightsheet, tmp_path):
+    run = str(tmp_path / "run")
+    segment(lightsheet["corrected"], run)
+    params = CountParams(atlas=lightsheet["atlas"])
+    with pytest.warns(UserWarning) as record:
+        counted = count(run, params)
+    assert counted.notes == (
+        "no region table (--regions): regions.csv has one row per atlas id, labelled by the id, "
+        "without region names or parents",
+    )
+    assert [str(w.message) for w in record if "region" in str(w.message)] == list(counted.notes)
+    assert counted.unlisted == ()
+    rows = pd.read_csv(tmp_path / "run/regions.csv", dtype={"acronym": str})
+    atlas = np.asarray(read_level(open_image(lightsheet["atlas"])))
+    ids = [int(i) for i in np.unique(atlas) if i != 0]
+    assert rows["id"].tolist() == [*ids, 0]
+    assert rows["acronym"].tolist() == [*map(str, ids), "outside"]
+    assert rows["parent_id"].isna().all()
+    assert rows["count"].sum() == counted.objects
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the task returns the note; its flow warns it
+        assert count_run.fn(run, params).notes == counted.notes
+
+
+def test_a_region_table_without_rows_is_refused_before_anything_is_written(lightsheet, tmp_path):
+    run = tmp_path / "run"
+    segment(lightsheet["corrected"], str(run))
+    segmented = snapshot(run)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("id,acronym,name,parent_id\n")
+    message = "region table .* needs one row per region, got none in .*empty.csv"
+    with pytest.raises(ValueError, match=message):
+        read_regions(str(empty))
+    with pytest.raises(ValueError, match=message):
+        count(str(run), CountParams(atlas=lightsheet["atlas"], regions=str(empty)))
+    assert snapshot(run) == segmented
 
 
 def test_binary_input_is_used_as_the_mask(tmp_path):

@@ -4,7 +4,7 @@ An atlas is a 3-D integer array of region ids (0 outside every region) on a voxe
 scale and translation in micrometres: voxel ``i`` is centred at ``translation + i × scale``
 and covers ``[t + (i − ½) s, t + (i + ½) s)``. A region table (`REGION_COLUMNS`) names the
 ids and links each to its parent; counts and volumes of a region cover the region and every
-region below it.
+region below it. Without a table, every atlas id is a region of its own.
 
 Left and right. With a split axis, a voxel or point is on the *left* when its physical
 coordinate along that axis is below the midline (by default the centre of the atlas box along
@@ -557,13 +557,21 @@ def _with_densities(frame: pd.DataFrame, split: bool) -> pd.DataFrame:
     return frame[_output_columns(split)]
 
 
-def _extra_rows(per_id: pd.DataFrame, unlisted: list[int]) -> pd.DataFrame:
-    """Rows of the unlisted ids, then of id 0 (outside every region), not rolled up."""
-    ids = [*unlisted, 0]
+def _extra_rows(per_id: pd.DataFrame, extra: list[int], *, named: bool) -> pd.DataFrame:
+    """Rows of `extra` ids, then of id 0 (outside every region), not rolled up.
+
+    With a region table (`named`) the extra ids are those it does not list, labelled
+    ``unlisted``; without one they are every id, each labelled by itself.
+    """
+    ids = [*extra, 0]
     rows = per_id.loc[ids].reset_index(drop=True)
     rows["id"] = ids
-    rows["acronym"] = ["unlisted"] * len(unlisted) + [_OUTSIDE["acronym"]]
-    rows["name"] = [f"unlisted region {i}" for i in unlisted] + [_OUTSIDE["name"]]
+    if named:
+        acronyms, names = ["unlisted"] * len(extra), [f"unlisted region {i}" for i in extra]
+    else:
+        acronyms, names = [str(i) for i in extra], [f"atlas region {i}" for i in extra]
+    rows["acronym"] = [*acronyms, _OUTSIDE["acronym"]]
+    rows["name"] = [*names, _OUTSIDE["name"]]
     rows["parent_id"] = pd.array([pd.NA] * len(ids), dtype="Int64")
     return rows
 
@@ -580,7 +588,7 @@ def _warn_unlisted(unlisted: list[int]) -> None:
 def quantify_regions(
     region_ids: np.ndarray,
     volumes: pd.DataFrame,
-    table: pd.DataFrame,
+    table: pd.DataFrame | None = None,
     *,
     sides: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, list[int]]:
@@ -593,8 +601,9 @@ def quantify_regions(
     volumes : pandas.DataFrame
         From :func:`atlas_volumes`: ``id`` and ``volume_mm3``, and with `sides` also
         ``volume_left_mm3`` and ``volume_right_mm3`` (``split_axis`` given).
-    table : pandas.DataFrame
-        Region table, see :func:`validate_region_table`.
+    table : pandas.DataFrame or None, optional
+        Region table, see :func:`validate_region_table`. None, or a table without rows,
+        names no region: every atlas id is then a region of its own, without a parent.
     sides : numpy.ndarray of bool, shape (N,), optional
         True where an object is on the left, from :func:`side_of` with the midline that
         `volumes` was split at; None: no per-side columns.
@@ -610,9 +619,13 @@ def quantify_regions(
         ``density_per_mm3`` (count / volume, 0 where the volume is 0); with `sides` also
         ``count_left``, ``count_right``, ``volume_left_mm3``, ``volume_right_mm3``,
         ``density_left_per_mm3`` and ``density_right_per_mm3``. A region's counts and volumes
-        cover the region itself and all its descendants.
+        cover the region itself and all its descendants. Without a region table: one row
+        per id other than 0 in `volumes` or `region_ids`, sorted by id, labelled by the id
+        (acronym ``"<id>"``, name ``"atlas region <id>"``, no parent, no roll-up), then
+        id 0.
     list of int
-        The unlisted ids, sorted; a warning names them when there are any.
+        The unlisted ids, sorted; a warning names them when there are any. Empty without
+        a region table: no id can be missing from a table that is not there.
 
     Raises
     ------
@@ -622,18 +635,22 @@ def quantify_regions(
         When `table` is not a valid region table, `volumes` lacks a column or repeats an id,
         `region_ids` is not 1-D integers, or `sides` does not match `region_ids`.
     """
-    table = validate_region_table(table)
+    table = None if table is None else validate_region_table(table)
     region_ids = _validate_region_ids(region_ids)
     sides = _validate_sides(sides, region_ids.size)
     split = sides is not None
     per_id = _per_id(region_ids, _validate_volumes(volumes, split), sides)
     ids = per_id.index
-    unlisted = ids[(ids != 0) & ~ids.isin(table["id"])].astype(np.int64).tolist()
-    if unlisted:
-        _warn_unlisted(unlisted)
-    regions = pd.DataFrame(_roll_up(table, per_id), columns=per_id.columns)
-    regions[list(REGION_COLUMNS)] = table[list(REGION_COLUMNS)]
-    frame = pd.concat([regions, _extra_rows(per_id, unlisted)], ignore_index=True)
+    if table is None or table.empty:
+        unlisted = []
+        frame = _extra_rows(per_id, ids[ids != 0].astype(np.int64).tolist(), named=False)
+    else:
+        unlisted = ids[(ids != 0) & ~ids.isin(table["id"])].astype(np.int64).tolist()
+        if unlisted:
+            _warn_unlisted(unlisted)
+        regions = pd.DataFrame(_roll_up(table, per_id), columns=per_id.columns)
+        regions[list(REGION_COLUMNS)] = table[list(REGION_COLUMNS)]
+        frame = pd.concat([regions, _extra_rows(per_id, unlisted, named=True)], ignore_index=True)
     frame["id"] = frame["id"].astype(np.int64)
     frame["parent_id"] = frame["parent_id"].astype("Int64")
     return _with_densities(frame, split), unlisted

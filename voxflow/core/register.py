@@ -786,6 +786,17 @@ def _validate_options(transform, loss, optimizer, levels, patience, min_delta, p
     return kind, loss, optimizer, tuple(levels), patience, float(min_delta), float(penalty), window
 
 
+def _validate_samples(samples: object) -> int | None:
+    if samples is None:
+        return None
+    try:
+        return _validate_int(samples, "samples", _MIN_SAMPLES)
+    except ValueError:
+        raise ValueError(
+            f"`samples` must be >= {_MIN_SAMPLES}, or None to read every pixel; got {samples}"
+        ) from None
+
+
 def register_pairs(
     fixed: np.ndarray,
     moving: np.ndarray,
@@ -853,7 +864,7 @@ def register_pairs(
         whole-pixel shifts (by up to about 0.2 px on sharp EM-like slices); one pixel of
         smoothing removes that bias.
     samples : int or None, optional
-        Pixels of the moving image the loss reads per pair at a level that has more: a
+        Pixels (>= 64) of the moving image the loss reads per pair at a level that has more: a
         random subset drawn once per level from `seed`, the same for every pair of the batch,
         so a pair gives the same result alone or batched. Fine levels cost in proportion to
         their pixels while 32768 samples already fix a transform to a few hundredths of a
@@ -889,8 +900,7 @@ def register_pairs(
         transform, loss, optimizer, levels, patience, min_delta, penalty, window
     )
     _validate_int(seed, "seed", 0)
-    if samples is not None:
-        samples = _validate_int(samples, "samples", _MIN_SAMPLES)
+    samples = _validate_samples(samples)
     if loss is Loss.LNCC:
         samples = None
     if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):

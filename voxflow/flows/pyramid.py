@@ -29,7 +29,11 @@ class PyramidConfig(BaseModel):
     input: str = Field(description="Level-0 OME-Zarr image or plain zarr array (path or URL).")
     output: str | None = Field(
         None,
-        description="New OME-Zarr to write; None: '<input>.pyramid.ome.zarr' beside the input.",
+        description=(
+            "New OME-Zarr to write; None: '<input>.pyramid.ome.zarr' beside the input, or for "
+            "an image inside another (a label image '<image>/labels/<name>'), "
+            "'<image>.labels.<name>.pyramid.ome.zarr' beside that one."
+        ),
     )
     in_place: bool = Field(False, description="Add levels to the input itself (never level 0).")
     overwrite: bool = Field(False, description="Replace an existing output.")
@@ -66,7 +70,9 @@ def validate_pyramid(config: PyramidConfig) -> tuple[ImageRef, list[LevelPlan]]:
 )
 def pyramid_flow(config: PyramidConfig, progress_key: str | None = None) -> ImageRef:
     """Build a multiscale pyramid from level 0 of `config.input`."""
-    source = open_input.submit(config.input).result()
+    # The input is described here, in the flow's process, where its warnings reach the user
+    # (once); a Dask worker process would print them again on its own.
+    source = open_input(config.input)
     return submit_stage(build_pyramid, source, config.target, config.pyramid, config.in_place,
                         config.overwrite, progress_key)  # fmt: skip
 

@@ -54,7 +54,8 @@ def validate_scaled(config: ScaledConfig) -> ImageRef:
 )
 def scaled_processing_flow(config: ScaledConfig, progress_key: str | None = None) -> ImageRef:
     """Estimate a field at low resolution and apply it to `config.input` at full resolution."""
-    source = open_input.submit(config.input).result()
+    # Described in the flow's process, where its warnings reach the user (once).
+    source = open_input(config.input)
     return submit_stage(correct_image, source, config.output, config.processing,
                         config.overwrite, progress_key)  # fmt: skip
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
@@ -9,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from voxflow.flows._run import run_flow
 from voxflow.runtime import make_task_runner
 from voxflow.settings import VoxflowSettings
-from voxflow.tasks.count import CountParams, CountResult, count_run
+from voxflow.tasks.count import (
+    CountParams,
+    CountResult,
+    check_count,
+    count_run,
+    discard_counts,
+)
 from voxflow.tasks.segment import SegmentParams, SegmentResult, open_volume, segment_image
 
 __all__ = [
@@ -36,7 +44,9 @@ class SegmentationConfig(BaseModel):
         default_factory=SegmentParams, description="Mask, instance and object steps."
     )
     count: CountParams | None = Field(
-        default_factory=CountParams, description="Counting and atlas steps; None: skip them."
+        default_factory=CountParams,
+        description="Counting and atlas steps; None: skip them (and remove the counts of "
+        "earlier objects when the objects change).",
     )
 
 
@@ -59,8 +69,13 @@ class CountingConfig(BaseModel):
 
 
 def validate_segmentation(config: SegmentationConfig) -> None:
-    """Check the input and the channel before a run (nothing is written)."""
-    open_volume(config.input, config.segment.channel)
+    """Check the input, the channel, the atlas and the region table before a run.
+
+    Nothing is written; see :func:`voxflow.tasks.count.check_count`.
+    """
+    vol = open_volume(config.input, config.segment.channel)
+    if config.count is not None:
+        check_count(vol, config.count)
 
 
 @flow(
@@ -79,11 +94,17 @@ def segmentation_flow(
     counted = None
     if config.count is not None:
         counted = _count(seg.run, config.count, progress_key)
+    elif "objects" in seg.computed:
+        # Counts, region table and QC of the earlier objects no longer describe the new ones.
+        discard_counts(seg.run)
     return SegmentationResult(segment=seg, count=counted)
 
 
 def _count(run: str, params: CountParams, progress_key: str | None) -> CountResult:
     counted = count_run.submit(run, params, progress_key).result()
+    # The task may have run in a worker process: its notes reach the user from here.
+    for note in counted.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     if counted.rows:
         create_table_artifact(
             table=[dict(r) for r in counted.rows], key="voxflow-regions",

@@ -2,7 +2,7 @@
 
 from voxflow.io.heap import heap_arenas, limit_heap_arenas
 from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
-from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale
+from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale, relocate_image_label
 from voxflow.io.reader import (
     SUPPORTED_DTYPES,
     NotAnImageError,
@@ -55,6 +55,7 @@ __all__ = [
     "open_image",
     "provenance",
     "read_level",
+    "relocate_image_label",
     "replaceable",
     "tensorstore_context",
     "writable",

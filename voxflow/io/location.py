@@ -121,6 +121,48 @@ class Location:
             return False
         return other.path == self.path or other.path.startswith(self.path.rstrip("/") + "/")
 
+    def _root(self) -> str:
+        """What a relative reference cannot leave: the file system, the bucket, the store."""
+        return "" if self.scheme == "file" else self.path.split("/", 1)[0]
+
+    def resolve(self, reference: str) -> Location | None:
+        """The location a relative reference (``"../../"``, ``"raw"``) names from this one.
+
+        Parameters
+        ----------
+        reference : str
+            A relative path, resolved as from inside this location (``".."`` is its parent).
+
+        Returns
+        -------
+        Location or None
+            The location named, or None when `reference` leaves the store (the bucket, or
+            the root of the file system).
+        """
+        path = posixpath.normpath(posixpath.join(self.path, reference))
+        target = Location(self.scheme, path)
+        if path.startswith("..") or not path.strip("/") or target._root() != self._root():
+            return None
+        return target
+
+    def reference_to(self, target: Location) -> str:
+        """A reference that names `target` from this location: the inverse of :meth:`resolve`.
+
+        Parameters
+        ----------
+        target : Location
+            The location to name.
+
+        Returns
+        -------
+        str
+            A relative path when both lie in one store (the local file system, one bucket),
+            else the URL of `target`.
+        """
+        if target.scheme != self.scheme or target._root() != self._root():
+            return target.url
+        return posixpath.relpath(target.path, self.path)
+
     # -- array data ----------------------------------------------------------------------------
 
     def kvstore_spec(self, key: str = "") -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """OME-NGFF multiscale image metadata, versions 0.4 (zarr v2) and 0.5 (zarr v3).
 
-Frozen dataclasses that mirror the specification, a parser that accepts both versions and a
+Frozen dataclasses that mirror the specification, parsers that accept both versions and a
 builder that writes either. Arrays are not touched here.
 """
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voxflow.core.axes import Axis, AxisType, validate_dims
+from voxflow.io.location import Location
 
 __all__ = [
     "NGFF_VERSIONS",
@@ -18,6 +19,8 @@ __all__ = [
     "Multiscale",
     "group_attributes",
     "parse_group_attributes",
+    "parse_image_label",
+    "relocate_image_label",
 ]
 
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -151,6 +154,80 @@ def parse_group_attributes(attrs: dict[str, Any], *, zarr_format: int) -> tuple[
         axes, tuple(datasets), ms.get("name"), ms.get("type"), ms.get("metadata") or {}
     )
     return meta, dict(ome.get("omero") or {})
+
+
+def parse_image_label(attrs: dict[str, Any], *, zarr_format: int) -> dict[str, Any] | None:
+    """Read the ``image-label`` block that marks a label image, if the group has one.
+
+    Parameters
+    ----------
+    attrs : dict
+        The group's attributes (``.zattrs`` for zarr v2, ``attributes`` of ``zarr.json`` for v3).
+    zarr_format : int
+        2 or 3.
+
+    Returns
+    -------
+    dict or None
+        The block (``colors``, ``properties``, ``source``, ...) without its NGFF 0.4
+        ``version`` key, which :func:`group_attributes` writes for the output's version; None
+        when the group is not a label image.
+
+    Raises
+    ------
+    ValueError
+        When ``image-label`` is present but is not a JSON object.
+    """
+    ome = attrs.get("ome", attrs) if zarr_format == 3 else attrs
+    block = ome.get("image-label")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ValueError(f"`image-label` must be a JSON object, got {block!r}")
+    return {k: v for k, v in block.items() if k != "version"}
+
+
+# Where a label image's source is when its `source` names no image: NGFF's default, the image
+# whose `labels` group holds it.
+_DEFAULT_LABEL_SOURCE = "../../"
+
+
+def relocate_image_label(
+    image_label: dict[str, Any] | None, source: str | Location, target: str | Location
+) -> dict[str, Any] | None:
+    """The ``image-label`` block of a copy, at `target`, of the label image at `source`.
+
+    ``source.image`` is a reference from a label image to the image it labels, relative to the
+    label image (``"../../"`` for one inside that image's ``labels`` group). The copy names the
+    same image: by a relative path when both lie in one store (the local file system, one
+    bucket), else by its URL. Colors, properties and every other key are kept as they are.
+
+    Parameters
+    ----------
+    image_label : dict or None
+        The block of the label image at `source`; None for an image that is not a label image.
+    source, target : str or Location
+        Where the label image is, and where its copy goes.
+
+    Returns
+    -------
+    dict or None
+        The block for `target`; None when `image_label` is None. A block without ``source``,
+        or whose reference is a URL, an absolute path or leaves its store, is kept as it is.
+    """
+    if image_label is None:
+        return None
+    origin = image_label.get("source")
+    if not isinstance(origin, dict):
+        return dict(image_label)
+    reference = origin.get("image", _DEFAULT_LABEL_SOURCE)
+    if not isinstance(reference, str) or "://" in reference or reference.startswith("/"):
+        return dict(image_label)
+    src, dst = Location.parse(source), Location.parse(target)
+    image = src.resolve(reference)
+    if image is None or src == dst:
+        return dict(image_label)
+    return {**image_label, "source": {**origin, "image": dst.reference_to(image)}}
 
 
 def _axis_json(axis: Axis) -> dict[str, Any]:

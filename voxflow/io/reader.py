@@ -15,7 +15,7 @@ import tensorstore as ts
 
 from voxflow.core.axes import default_axes
 from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
-from voxflow.io.ngff import Multiscale, parse_group_attributes
+from voxflow.io.ngff import Multiscale, parse_group_attributes, parse_image_label
 from voxflow.io.ref import ImageRef, LevelRef
 
 __all__ = [
@@ -43,7 +43,14 @@ class NotAnImageError(ValueError):
 
 
 class PlainArrayWarning(UserWarning):
-    """A plain zarr array without NGFF metadata was opened with assumed axes and unit scale."""
+    """A plain zarr array without NGFF metadata was opened with assumed axes and unit scale.
+
+    Issued once per array and process: checking a run and then running it opens the input
+    twice, and the second time tells nothing new.
+    """
+
+
+_WARNED_PLAIN: set[str] = set()
 
 
 def _array_meta(loc: Location, path: str) -> tuple[int, dict[str, Any]]:
@@ -85,13 +92,13 @@ def open_image(url: str | os.PathLike[str] | Location) -> ImageRef:
         An OME-Zarr image group (NGFF 0.4 on zarr v2, 0.5 on zarr v3) or a plain zarr array.
         A plain array is taken as a single level with unit scale and axes derived from its
         number of dimensions (``yx``, ``zyx``, ``czyx``, ``tczyx``), with a
-        :class:`PlainArrayWarning`.
+        :class:`PlainArrayWarning` (the first time the process opens it).
 
     Returns
     -------
     ImageRef
         Levels with shapes, scales, translations, chunks and shards; axes and units; dtype;
-        omero and provenance metadata; the content fingerprint of level 0.
+        omero, image-label and provenance metadata; the content fingerprint of level 0.
 
     Raises
     ------
@@ -124,9 +131,10 @@ def open_image(url: str | os.PathLike[str] | Location) -> ImageRef:
             raise NotAnImageError(f"{loc.url} is not a zarr array or group")
     try:
         meta, omero = parse_group_attributes(attrs or {}, zarr_format=fmt)
+        label = parse_image_label(attrs or {}, zarr_format=fmt)
     except ValueError as err:
         raise NotAnImageError(f"{loc.url}: {err}") from None
-    return _open_multiscale(loc, fmt, meta, omero, attrs or {})
+    return _open_multiscale(loc, fmt, meta, omero, label, attrs or {})
 
 
 def _open_plain(loc: Location, fmt: int, meta: dict[str, Any]) -> ImageRef:
@@ -136,12 +144,14 @@ def _open_plain(loc: Location, fmt: int, meta: dict[str, Any]) -> ImageRef:
         axes = default_axes(len(shape))
     except ValueError as err:
         raise NotAnImageError(f"{loc.url}: {err}") from None
-    warnings.warn(
-        f"{loc.url} is a plain zarr array without OME-NGFF metadata: taken as one level with "
-        f"axes {''.join(a.name for a in axes)} and unit scale",
-        PlainArrayWarning,
-        stacklevel=3,
-    )
+    if loc.url not in _WARNED_PLAIN:
+        warnings.warn(
+            f"{loc.url} is a plain zarr array without OME-NGFF metadata: taken as one level "
+            f"with axes {''.join(a.name for a in axes)} and unit scale",
+            PlainArrayWarning,
+            stacklevel=3,
+        )
+        _WARNED_PLAIN.add(loc.url)
     level = LevelRef(
         path="", shape=shape, scale=(1.0,) * len(shape), translation=(0.0,) * len(shape),
         chunks=chunks, shards=shards,
@@ -154,7 +164,7 @@ def _open_plain(loc: Location, fmt: int, meta: dict[str, Any]) -> ImageRef:
 
 
 def _open_multiscale(
-    loc: Location, fmt: int, meta: Multiscale, omero: dict, attrs: dict
+    loc: Location, fmt: int, meta: Multiscale, omero: dict, label: dict | None, attrs: dict
 ) -> ImageRef:
     levels, dtype = [], None
     for ds in meta.datasets:
@@ -176,7 +186,7 @@ def _open_multiscale(
         url=loc.url, ngff_version=version, zarr_format=fmt, dims=meta.dims,
         axis_types=tuple(str(a.type) for a in meta.axes), units=tuple(a.unit for a in meta.axes),
         dtype=dtype, levels=tuple(levels), fingerprint=fingerprint(loc, [meta.datasets[0].path]),
-        name=meta.name, method=meta.type, omero=omero or None,
+        name=meta.name, method=meta.type, omero=omero or None, image_label=label,
         provenance=attrs.get("voxflow"),
     )  # fmt: skip
 

@@ -54,6 +54,13 @@ class ImageRef(BaseModel):
     name: str | None = Field(default=None, description="Image name.")
     method: str | None = Field(default=None, description="Downsampling method of the levels.")
     omero: dict[str, Any] | None = Field(default=None, description="Channel metadata.")
+    image_label: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "The `image-label` block of a label image (colors, properties, source), None for "
+            "an image that is not one."
+        ),
+    )
     provenance: dict[str, Any] | None = Field(
         default=None, description="What made this image (voxflow outputs only)."
     )

@@ -31,6 +31,8 @@ from dask.highlevelgraph import HighLevelGraph
 from voxflow.core.axes import axis_from_name, spatial_mask, validate_dims
 from voxflow.io.location import INCOMPLETE_MARKER, Location, tensorstore_context
 from voxflow.io.ngff import NGFF_VERSIONS, Dataset, Multiscale, group_attributes
+from voxflow.io.omero import fit_windows as _fit_windows
+from voxflow.io.omero import sample_steps
 from voxflow.io.reader import open_store
 from voxflow.io.ref import ImageRef
 
@@ -463,6 +465,18 @@ def provenance(
     }
 
 
+def _window_sample(loc: Location, multiscale: Multiscale, ngff_version: str) -> np.ndarray:
+    """The coarsest level of the image at `loc`, strided to a few million voxels a channel."""
+    path = multiscale.datasets[-1].path
+    driver = "zarr3" if ngff_version == "0.5" else "zarr"
+    store = ts.open(
+        {"driver": driver, "kvstore": loc.kvstore_spec(path), "open": True},
+        context=tensorstore_context(),
+    ).result()
+    steps = sample_steps(store.shape, multiscale.dims)
+    return store[tuple(slice(None, None, s) for s in steps)].read().result()
+
+
 def write_image_metadata(
     location: str | Location,
     multiscale: Multiscale,
@@ -471,6 +485,7 @@ def write_image_metadata(
     omero: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
     image_label: dict[str, Any] | None = None,
+    fit_windows: bool = False,
 ) -> None:
     """Write the group metadata that makes the arrays an OME-Zarr image; call it last.
 
@@ -488,8 +503,15 @@ def write_image_metadata(
         Stored under the ``"voxflow"`` attribute.
     image_label : dict, optional
         Marks a label image (``{"source": {"image": "../../"}}``).
+    fit_windows : bool, optional
+        Take the display window of every channel of `omero` from the written voxels (the
+        coarsest level, sampled; see :func:`voxflow.io.omero.fit_windows`) instead of
+        keeping it: for an image whose intensities or dtype differ from those the windows
+        were made for.
     """
     loc = Location.parse(location)
+    if fit_windows and omero:
+        omero = _fit_windows(omero, _window_sample(loc, multiscale, ngff_version), multiscale.dims)
     extra = {"voxflow": provenance} if provenance else None
     attrs = group_attributes(
         multiscale, ngff_version=ngff_version, omero=omero, image_label=image_label, extra=extra

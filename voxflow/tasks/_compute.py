@@ -94,6 +94,29 @@ def on_cluster() -> Iterator[Any]:
             yield None
 
 
+def cluster_client() -> Any:
+    """The Dask client of the cluster this code runs for, or None when there is none.
+
+    Inside a task on a Dask worker that is the worker's client. In a flow's own body it is
+    the client of the flow's Dask task runner, which prefect-dask does not make the default
+    client, so ``distributed.get_client`` alone finds nothing there.
+    """
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        pass
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    return runner.client if isinstance(runner, DaskTaskRunner) else None
+
+
 def publish_progress(key: str | None) -> ProgressFn | None:
     """A progress callback that posts ``(done, total)`` to the scheduler under `key`.
 
@@ -102,11 +125,8 @@ def publish_progress(key: str | None) -> ProgressFn | None:
     """
     if key is None:
         return None
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = cluster_client()
+    if client is None:
         return None
 
     def post(done: int, total: int) -> None:
@@ -162,11 +182,8 @@ def gpu_request(device: str | None) -> dict[str, int]:
     """
     if device == "cpu":
         return {}
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = cluster_client()
+    if client is None:
         return {}
     workers = client.scheduler_info().get("workers", {}).values()
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import math
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,13 +28,35 @@ from voxflow.core.regions import (
     validate_region_table,
 )
 from voxflow.io import Location, provenance, write_image
-from voxflow.tasks._compute import ProgressFn, compute_array, on_cluster, publish_progress
+from voxflow.tasks._compute import ProgressFn, compute_array, on_cluster
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.segment import Volume, open_volume
 
-__all__ = ["CountParams", "CountResult", "count", "count_run", "read_regions"]
+__all__ = [
+    "COUNT_STEPS",
+    "CountParams",
+    "CountResult",
+    "check_count",
+    "count",
+    "count_run",
+    "discard_counts",
+    "read_regions",
+]
 
 _AXES = ("z", "y", "x")
+
+# What each counting step writes into the run folder.
+_MAPS = ("counts.ome.zarr", "density.ome.zarr")
+_REGIONS = "regions.csv"
+_QC = "qc/overview.png"
+_OUTPUTS: dict[str, tuple[str, ...]] = {"counts": _MAPS, "regions": (_REGIONS,), "qc": (_QC,)}
+COUNT_STEPS = tuple(_OUTPUTS)
+"""The counting steps, in the order they run; each records ``steps/<step>.json``."""
+
+_NO_TABLE = (
+    "no region table (--regions): regions.csv has one row per atlas id, labelled by the id, "
+    "without region names or parents"
+)
 
 
 class CountParams(BaseModel):
@@ -74,6 +98,9 @@ class CountResult(BaseModel):
     rows: tuple[dict[str, Any], ...] = Field(
         default=(), description="Region rows (for the table artifact)."
     )
+    notes: tuple[str, ...] = Field(
+        default=(), description="What the user should know about this count (warnings)."
+    )
 
 
 def _read_bytes(url: str) -> bytes:
@@ -95,14 +122,23 @@ def read_regions(url: str, raw: bytes | None = None) -> pd.DataFrame:
     FileNotFoundError
         When there is none.
     ValueError
-        When it lacks a column or its ids are not unique.
+        When it is not a valid region table (see
+        :func:`voxflow.core.regions.validate_region_table`) or has no rows: a table given
+        names the regions, and one without rows names none.
     """
     raw = _read_bytes(url) if raw is None else raw
+    where = Location.parse(url).url
     try:
         table = pd.read_csv(_io.BytesIO(raw))
     except (ValueError, pd.errors.ParserError) as err:
-        raise ValueError(f"{Location.parse(url).url} is not a CSV table: {err}") from None
-    return validate_region_table(table)
+        raise ValueError(f"{where} is not a CSV table: {err}") from None
+    table = validate_region_table(table)
+    if table.empty:
+        raise ValueError(
+            f"the region table (--regions) needs one row per region, got none in {where}; "
+            "leave it out to count per atlas id"
+        )
+    return table
 
 
 @dataclass(frozen=True)
@@ -110,7 +146,7 @@ class _Atlas:
     """The atlas and region table of a count, opened and checked before anything is written."""
 
     volume: Volume
-    table: pd.DataFrame
+    table: pd.DataFrame | None
     table_digest: str | None
 
     @classmethod
@@ -124,7 +160,7 @@ class _Atlas:
         check_atlas_overlap(vol.shape, vol.scale, vol.translation, atlas.shape, atlas.scale,
                             atlas.translation)  # fmt: skip
         if params.regions is None:
-            return cls(atlas, _bare_table(), None)
+            return cls(atlas, None, None)
         raw = _read_bytes(params.regions)
         digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
         return cls(atlas, read_regions(params.regions, raw), digest)
@@ -142,6 +178,30 @@ class _Atlas:
         return atlas_midline(v.shape, v.scale, v.translation, axis)
 
 
+def check_count(vol: Volume, params: CountParams) -> None:
+    """Check the atlas and region table of `params` against the image `vol`; write nothing.
+
+    :func:`count` makes the same checks; this makes them before a segmentation that counts.
+
+    Parameters
+    ----------
+    vol : Volume
+        The image the run segments, from :func:`voxflow.tasks.segment.open_volume`.
+    params : CountParams
+        The atlas and region table, if any.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the atlas or the region table is missing.
+    ValueError
+        For an atlas that is not a 3-D label image or lies outside the image's physical
+        space, or a bad or empty region table (see :func:`read_regions`).
+    """
+    if params.atlas is not None:
+        _Atlas.open(vol, params)
+
+
 def _block_voxels(vol: Volume, block_um: float) -> tuple[int, int, int]:
     return tuple(max(1, round(block_um / s)) for s in vol.scale)
 
@@ -151,8 +211,8 @@ def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, recor
     counts = count_map(centroids, vol.shape, block)
     density = density_map(counts, vol.shape, block, vol.scale)
     scale, trans = level_transform(vol.scale, vol.translation, block, Method.MEAN)
-    for name, data in (("counts.ome.zarr", counts.astype(np.uint32)),
-                       ("density.ome.zarr", density.astype(np.float32))):  # fmt: skip
+    for name, data in zip(_MAPS, (counts.astype(np.uint32), density.astype(np.float32)),
+                          strict=True):  # fmt: skip
         write_image(run.child(name), data, _AXES, scale, translation=trans, units=vol.units,
                     name=name.split(".")[0], provenance=record)  # fmt: skip
 
@@ -168,11 +228,6 @@ def _atlas_regions(atlas: _Atlas, objects: pd.DataFrame, params: CountParams):
                                 split_axis=axis, midline_um=midline)  # fmt: skip
     sides = None if axis is None else side_of(points, axis, midline)
     return quantify_regions(ids, volumes, atlas.table, sides=sides)
-
-
-def _bare_table() -> pd.DataFrame:
-    return pd.DataFrame({"id": pd.Series([], dtype="int64"), "acronym": [], "name": [],
-                         "parent_id": pd.Series([], dtype="Int64")})  # fmt: skip
 
 
 def _qc_image(vol: Volume) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
@@ -192,8 +247,8 @@ def _write_qc(vol: Volume, run: RunFolder, objects: pd.DataFrame, rows, top: int
     points = objects[[f"{a}_um" for a in _AXES]].to_numpy(np.float64).reshape(-1, 3)
     centroids = (points - np.asarray(trans)) / np.asarray(scale)
     title = f"{len(objects)} objects: {vol.ref.url}"
-    run.loc.write_bytes("qc/overview.png", qc_png(image, centroids, scale=scale, regions=rows,
-                                                  top=top, title=title))  # fmt: skip
+    run.loc.write_bytes(_QC, qc_png(image, centroids, scale=scale, regions=rows,
+                                     top=top, title=title))  # fmt: skip
     return {}
 
 
@@ -202,28 +257,50 @@ def count(
 ) -> CountResult:
     """Count a run's objects per block and per atlas region, and draw the QC picture.
 
+    Writes ``counts.ome.zarr`` and ``density.ome.zarr``, with an atlas ``regions.csv``, and
+    ``qc/overview.png`` into the run folder, each step recorded under ``steps/``. What an
+    earlier count made and this one does not (``regions.csv`` when there is no atlas now) is
+    removed with its record (see :func:`discard_counts`), so the folder never holds a
+    region table of another count.
+
     Parameters
     ----------
     run : str
         A run folder made by :func:`voxflow.tasks.segment.segment`.
     params : CountParams, optional
-        Map resolution, atlas, region table and hemisphere split.
+        Map resolution, atlas, region table and hemisphere split. An atlas without a region
+        table counts per atlas id: each id is a region of its own, without name or parent.
     progress : callable, optional
         Unused (the counting steps are small); kept for the task signature.
 
     Returns
     -------
     CountResult
-        Objects, the region table's location and its unlisted ids, the steps computed now.
+        Objects, the region table's location and its unlisted ids, the steps computed now,
+        and the notes that were warned.
 
     Raises
     ------
     FileNotFoundError
-        When `run` holds no finished segmentation.
+        When `run` holds no finished segmentation, or the atlas or region table is missing.
     ValueError
-        For an atlas outside the image's physical space, a bad region table or axis.
+        For an atlas outside the image's physical space, a bad or empty region table or a
+        bad axis; nothing is written then.
+
+    Warns
+    -----
+    UserWarning
+        With an atlas but no region table (the result's note), and when the region table
+        does not list every atlas id (see :func:`voxflow.core.regions.quantify_regions`).
     """
-    params = params or CountParams()
+    counted = _count(run, params or CountParams())
+    for note in counted.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return counted
+
+
+def _count(run: str, params: CountParams) -> CountResult:
+    """:func:`count`, its notes returned and not warned."""
     folder = RunFolder(run)
     manifest = folder.manifest()
     record_objects = folder.loc.read_json("steps/objects.json")
@@ -238,34 +315,81 @@ def count(
     block = _block_voxels(vol, params.block_um)
     key = folder.key("counts", upstream, {"block": block})
     record = provenance("count", "blocks", {"block_voxels": list(block)}, vol.ref)
-    _, now = folder.run_step(
-        "counts", key, lambda: _write_maps(vol, folder, objects, block, record) or {},
-        ["counts.ome.zarr", "density.ome.zarr"],
-    )  # fmt: skip
+    _, now = _run_step(folder, "counts", key,
+                       lambda: _write_maps(vol, folder, objects, block, record))  # fmt: skip
     computed += ["counts"] if now else []
-    rows, unlisted, regions_url, qc_upstream = None, [], None, upstream
-    if atlas is not None:
+    rows, unlisted, regions_url, qc_upstream, notes = None, [], None, upstream, ()
+    if atlas is None:
+        discard_counts(folder.url, "regions")
+    else:
         key = qc_upstream = folder.key("regions", upstream, atlas.key_inputs(params))
 
         def make_regions() -> dict:
             table, missing = _atlas_regions(atlas, objects, params)
-            folder.write_table("regions.csv", table)
+            folder.write_table(_REGIONS, table)
             return {"unlisted": [int(i) for i in missing]}
 
-        rec, now = folder.run_step("regions", key, make_regions, ["regions.csv"])
+        rec, now = _run_step(folder, "regions", key, make_regions)
         computed += ["regions"] if now else []
-        rows, unlisted = folder.read_table("regions.csv"), rec["unlisted"]
-        regions_url = folder.child("regions.csv").url
+        rows, unlisted = folder.read_table(_REGIONS), rec["unlisted"]
+        regions_url = folder.child(_REGIONS).url
+        notes = (_NO_TABLE,) if atlas.table is None else ()
     key = folder.key("qc", qc_upstream, {"top": params.top})
-    _, now = folder.run_step(
-        "qc", key, lambda: _write_qc(vol, folder, objects, rows, params.top), ["qc/overview.png"]
-    )
+    _, now = _run_step(folder, "qc", key, lambda: _write_qc(vol, folder, objects, rows, params.top))
     computed += ["qc"] if now else []
     return CountResult(
         run=folder.url, objects=len(objects), regions=regions_url,
         unlisted=tuple(int(i) for i in unlisted), computed=tuple(computed),
-        rows=() if rows is None else _json_rows(rows),
+        rows=() if rows is None else _json_rows(rows), notes=notes,
     )  # fmt: skip
+
+
+def _run_step(
+    folder: RunFolder, step: str, key: str, write: Callable[[], dict[str, Any] | None]
+) -> tuple[dict[str, Any], bool]:
+    """:meth:`RunFolder.run_step` of counting `step`, with the outputs it writes."""
+    return folder.run_step(step, key, lambda: write() or {}, _OUTPUTS[step])
+
+
+def discard_counts(run: str, steps: str | Iterable[str] = COUNT_STEPS) -> None:
+    """Remove counting steps from a run folder: each step's record, then its outputs.
+
+    For counts that no longer describe the run: those of earlier objects, or the region
+    table of an earlier count with an atlas when there is none now. The record goes first:
+    an interrupted removal leaves a step that is not done, never a record of outputs that
+    are gone. Steps that are not there are skipped.
+
+    Parameters
+    ----------
+    run : str
+        A run folder.
+    steps : str or iterable of str, optional
+        One or more of :data:`COUNT_STEPS` (``"counts"``, ``"regions"``, ``"qc"``); all of
+        them by default.
+
+    Raises
+    ------
+    ValueError
+        For a step that is not a counting step.
+    """
+    steps = _validate_steps(steps)
+    folder = RunFolder(run)
+    for step in steps:
+        record = folder.loc.read_json(f"steps/{step}.json") or {}
+        folder.invalidate(step)
+        for key in sorted({*_OUTPUTS[step], *record.get("outputs", ())}):
+            folder.loc.delete(key)
+            parent = key.rpartition("/")[0]
+            if parent and not folder.loc.holds_objects(parent):
+                folder.loc.delete(parent)
+
+
+def _validate_steps(steps: str | Iterable[str]) -> tuple[str, ...]:
+    steps = (steps,) if isinstance(steps, str) else tuple(steps)
+    unknown = [s for s in steps if s not in _OUTPUTS]
+    if unknown:
+        raise ValueError(f"`steps` must be counting steps {COUNT_STEPS}, got {unknown}")
+    return steps
 
 
 def _json_rows(table: pd.DataFrame) -> tuple[dict[str, Any], ...]:
@@ -275,5 +399,10 @@ def _json_rows(table: pd.DataFrame) -> tuple[dict[str, Any], ...]:
 
 @task(task_run_name="count {run}", persist_result=True, result_serializer="json")
 def count_run(run: str, params: CountParams, progress_key: str | None = None) -> CountResult:
-    """Count the objects of a run per block and per region (see :func:`count`)."""
-    return count(run, params, progress=publish_progress(progress_key))
+    """Count the objects of a run per block and per region (see :func:`count`).
+
+    The notes of the count come back in the result, not as warnings: the task may run in a
+    worker process, whose warnings do not reach the user, so the flow that submits it warns
+    them. `progress_key` is unused (the counting steps are small).
+    """
+    return _count(run, params)

@@ -32,6 +32,7 @@ from voxflow.io import (
     open_image,
     provenance,
     read_level,
+    relocate_image_label,
     writable,
     write_blocks,
     write_image_metadata,
@@ -64,9 +65,10 @@ class PyramidParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, use_enum_values=False)
 
-    method: Method = Field(
-        Method.MEAN,
-        description="mean for images, mode for label images; also min, max, stride, gaussian.",
+    method: Method | None = Field(
+        None,
+        description="mean, mode, min, max, stride or gaussian; None: mode for a label image "
+        "(one with image-label metadata), mean for any other.",
     )
     levels: int | None = Field(
         None, ge=1, le=32, description="Number of levels including level 0; None: down to min_size."
@@ -87,6 +89,18 @@ class PyramidParams(BaseModel):
     )
     compressor: Literal["zstd", "lz4", "gzip", "none"] = Field("zstd", description="Codec.")
     clevel: int = Field(DEFAULT_CLEVEL, ge=0, le=9, description="Compression level.")
+
+    def method_for(self, source: ImageRef | None = None) -> Method:
+        """The method that reduces `source`: the one asked for, else mode or mean.
+
+        Averaging a label image would invent labels between neighbouring objects, so an
+        image with image-label metadata takes the most frequent label by default.
+        """
+        if self.method is not None:
+            return self.method
+        if source is not None and source.image_label is not None:
+            return Method.MODE
+        return Method.MEAN
 
 
 @dataclass(frozen=True)
@@ -142,7 +156,7 @@ def plan_pyramid(
         For factors of the wrong length, a method the dtype cannot take, in-place on a plain
         array, or a version that differs from the in-place image's.
     """
-    _validate_method(params.method, source.dtype)
+    method = _validate_method(params.method_for(source), source.dtype)
     if in_place and source.is_plain:
         raise ValueError(
             "--in-place needs an OME-Zarr image; a plain zarr array cannot hold levels"
@@ -173,7 +187,7 @@ def plan_pyramid(
     plan = [LevelPlan(paths[0], shape, scale, trans, (1,) * len(shape), layout0)]
     for path, f in zip(paths[1:], factors, strict=True):
         shape = tuple(-(-n // k) for n, k in zip(shape, f, strict=True))
-        scale, trans = level_transform(scale, trans, f, params.method)
+        scale, trans = level_transform(scale, trans, f, method)
         layout = derive_layout(shape, source.dims, ngff_version=version_, chunks=params.chunks,
                                shards=params.shards)  # fmt: skip
         plan.append(LevelPlan(path, shape, tuple(scale), tuple(trans), tuple(f), layout))
@@ -354,20 +368,23 @@ def make_pyramid(
         if output is None:
             raise ValueError("`output` is required unless in place")
         out = check_output(output, [src_loc], overwrite=overwrite)
-    multiscale = multiscale_of(source, plan, params.method)
-    record = provenance("pyramid", params.method.value, {**params.model_dump(mode="json"),
+    method = params.method_for(source)
+    multiscale = multiscale_of(source, plan, method)
+    record = provenance("pyramid", method.value, {**params.model_dump(mode="json"),
                         "in_place": in_place}, source)  # fmt: skip
     if in_place:
         _drop_old_levels(source, version_)
     else:
         clear_output(out)
     writes, copies = pyramid_writes(
-        source, out, plan, params.method, ngff_version=version_, write_level0=not in_place,
+        source, out, plan, method, ngff_version=version_, write_level0=not in_place,
         compressor=params.compressor, clevel=params.clevel,
     )  # fmt: skip
     compute_blocks(writes, progress, extra=copies)
+    # A label image stays one, naming the image it labels from where it now is.
+    label = relocate_image_label(source.image_label, src_loc, out)
     write_image_metadata(out, multiscale, ngff_version=version_, omero=source.omero,
-                         provenance=record)  # fmt: skip
+                         image_label=label, provenance=record)  # fmt: skip
     return open_image(out)
 
 
@@ -378,7 +395,7 @@ def _drop_old_levels(source: ImageRef, ngff_version: str) -> None:
     only0 = Multiscale(source.axes, (Dataset(first.path, first.scale, first.translation),),
                        source.name, source.method)  # fmt: skip
     write_image_metadata(loc, only0, ngff_version=ngff_version, omero=source.omero,
-                         provenance=source.provenance)  # fmt: skip
+                         image_label=source.image_label, provenance=source.provenance)  # fmt: skip
     keep = loc.child(first.path)
     for lv in source.levels[1:]:
         node = loc.child(lv.path)
@@ -386,9 +403,35 @@ def _drop_old_levels(source: ImageRef, ngff_version: str) -> None:
             node.delete()
 
 
+def _outside_hierarchy(base: str) -> str:
+    """An image inside a zarr hierarchy renamed to lie beside it.
+
+    ``a.ome.zarr/labels/c`` → ``a.labels.c.ome.zarr``; anything else is returned as it is.
+    """
+    scheme, sep, path = base.rpartition("://")
+    parts = path.split("/")
+    # The outermost `*.zarr` above the image, or the image that a `labels` group belongs to;
+    # a bucket (or memory store) name is never one.
+    inner = range(1 if sep else 0, len(parts) - 1)
+    root = next((i for i in inner if parts[i].endswith(".zarr")), None)
+    if root is None and len(parts) > 2 and parts[-2] == "labels":
+        root = len(parts) - 3
+    if root is None:
+        return base
+    head = parts[root]
+    suffix = next((x for x in (".ome.zarr", ".zarr") if head.endswith(x)), "")
+    name = ".".join([head[: len(head) - len(suffix)], *parts[root + 1 :]]) + suffix
+    return scheme + sep + "/".join([*parts[:root], name])
+
+
 def default_output(url: str) -> str:
-    """``brain.ome.zarr`` → ``brain.pyramid.ome.zarr``; ``x.zarr`` → ``x.pyramid.zarr``."""
-    base = url.rstrip("/")
+    """Where a pyramid goes without an output: beside the input, never inside another image.
+
+    ``brain.ome.zarr`` → ``brain.pyramid.ome.zarr``; ``x.zarr`` → ``x.pyramid.zarr``. An image
+    inside a zarr hierarchy, such as the label image ``brain.ome.zarr/labels/cells``, goes
+    beside the hierarchy, named after its path in it: ``brain.labels.cells.pyramid.ome.zarr``.
+    """
+    base = _outside_hierarchy(url.rstrip("/"))
     for suffix in (".ome.zarr", ".zarr"):
         if base.endswith(suffix):
             return base[: -len(suffix)] + ".pyramid" + suffix

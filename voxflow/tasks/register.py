@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -234,21 +235,38 @@ def check_registration(
     if min(geo.frame) < 8:
         raise ValueError(f"slices of {geo.frame} pixels are too small to register (>= 8 needed)")
     out = Location.parse(output)
-    check_output(out, [source.url], overwrite=overwrite or resumable(out) or _rerun(out, source))
+    rerun = _rerun(out, source, params)
+    check_output(out, [source.url], overwrite=overwrite or resumable(out) or rerun)
     return geo
 
 
-def _rerun(out: Location, source: ImageRef) -> bool:
-    """An earlier registration of the same input: the stage task decides (cache or refuse)."""
+def _rerun(
+    out: Location, source: ImageRef, params: RegistrationParams, document: dict | None = None
+) -> bool:
+    """Whether `out` is an earlier run of this very request: the same input and parameters.
+
+    Such an output passes the check before a run, where the stage's cache serves it; any
+    other output is refused before any pair is registered. With `document`, the stored
+    transforms must be the same too: only then may the write replace `out` with the very
+    image it holds (when the cache has lost the stage's result).
+    """
     try:
         done = open_image(out)
     except (FileNotFoundError, ValueError):
         return False
     record = done.provenance or {}
-    return record.get("stage") == "register" and record.get("input") == {
-        "url": source.url,
-        "fingerprint": source.fingerprint,
-    }
+    asked = {**params.model_dump(mode="json"), "transforms": TRANSFORMS_FILE}
+    return (
+        record.get("stage") == "register"
+        and record.get("input") == {"url": source.url, "fingerprint": source.fingerprint}
+        and record.get("parameters") == _as_json(asked)
+        and (document is None or record.get("transforms") == _as_json(document))
+    )
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from a JSON document (tuples as lists, arrays as lists)."""
+    return json.loads(json.dumps(value, default=lambda v: getattr(v, "tolist", lambda: str(v))()))
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -525,7 +543,8 @@ def warp_stack(
     like = _output_like(source, geo, box)
     version_, plan = _plan_pyramid(like, params.pyramid)
     out = Location.parse(output)
-    check_output(out, [source.url], overwrite=overwrite or resumable(out))
+    again = resumable(out) or _rerun(out, source, params, document)
+    check_output(out, [source.url], overwrite=overwrite or again)
     zc = _slab_depth(plan, source, geo)
     chunks = tuple(
         zc if i == geo.z else (n if i >= len(source.dims) - 2 else 1)
@@ -549,12 +568,12 @@ def warp_stack(
     record["transforms"] = document
     level0 = warped.rechunk(level0_chunks(plan, stack.dtype.itemsize))
     writes = level_writes(
-        level0, out, plan, params.pyramid.method, dims=source.dims, ngff_version=version_,
+        level0, out, plan, params.pyramid.method_for(), dims=source.dims, ngff_version=version_,
         compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
     )  # fmt: skip
     compute_blocks(writes, progress)
     out.write_json(TRANSFORMS_FILE, document)
-    write_image_metadata(out, multiscale_of(like, plan, params.pyramid.method),
+    write_image_metadata(out, multiscale_of(like, plan, params.pyramid.method_for()),
                          ngff_version=version_, omero=source.omero, provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)

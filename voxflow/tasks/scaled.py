@@ -289,13 +289,14 @@ def scaled_processing(
         _write_field(out, result, source, name, version_, record)
     image = _level0(result.image, plan)
     writes = level_writes(
-        image, out, plan, params.pyramid.method, dims=source.dims, ngff_version=version_,
+        image, out, plan, params.pyramid.method_for(), dims=source.dims, ngff_version=version_,
         compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
     )  # fmt: skip
     compute_blocks(writes, progress)
-    multiscale = multiscale_of(source, plan, params.pyramid.method)
+    multiscale = multiscale_of(source, plan, params.pyramid.method_for())
+    # The plugin changed the intensities (and maybe the dtype): windows of the output's own.
     write_image_metadata(out, multiscale, ngff_version=version_, omero=_omero(source, channels),
-                         provenance=record)  # fmt: skip
+                         provenance=record, fit_windows=True)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)
 
