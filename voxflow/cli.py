@@ -274,12 +274,14 @@ def pyramid(
         },
     })  # fmt: skip
     _, plan = validate_pyramid(config)
+    before = _image_or_none(config.target)
     start = time.perf_counter()
     ref = run_with_progress(
         lambda s, key: run_pyramid(config, s, progress_key=key), settings, "pyramid"
     )
     seconds = time.perf_counter() - start
-    out.print(f"wrote {len(plan)} levels to [bold]{ref.url}[/] in {seconds:.1f} s")
+    done = _reused(ref, before) or f"wrote {len(plan)} levels to [bold]{ref.url}[/]"
+    out.print(f"{done} in {seconds:.1f} s")
     _print_levels(ref)
 
 
@@ -425,12 +427,13 @@ def correct(
         },
     })  # fmt: skip
     validate_scaled(config)
+    before = _image_or_none(config.output)
     start = time.perf_counter()
     ref = run_with_progress(
         lambda s, key: run_scaled(config, s, progress_key=key), settings, f"correct ({plugin})"
     )
     seconds = time.perf_counter() - start
-    out.print(f"wrote [bold]{ref.url}[/] in {seconds:.1f} s")
+    out.print(f"{_reused(ref, before) or f'wrote [bold]{ref.url}[/]'} in {seconds:.1f} s")
     _print_levels(ref)
     if not no_field:
         name = (ref.provenance or {}).get("method") or plugin
@@ -637,8 +640,7 @@ def _print_alignment(ref: ImageRef, seconds: float, *, reused: bool = False) -> 
     pairs = doc.get("pairs", [])
     failed = [p for p in pairs if not p["converged"]]
     (y0, y1), (x0, x1) = doc.get("crop", {}).get("box", [[0, 0], [0, 0]])
-    done = (f"reused [bold]{ref.url}[/] (already up to date, nothing recomputed)" if reused
-            else f"wrote [bold]{ref.url}[/]")  # fmt: skip
+    done = _reused(ref, ref if reused else None) or f"wrote [bold]{ref.url}[/]"
     out.print(f"{done} in {seconds:.1f} s: {len(pairs)} pairs, crop box y {y0}:{y1}, "
               f"x {x0}:{x1}")  # fmt: skip
     if failed:
@@ -661,6 +663,13 @@ def _samples(samples: int) -> int | None:
             f"`--samples` must be >= {_MIN_SAMPLES}, or 0 to read every pixel; got {samples}"
         )
     return samples
+
+
+def _reused(ref: ImageRef, before: ImageRef | None) -> str | None:
+    """What to say of an output that a run left exactly as it found it (a cache hit)."""
+    if before is None or ref != before:
+        return None
+    return f"reused [bold]{ref.url}[/] (already up to date, nothing recomputed)"
 
 
 def _image_or_none(url: str) -> ImageRef | None:

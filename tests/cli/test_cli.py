@@ -209,3 +209,22 @@ def test_plain_array_warning_is_printed_once(cli_env, tmp_path, recwarn):
     assert result.exit_code == 0, result.output
     plain_warnings = [w for w in recwarn if w.category is PlainArrayWarning]
     assert len(plain_warnings) == 1, [str(w.message) for w in plain_warnings]
+
+
+def test_pyramid_rerun_served_by_the_cache_says_it_reused_the_output(cli_env, image, tmp_path):
+    path, _ = image
+    out = str(tmp_path / "out.ome.zarr")
+    args = ["pyramid", path, "-o", out, "--levels", "2"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "wrote 2 levels" in first.output and "reused" not in first.output
+    files = snapshot(out)
+    again = runner.invoke(app, [*args, "--overwrite"])
+    assert again.exit_code == 0, again.output
+    words = " ".join(again.output.split())
+    assert f"reused {out} (already up to date, nothing recomputed)" in words, again.output
+    assert "wrote" not in words
+    assert snapshot(out) == files, "a cache hit writes nothing"
+    changed = runner.invoke(app, ["pyramid", path, "-o", out, "--levels", "3", "--overwrite"])
+    assert changed.exit_code == 0, changed.output
+    assert "wrote 3 levels" in changed.output and "reused" not in changed.output
