@@ -263,3 +263,30 @@ def test_plain_array_warning_reaches_the_user_once_and_never_from_a_worker(
     assert len([w for w in caught if w.category is PlainArrayWarning]) == 1
     printed = capfd.readouterr()
     assert "plain zarr array" not in printed.err + printed.out, "a worker warned again"
+
+
+def test_a_new_voxel_size_of_the_input_is_not_served_from_the_cache(tmp_path, settings):
+    """Results keyed by the input's content must see its metadata too: a pyramid of the same
+    voxels with another scale and translation has other level scales and translations."""
+    from voxflow.io import Dataset, Multiscale, write_image_metadata
+
+    data = np.random.default_rng(3).integers(0, 500, (8, 64, 64), dtype=np.uint16)
+    src = str(tmp_path / "in.ome.zarr")
+    write_image(src, data, "zyx", (2.0, 0.5, 0.5))
+    config = PyramidConfig(
+        input=src, output=str(tmp_path / "out.ome.zarr"), overwrite=True,
+        pyramid=PyramidParams(levels=2, min_size=8),
+    )  # fmt: skip
+    first = run_pyramid(config, settings)
+    assert first.levels[1].scale == (2.0, 1.0, 1.0)
+
+    ref = open_image(src)
+    moved = tuple(Dataset(lv.path, (5.0, 1.0, 1.0), (100.0, 0.0, 0.0)) for lv in ref.levels)
+    write_image_metadata(src, Multiscale(ref.axes, moved, name=ref.name), omero=ref.omero)
+    again = run_pyramid(config, settings)
+    # (5, 1, 1) is anisotropic the other way: y and x are reduced, z is not.
+    assert again.levels[0].scale == (5.0, 1.0, 1.0)
+    assert again.levels[0].translation == (100.0, 0.0, 0.0)
+    assert again.levels[1].scale == (5.0, 2.0, 2.0)
+    assert again.levels[1].translation == (100.0, 0.5, 0.5)
+    np.testing.assert_array_equal(read_level(again, 0).compute(), data)

@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 import warnings
 
@@ -300,7 +301,6 @@ def test_fingerprint_is_independent_of_location(tmp_path, memory_url, make_image
         make_image(url, data, "zyx", ngff_version=version, chunks=4)
     prints = {open_image(url).fingerprint for url in urls}
     assert len(prints) == 1
-    assert prints == {fingerprint(urls[0], ["0"])}
     assert len(next(iter(prints))) == 32
     int(next(iter(prints)), 16)
 
@@ -349,21 +349,37 @@ def test_fingerprint_changes_with_level0_array_metadata(tmp_path, make_image):
     assert open_image(url).fingerprint != before
 
 
-def test_fingerprint_covers_level0_arrays_only(tmp_path, make_image, random_array):
-    # The fingerprint identifies the voxels of level 0: group metadata (scales, names, omero,
-    # provenance) and the other levels are not part of it.
+def test_fingerprint_covers_level0_and_the_metadata_that_places_it(tmp_path, make_image,
+                                                                   random_array):  # fmt: skip
+    # The fingerprint identifies level 0's voxels and what gives them meaning (axes, units,
+    # scale, translation, name, omero): results made for another voxel size must not be
+    # reused. The other levels and the provenance record are not part of it.
     url = tmp_path / "a.zarr"
     data = random_array((8, 12), "uint8", seed=2)
     make_image(url, data, "yx", scale=(1.0, 1.0), chunks=4)
     ref = open_image(url)
+    assert ref.fingerprint != fingerprint(url, ["0"]), "more than the stored arrays"
     _overwrite(str(url), "1", (0, 0), data[0, 0] + 1)
     assert open_image(url).fingerprint == ref.fingerprint
-    datasets = tuple(Dataset(d.path, (9.0, 9.0), (3.0, 3.0)) for d in ref.levels)
-    write_image_metadata(url, Multiscale(ref.axes, datasets, name="renamed"),
+    datasets = tuple(Dataset(d.path, d.scale, d.translation) for d in ref.levels)
+    write_image_metadata(url, Multiscale(ref.axes, datasets, name=ref.name), omero=ref.omero,
                          provenance={"stage": "other"})  # fmt: skip
-    changed = open_image(url)
-    assert changed.scale == (9.0, 9.0)
-    assert changed.fingerprint == ref.fingerprint
+    assert open_image(url).fingerprint == ref.fingerprint
+
+    prints = {ref.fingerprint}
+    nanometres = tuple(dataclasses.replace(a, unit="nanometer") for a in ref.axes)
+    moved = tuple(Dataset(d.path, (9.0, 9.0), (3.0, 3.0)) for d in ref.levels)
+    for multiscale, omero in [
+        (Multiscale(ref.axes, moved, name=ref.name), ref.omero),
+        (Multiscale(ref.axes, datasets, name="renamed"), ref.omero),
+        (Multiscale(nanometres, datasets, name=ref.name), ref.omero),
+        (Multiscale(ref.axes, datasets, name=ref.name), {"channels": [{"label": "dapi"}]}),
+    ]:
+        write_image_metadata(url, multiscale, omero=omero)
+        prints.add(open_image(url).fingerprint)
+    assert len(prints) == 5, "each change of what places the voxels changes the fingerprint"
+    write_image_metadata(url, Multiscale(ref.axes, datasets, name=ref.name), omero=ref.omero)
+    assert open_image(url).fingerprint == ref.fingerprint
 
 
 def test_fingerprint_of_several_paths(tmp_path, make_image):

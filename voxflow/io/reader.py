@@ -182,13 +182,28 @@ def _open_multiscale(
         )  # fmt: skip
     _check_dtype(dtype, loc.url)
     version = "0.5" if fmt == 3 else "0.4"
+    axis_types = tuple(str(a.type) for a in meta.axes)
+    units = tuple(a.unit for a in meta.axes)
+    # What gives level 0's voxels their meaning is part of the input: a new voxel size must
+    # not be served the results of the old one.
+    described = {
+        "axes": [meta.dims, axis_types, units], "scale": levels[0].scale,
+        "translation": levels[0].translation, "name": meta.name, "omero": omero or None,
+        "image_label": label,
+    }  # fmt: skip
     return ImageRef(
         url=loc.url, ngff_version=version, zarr_format=fmt, dims=meta.dims,
-        axis_types=tuple(str(a.type) for a in meta.axes), units=tuple(a.unit for a in meta.axes),
-        dtype=dtype, levels=tuple(levels), fingerprint=fingerprint(loc, [meta.datasets[0].path]),
+        axis_types=axis_types, units=units, dtype=dtype, levels=tuple(levels),
+        fingerprint=_with_metadata(fingerprint(loc, [meta.datasets[0].path]), described),
         name=meta.name, method=meta.type, omero=omero or None, image_label=label,
         provenance=attrs.get("voxflow"),
     )  # fmt: skip
+
+
+def _with_metadata(data: str, metadata: dict[str, Any]) -> str:
+    """The fingerprint of level 0's stored `data` and of the group `metadata` that places it."""
+    blob = json.dumps(metadata, sort_keys=True, default=str)
+    return hashlib.blake2b(f"{data}|{blob}".encode(), digest_size=16).hexdigest()
 
 
 def fingerprint(url: str | Location, paths: list[str], *, samples: int = 3) -> str:

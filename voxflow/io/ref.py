@@ -50,7 +50,10 @@ class ImageRef(BaseModel):
     units: tuple[str | None, ...] = Field(description="Physical unit per axis.")
     dtype: str = Field(description="NumPy dtype name of the voxels.")
     levels: tuple[LevelRef, ...] = Field(description="Resolution levels, finest first.")
-    fingerprint: str = Field(description="Content fingerprint (metadata and stored chunks).")
+    fingerprint: str = Field(
+        description="Content fingerprint: level 0's stored chunks and array metadata, and the "
+        "group metadata that gives them meaning (axes, units, scale, translation, omero)."
+    )
     name: str | None = Field(default=None, description="Image name.")
     method: str | None = Field(default=None, description="Downsampling method of the levels.")
     omero: dict[str, Any] | None = Field(default=None, description="Channel metadata.")
