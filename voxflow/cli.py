@@ -497,6 +497,7 @@ def segment(
     regions: Annotated[
         str | None, typer.Option(help="Region table CSV for --atlas; without it: atlas ids.")
     ] = None,
+    ngff_version: NgffVersionOption = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a folder that is not a run of INPUT.")
     ] = False,
@@ -505,14 +506,16 @@ def segment(
 
     A rerun with the same parameters reuses every step; a changed parameter recomputes its
     step and the ones after it. Counting (voxflow count) runs too, with --atlas per region.
+    Lengths and volumes (µm, µm³) are converted from the units of the image's axes.
     """
     from voxflow.flows.segment import SegmentationConfig
 
     edge = _ints(chunks, "chunks")
+    version = ngff_version or VoxflowSettings().storage.ngff_version
     config = SegmentationConfig.model_validate({
         "input": input, "run": run, "overwrite": overwrite,
         "segment": {
-            "channel": channel, "objects_csv": csv, "chunks": edge,
+            "channel": channel, "objects_csv": csv, "chunks": edge, "ngff_version": version,
             "mask": {**_threshold_options(threshold, model, is_mask),
                      "threshold_level": threshold_level, "block_size": block_size,
                      "offset": offset, "probability": probability, "halo": halo,
@@ -583,7 +586,11 @@ def count(
         float | None, typer.Option(help="Split position (µm); default: the atlas centre.")
     ] = None,
 ) -> None:
-    """Count a run's objects per block and per atlas region; draw the QC picture."""
+    """Count a run's objects per block and per atlas region; draw the QC picture.
+
+    Lengths (µm) are converted from the units of the image's and the atlas's axes; the maps
+    are written in the OME-NGFF version of the run's images.
+    """
     from voxflow.flows.segment import CountingConfig, run_counting
 
     config = CountingConfig.model_validate({

@@ -59,6 +59,7 @@ def test_segment_and_count_commands(cli_env, data):
         (["--channel", "3"], "channel"),
         (["--min-size", "10", "--max-size", "5"], "exclude every object"),
         (["--regions", "x.csv"], "needs an atlas"),
+        (["--ngff-version", "0.3"], "ngff_version"),
     ],
 )
 def test_segment_bad_input_is_one_line_and_writes_nothing(cli_env, data, args, message):
@@ -200,3 +201,66 @@ def test_an_error_found_inside_a_task_is_one_line(cli_env, data):
     assert errors == ["error: the size limits exclude every object: min 100 > max 10 voxels"]
     assert "Traceback" not in done.stderr, done.stderr
     assert not run.exists()
+
+
+def _versions(run):
+    from voxflow.io import open_image
+
+    return {name: open_image(f"{run}/{name}.ome.zarr").ngff_version
+            for name in ("mask", "labels", "counts", "density")}  # fmt: skip
+
+
+def test_segment_writes_the_ngff_version_setting_and_count_keeps_the_runs(
+    cli_env, data, monkeypatch
+):
+    path, _ = data
+    image, run = str(path / "image.ome.zarr"), path / "run"
+    monkeypatch.setenv("VOXFLOW_STORAGE__NGFF_VERSION", "0.4")
+    result = runner.invoke(app, ["segment", image, "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    assert set(_versions(run).values()) == {"0.4"}
+    assert (run / "counts.ome.zarr/.zattrs").exists()
+    assert not (run / "counts.ome.zarr/zarr.json").exists()
+    result = runner.invoke(app, ["segment", image, "-o", str(run), "--ngff-version", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert set(_versions(run).values()) == {"0.5"}
+    # Counting writes the run's version, whatever the setting says.
+    result = runner.invoke(app, ["count", str(run), "--block", "20"])
+    assert result.exit_code == 0, result.output
+    assert set(_versions(run).values()) == {"0.5"}
+
+
+def test_segment_help_states_the_ngff_version_default():
+    result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "0.4 (zarr v2); default VOXFLOW_STORAGE__NGFF_VERSION, else 0.5." in text
+
+
+def test_count_blocks_are_micrometres_for_an_image_in_nanometres(cli_env, data):
+    """The repro of the audit: --block 1 on an image in nm is 1 µm, not 1 nm."""
+    from voxflow.io import open_image, read_level, write_image
+
+    path, centres = data
+    um = open_image(str(path / "image.ome.zarr"))
+    nm = str(path / "image-nm.ome.zarr")
+    write_image(nm, read_level(um).compute(), "zyx", (4000.0, 2000.0, 2000.0),
+                units=("nanometer",) * 3, chunks=(8, 16, 16), shards=(16, 32, 32))  # fmt: skip
+    tables = {}
+    for name, source in (("um", um.url), ("nm", nm)):
+        run = str(path / f"run-{name}")
+        result = runner.invoke(app, ["segment", source, "-o", run, "--min-volume", "100"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["count", run, "--block", "8"])
+        assert result.exit_code == 0, result.output
+        tables[name] = (pd.read_parquet(f"{run}/objects.parquet"),
+                        np.asarray(read_level(open_image(f"{run}/counts.ome.zarr"))),
+                        np.asarray(read_level(open_image(f"{run}/density.ome.zarr"))))  # fmt: skip
+    objects, counts, density = tables["nm"]
+    assert len(objects) == len(centres)
+    pd.testing.assert_frame_equal(objects, tables["um"][0])
+    # Cells of 8 µm: 2 voxels in z, 4 in y and x, of 4 × 2 × 2 µm.
+    assert counts.shape == (12, 12, 10) and counts.sum() == len(centres)
+    np.testing.assert_array_equal(counts, tables["um"][1])
+    np.testing.assert_allclose(density.max(), 1 / (8.0 * 8 * 8 * 1e-9), rtol=1e-6)
+    np.testing.assert_allclose(density, tables["um"][2])

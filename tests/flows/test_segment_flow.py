@@ -101,14 +101,20 @@ def test_flow_with_a_torchscript_model_file(tmp_path, settings):
     np.testing.assert_array_equal(mask.astype(bool), image.astype(np.uint16) > 300)
 
 
-def test_view_layers_of_a_run(tmp_path, settings):
-    centres, _image = _spheres(tmp_path)
-    config = SegmentationConfig(input=str(tmp_path / "image.ome.zarr"), run=str(tmp_path / "run"))
+@pytest.mark.parametrize(("unit", "per_um"), [("micrometer", 1.0), ("nanometer", 1000.0)])
+def test_view_layers_of_a_run(tmp_path, settings, unit, per_um):
+    """Every layer sits in micrometres, the centroids' unit, whatever the image's unit."""
+    centres, image = _spheres(tmp_path)
+    src = str(tmp_path / f"image-{unit}.ome.zarr")
+    write_image(src, image.astype(np.uint16), "zyx", tuple(v * per_um for v in (4.0, 2.0, 2.0)),
+                units=(unit,) * 3)  # fmt: skip
+    config = SegmentationConfig(input=src, run=str(tmp_path / "run"))
     run_segmentation(config, settings)
     layers = {layer.name: layer for layer in run_layers(str(tmp_path / "run"))}
     assert list(layers) == ["image", "mask", "labels", "counts", "density", "centroids"]
     assert layers["labels"].kind == "labels" and layers["centroids"].kind == "points"
-    assert layers["image"].scale == (4.0, 2.0, 2.0)
+    for name in ("image", "mask", "labels"):
+        assert layers[name].scale == pytest.approx((4.0, 2.0, 2.0)), name
     labels = layers["labels"].data
     labels = np.asarray(labels[0] if isinstance(labels, list) else labels)
     _ref, n = ndimage.label(labels > 0, np.ones((3, 3, 3)))
@@ -231,3 +237,43 @@ def test_atlas_without_a_region_table_counts_per_atlas_id(tmp_path, settings):
     assert rows["count"].tolist() == [left, len(centres) - left, 0]
     assert rows["count_left"].tolist() == [left, 0, 0]
     assert [r["acronym"] for r in counted.rows] == ["1", "2", "outside"]
+
+
+def test_flow_on_an_image_in_nanometres_writes_micrometres_in_the_runs_ngff_version(
+    tmp_path, settings
+):
+    """Image in nm, atlas in µm, the run in NGFF 0.4: one physical space, one format."""
+    import zarr
+    from ome_zarr_models.v04.image import Image
+
+    from voxflow.io import open_image
+
+    centres, image = _spheres(tmp_path)
+    write_image(str(tmp_path / "image-nm.ome.zarr"), image.astype(np.uint16), "zyx",
+                (4000.0, 2000.0, 2000.0), units=("nanometer",) * 3)  # fmt: skip
+    run = tmp_path / "run"
+    config = SegmentationConfig.model_validate({
+        "input": str(tmp_path / "image-nm.ome.zarr"), "run": str(run),
+        "segment": {"ngff_version": "0.4", "instances": {"min_volume_um3": 100.0}},
+        "count": {"atlas": str(tmp_path / "atlas.ome.zarr"),
+                  "regions": str(tmp_path / "regions.csv"), "block_um": 8.0},
+    })  # fmt: skip
+    result = run_segmentation(config, settings)
+    assert result.segment.objects == len(centres)
+    objects = pd.read_parquet(run / "objects.parquet")
+    for c in centres:
+        want = np.asarray(c) * (4.0, 2.0, 2.0)
+        assert np.linalg.norm(objects[["z_um", "y_um", "x_um"]] - want, axis=1).min() < 1.0
+    np.testing.assert_allclose(objects["volume_um3"], objects["voxels"] * 16.0)
+    rows = pd.read_csv(run / "regions.csv").set_index("acronym")
+    left = sum(1 for c in centres if c[2] < 20)
+    assert rows.loc["L", "count"] == left and rows.loc["R", "count"] == len(centres) - left
+    volume_mm3 = 24 * 48 * 20 * 16.0 / 1e9  # each half of the atlas
+    assert rows.loc["L", "volume_mm3"] == pytest.approx(volume_mm3, rel=1e-12)
+    counts = np.asarray(zarr.open_array(str(run / "counts.ome.zarr/0"), mode="r"))
+    assert counts.shape == (12, 12, 10) and counts.sum() == len(centres)
+    for name in ("mask", "labels", "counts", "density"):
+        group = zarr.open_group(str(run / f"{name}.ome.zarr"), mode="r")
+        Image.from_zarr(group)
+        ref = open_image(str(run / f"{name}.ome.zarr"))
+        assert (ref.ngff_version, ref.units) == ("0.4", ("nanometer",) * 3), name

@@ -400,3 +400,225 @@ def test_threshold_level_that_does_not_exist(lightsheet, tmp_path):
         segment(lightsheet["corrected"], str(tmp_path / "run"),
                 SegmentParams(mask=MaskParams(threshold_level=20)))  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- physical units
+
+# Micrometres per unit, for the references of these tests only.
+_UM = {None: 1.0, "micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
+_IMAGE_UM = {"scale": (0.2, 0.05, 0.05), "translation": (0.3, -1.0, 2.0)}
+_ATLAS_UM = {"scale": (0.4, 0.2, 0.2)}
+_TINY_SHAPE = (10, 32, 28)
+
+
+def _tiny_image():
+    """Irregular bright blobs of many sizes on a dim background, and their 26-labels."""
+    rng = np.random.default_rng(7)
+    blobs = ndimage.gaussian_filter(rng.standard_normal(_TINY_SHAPE), 1.2) > 0.22
+    image = np.where(blobs, 300, 20).astype(np.uint16)
+    labels, n = ndimage.label(blobs, np.ones((3, 3, 3)))
+    return image, labels, n
+
+
+def _tiny_atlas():
+    """Four region ids (and some 0) on a grid of twice the image's voxel in z, four in y, x."""
+    z, _, x = np.indices((5, 8, 7))
+    atlas = (1 + (x >= 3) + 2 * (z >= 2)).astype(np.uint16)
+    atlas[:, :1] = 0
+    return atlas
+
+
+def _in_unit(values_um, unit):
+    return tuple(v / _UM[unit] for v in values_um)
+
+
+def _write_tiny(path, unit, atlas_unit):
+    """The tiny image and atlas written with their geometry in `unit` and `atlas_unit`."""
+    image, _, _ = _tiny_image()
+    scale, trans = _IMAGE_UM["scale"], _IMAGE_UM["translation"]
+    write_image(str(path / "image.ome.zarr"), image, "zyx", _in_unit(scale, unit),
+                translation=_in_unit(trans, unit), units=(unit,) * 3,
+                chunks=(4, 12, 10), shards=(8, 24, 20))  # fmt: skip
+    # Atlas voxel boundaries on image voxel boundaries.
+    a_scale = _ATLAS_UM["scale"]
+    a_trans = tuple(t + 0.5 * (a - s) for t, a, s in zip(trans, a_scale, scale, strict=True))
+    write_image(str(path / "atlas.ome.zarr"), _tiny_atlas(), "zyx",
+                _in_unit(a_scale, atlas_unit), translation=_in_unit(a_trans, atlas_unit),
+                units=(atlas_unit,) * 3)  # fmt: skip
+    for name in ("image", "atlas") if unit is None else ():
+        # An axis without a unit: remove the unit the writer fills in.
+        meta = path / f"{name}.ome.zarr" / "zarr.json"
+        doc = json.loads(meta.read_text())
+        for axis in doc["attributes"]["ome"]["multiscales"][0]["axes"]:
+            axis.pop("unit", None)
+        meta.write_text(json.dumps(doc))
+    return str(path / "image.ome.zarr"), str(path / "atlas.ome.zarr")
+
+
+def _tiny_reference(min_voxels, block):
+    """Objects, count and density maps and region rows of the tiny image, by hand."""
+    _, labels, n = _tiny_image()
+    index = np.arange(1, n + 1)
+    voxels = ndimage.sum(np.ones(labels.shape), labels, index)
+    keep = index[voxels >= min_voxels]
+    centroids = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, keep))
+    scale, trans = np.asarray(_IMAGE_UM["scale"]), np.asarray(_IMAGE_UM["translation"])
+    points = trans + centroids * scale
+    kept = voxels[voxels >= min_voxels]
+    objects = {"points": points, "voxels": kept, "volume": kept * np.prod(scale),
+               "centroids": centroids}  # fmt: skip
+    cells = tuple(-(-s // b) for s, b in zip(_TINY_SHAPE, block, strict=True))
+    counts, density = np.zeros(cells), np.zeros(cells)
+    for c in centroids:
+        counts[tuple(int(np.floor(v + 0.5)) // b for v, b in zip(c, block, strict=True))] += 1
+    for cell in np.ndindex(*cells):
+        size = [min(b, s - i * b) for i, b, s in zip(cell, block, _TINY_SHAPE, strict=True)]
+        density[cell] = counts[cell] / (np.prod(size) * np.prod(scale) / 1e9)
+    atlas = _tiny_atlas()
+    a_scale = np.asarray(_ATLAS_UM["scale"])
+    a_trans = trans + 0.5 * (a_scale - scale)
+    ids = []
+    for p in points:
+        i = np.floor((p - a_trans) / a_scale + 0.5).astype(int)
+        inside = all(0 <= v < s for v, s in zip(i, atlas.shape, strict=True))
+        ids.append(int(atlas[tuple(i)]) if inside else 0)
+    midline = a_trans[2] + (atlas.shape[2] - 1) / 2 * a_scale[2]
+    left = points[:, 2] < midline
+    rows = {}
+    for rid in sorted({*np.unique(atlas).tolist(), *ids}):
+        volume = np.count_nonzero(atlas == rid) * np.prod(a_scale) / 1e9
+        count_ = sum(1 for i in ids if i == rid)
+        rows[rid] = {"count": count_, "volume_mm3": volume,
+                     "density_per_mm3": count_ / volume if volume else 0.0,
+                     "count_left": int(sum(1 for i, s in zip(ids, left, strict=True)
+                                           if i == rid and s))}  # fmt: skip
+    return objects, counts, density, rows
+
+
+def _segment_and_count_tiny(path, unit, atlas_unit, *, split="none"):
+    image, atlas = _write_tiny(path, unit, atlas_unit)
+    voxel_um3 = float(np.prod(_IMAGE_UM["scale"]))
+    instances = InstanceParams(split=split, min_volume_um3=10.5 * voxel_um3,
+                               min_distance_um=0.3)  # fmt: skip
+    run = str(path / "run")
+    segment(image, run, SegmentParams(mask=MaskParams(threshold="100"), instances=instances))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no region table: one row per atlas id
+        count(run, CountParams(block_um=0.4, atlas=atlas, split_axis="x"))
+    return run
+
+
+def _physical(run, name):
+    """Scale and translation (z, y, x) of a run's image converted to micrometres."""
+    ref = open_image(f"{run}/{name}.ome.zarr")
+    factor = np.asarray([_UM[u] for u in ref.units])
+    return ref.levels[0].scale * factor, ref.levels[0].translation * factor, ref.units
+
+
+@pytest.mark.parametrize(("unit", "atlas_unit"), [("micrometer", "micrometer"),
+                                                  ("nanometer", "millimeter"),
+                                                  (None, None)])  # fmt: skip
+def test_objects_counts_and_regions_are_in_micrometres_whatever_the_axis_unit(
+    tmp_path, unit, atlas_unit
+):
+    run = _segment_and_count_tiny(tmp_path, unit, atlas_unit)
+    block = (2, 8, 8)  # 0.4 µm over voxels of 0.2, 0.05, 0.05 µm
+    ref_objects, ref_counts, ref_density, ref_rows = _tiny_reference(11, block)
+    objects = pd.read_parquet(f"{run}/objects.parquet").sort_values(["z", "y", "x"])
+    order = np.lexsort(ref_objects["centroids"].T[::-1])
+    assert len(objects) == len(order) > 5
+    np.testing.assert_allclose(objects[["z", "y", "x"]], ref_objects["centroids"][order])
+    np.testing.assert_allclose(objects[["z_um", "y_um", "x_um"]], ref_objects["points"][order],
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    np.testing.assert_array_equal(objects["voxels"], ref_objects["voxels"][order])
+    np.testing.assert_allclose(objects["volume_um3"], ref_objects["volume"][order], rtol=1e-12)
+    counts = np.asarray(read_level(open_image(f"{run}/counts.ome.zarr")))
+    density = np.asarray(read_level(open_image(f"{run}/density.ome.zarr")))
+    np.testing.assert_array_equal(counts, ref_counts)
+    np.testing.assert_allclose(density, ref_density, rtol=1e-6)
+    rows = pd.read_csv(f"{run}/regions.csv").set_index("id")
+    assert sorted(rows.index) == sorted(ref_rows)
+    for rid, want in ref_rows.items():
+        for column, value in want.items():
+            assert rows.loc[rid, column] == pytest.approx(value, rel=1e-9), (rid, column)
+    # The outputs keep the input's unit, and their geometry is right in micrometres.
+    for name in ("mask", "labels"):
+        scale, trans, units = _physical(run, name)
+        np.testing.assert_allclose(scale, _IMAGE_UM["scale"], rtol=1e-12)
+        np.testing.assert_allclose(trans, _IMAGE_UM["translation"], rtol=1e-12)
+        assert units == (unit or "micrometer",) * 3
+    first = np.asarray(_IMAGE_UM["translation"])
+    for name in ("counts", "density"):
+        scale, trans, units = _physical(run, name)
+        np.testing.assert_allclose(scale, (0.4, 0.4, 0.4), rtol=1e-12)
+        np.testing.assert_allclose(trans, first + (np.asarray(block) - 1) / 2
+                                   * np.asarray(_IMAGE_UM["scale"]), rtol=1e-12)  # fmt: skip
+        assert units == (unit or "micrometer",) * 3
+
+
+def test_the_watershed_distance_is_in_micrometres_whatever_the_axis_unit(tmp_path):
+    runs = [_segment_and_count_tiny(tmp_path / u, u, u, split="watershed")
+            for u in ("micrometer", "nanometer")]  # fmt: skip
+    um, nm = (pd.read_parquet(f"{run}/objects.parquet") for run in runs)
+    labels = [np.asarray(read_level(open_image(f"{run}/labels.ome.zarr"))) for run in runs]
+    assert _same_up_to_renumbering(*labels)
+    pd.testing.assert_frame_equal(um, nm, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("units", "where"),
+    [(("second", "micrometer", "micrometer"), "z"), (("micrometer", "furlong", "micrometer"), "y")],
+)
+def test_an_axis_whose_unit_is_not_a_length_is_refused_before_anything_is_written(
+    tmp_path, units, where
+):
+    image, _, _ = _tiny_image()
+    path = str(tmp_path / "image.ome.zarr")
+    write_image(path, image, "zyx", (0.2, 0.05, 0.05), units=units)
+    bad = next(u for u in units if u != "micrometer")
+    with pytest.raises(ValueError, match=rf"axis {where} .* unit '{bad}'.* not a length"):
+        segment(path, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    good = str(tmp_path / "good.ome.zarr")
+    write_image(good, image, "zyx", (0.2, 0.05, 0.05))
+    run = tmp_path / "good-run"
+    segment(good, str(run), SegmentParams(mask=MaskParams(threshold="100")))
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=rf"axis {where} .* unit '{bad}'.* not a length"):
+        count(str(run), CountParams(atlas=path))
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_counting_writes_the_ngff_version_of_the_run(tmp_path, version):
+    from ome_zarr_models.v04.image import Image as Image04
+    from ome_zarr_models.v05.image import Image as Image05
+
+    image, _ = _write_tiny(tmp_path, "micrometer", "micrometer")
+    run = tmp_path / "run"
+    params = SegmentParams(mask=MaskParams(threshold="100"), ngff_version=version)
+    segment(image, str(run), params)
+    count(str(run), CountParams(block_um=0.4))
+    model = Image04 if version == "0.4" else Image05
+    for name in ("mask", "labels", "counts", "density"):
+        ref = open_image(str(run / f"{name}.ome.zarr"))
+        assert ref.ngff_version == version, name
+        assert ref.zarr_format == (2 if version == "0.4" else 3), name
+        model.from_zarr(zarr.open_group(str(run / f"{name}.ome.zarr"), mode="r"))
+        np.asarray(zarr.open_array(str(run / f"{name}.ome.zarr/0"), mode="r"))
+    # Another version for the same data: every image of the run is replaced, none mixed.
+    other = "0.5" if version == "0.4" else "0.4"
+    segment(image, str(run), params.model_copy(update={"ngff_version": other}))
+    assert count(str(run), CountParams(block_um=0.4)).computed == ("counts", "qc")
+    for name in ("mask", "labels", "counts", "density"):
+        ref = open_image(str(run / f"{name}.ome.zarr"))
+        assert ref.ngff_version == other, name
+        stale = ".zattrs" if other == "0.5" else "zarr.json"
+        assert not (run / f"{name}.ome.zarr" / stale).exists(), name
+    # A run recorded without the version: its labels image says which.
+    record = run / "steps/labels.json"
+    doc = json.loads(record.read_text())
+    del doc["ngff_version"]
+    record.write_text(json.dumps(doc))
+    assert count(str(run), CountParams(block_um=0.8)).computed == ("counts",)
+    assert open_image(str(run / "counts.ome.zarr")).ngff_version == other

@@ -11,6 +11,7 @@ __all__ = [
     "AxisType",
     "axis_from_name",
     "default_axes",
+    "micrometres_per_unit",
     "spatial_mask",
     "validate_dims",
 ]
@@ -137,3 +138,36 @@ def spatial_mask(dims: Sequence[str]) -> tuple[bool, ...]:
         True for z, y and x.
     """
     return tuple(_KIND.get(n) is AxisType.SPACE for n in dims)
+
+
+# Length of one unit in micrometres: the OME-NGFF space units (UDUNITS-2 lengths) and the
+# short names seen in the wild.
+_MICROMETRES = {
+    "yoctometer": 1e-18, "zeptometer": 1e-15, "attometer": 1e-12, "femtometer": 1e-9,
+    "picometer": 1e-6, "angstrom": 1e-4, "nanometer": 1e-3, "micrometer": 1.0,
+    "millimeter": 1e3, "centimeter": 1e4, "decimeter": 1e5, "meter": 1e6, "hectometer": 1e8,
+    "kilometer": 1e9, "megameter": 1e12, "gigameter": 1e15, "terameter": 1e18,
+    "petameter": 1e21, "exameter": 1e24, "zettameter": 1e27, "yottameter": 1e30,
+    "inch": 25_400.0, "foot": 304_800.0, "yard": 914_400.0, "mile": 1_609_344_000.0,
+    "parsec": 3.0856775814913673e22, "micron": 1.0, "um": 1.0, "µm": 1.0, "nm": 1e-3,
+    "mm": 1e3, "cm": 1e4, "m": 1e6,
+}  # fmt: skip
+
+
+def micrometres_per_unit(unit: str | None) -> float | None:
+    """Micrometres in one `unit` of length; 1 for no unit (taken as micrometres).
+
+    Parameters
+    ----------
+    unit : str or None
+        An OME-NGFF space unit (``"nanometer"``, ``"millimeter"``, ...) or a common short
+        name (``"um"``, ``"nm"``); case is ignored.
+
+    Returns
+    -------
+    float or None
+        The factor, or None when `unit` is not a length (``"second"``, a typo).
+    """
+    if unit is None or unit == "":
+        return 1.0
+    return _MICROMETRES.get(str(unit).lower())

@@ -12,25 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from voxflow.core.axes import micrometres_per_unit
 from voxflow.core.scaled import ScaleContext
 from voxflow.plugins._spec import PluginError
 
 __all__ = ["ScaledProcessingPlugin", "jsonable"]
-
-# Length of one unit in micrometres, for the OME-NGFF space units a plugin may meet.
-_MICROMETRES = {
-    "angstrom": 1e-4,
-    "nanometer": 1e-3,
-    "micrometer": 1.0,
-    "micron": 1.0,
-    "um": 1.0,
-    "µm": 1.0,
-    "millimeter": 1e3,
-    "mm": 1e3,
-    "centimeter": 1e4,
-    "meter": 1e6,
-}
-
 
 def jsonable(value: Any) -> Any:
     """`value` as plain JSON types, for provenance.
@@ -254,6 +240,6 @@ class ScaledProcessingPlugin:
         if len(units) != ndim:
             return spacing
         return tuple(
-            s * (_MICROMETRES.get(str(u).lower(), 1.0) if u else 1.0)
+            s * (micrometres_per_unit(u) or 1.0)
             for s, u in zip(spacing, units, strict=True)
         )

@@ -27,7 +27,7 @@ from voxflow.core.regions import (
     side_of,
     validate_region_table,
 )
-from voxflow.io import Location, provenance, write_image
+from voxflow.io import Location, open_image, provenance, write_image
 from voxflow.tasks._compute import ProgressFn, compute_array, on_cluster
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.segment import Volume, open_volume
@@ -157,8 +157,9 @@ class _Atlas:
         if np.dtype(atlas.ref.dtype).kind not in "iu":
             raise ValueError(f"the atlas {atlas.ref.url} must hold integer labels, got "
                              f"{atlas.ref.dtype}")  # fmt: skip
-        check_atlas_overlap(vol.shape, vol.scale, vol.translation, atlas.shape, atlas.scale,
-                            atlas.translation)  # fmt: skip
+        # Both in micrometres: the atlas may state its geometry in another unit.
+        check_atlas_overlap(vol.shape, vol.scale_um, vol.translation_um, atlas.shape,
+                            atlas.scale_um, atlas.translation_um)  # fmt: skip
         if params.regions is None:
             return cls(atlas, None, None)
         raw = _read_bytes(params.regions)
@@ -175,7 +176,7 @@ class _Atlas:
         if params.midline_um is not None:
             return params.midline_um
         v = self.volume
-        return atlas_midline(v.shape, v.scale, v.translation, axis)
+        return atlas_midline(v.shape, v.scale_um, v.translation_um, axis)
 
 
 def check_count(vol: Volume, params: CountParams) -> None:
@@ -203,18 +204,30 @@ def check_count(vol: Volume, params: CountParams) -> None:
 
 
 def _block_voxels(vol: Volume, block_um: float) -> tuple[int, int, int]:
-    return tuple(max(1, round(block_um / s)) for s in vol.scale)
+    return tuple(max(1, round(block_um / s)) for s in vol.scale_um)
 
 
-def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, record) -> None:
+def _run_ngff_version(run: RunFolder) -> str:
+    """The OME-NGFF version of the run's images: that of its labels."""
+    version = (run.loc.read_json("steps/labels.json") or {}).get("ngff_version")
+    if version is None:  # a run recorded without it: its labels image says
+        version = open_image(run.child("labels.ome.zarr")).ngff_version
+    return version or "0.5"
+
+
+def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, record,
+                ngff_version: str) -> None:  # fmt: skip
     centroids = objects[list(_AXES)].to_numpy(np.float64).reshape(-1, 3)
     counts = count_map(centroids, vol.shape, block)
-    density = density_map(counts, vol.shape, block, vol.scale)
+    density = density_map(counts, vol.shape, block, vol.scale_um)
+    # The maps keep the image's units: their geometry reads like that of the mask and labels.
     scale, trans = level_transform(vol.scale, vol.translation, block, Method.MEAN)
     for name, data in zip(_MAPS, (counts.astype(np.uint32), density.astype(np.float32)),
                           strict=True):  # fmt: skip
+        run.loc.delete(name)  # a map of another NGFF version would leave its metadata behind
         write_image(run.child(name), data, _AXES, scale, translation=trans, units=vol.units,
-                    name=name.split(".")[0], provenance=record)  # fmt: skip
+                    name=name.split(".")[0], provenance=record,
+                    ngff_version=ngff_version)  # fmt: skip
 
 
 def _atlas_regions(atlas: _Atlas, objects: pd.DataFrame, params: CountParams):
@@ -223,22 +236,25 @@ def _atlas_regions(atlas: _Atlas, objects: pd.DataFrame, params: CountParams):
     axis = None if params.split_axis is None else _AXES.index(params.split_axis)
     midline = None if axis is None else atlas.midline(axis, params)
     with on_cluster():
-        ids = assign_regions(points, v.read(), scale=v.scale, translation=v.translation)
-        volumes = atlas_volumes(v.read(), scale=v.scale, translation=v.translation,
+        ids = assign_regions(points, v.read(), scale=v.scale_um, translation=v.translation_um)
+        volumes = atlas_volumes(v.read(), scale=v.scale_um, translation=v.translation_um,
                                 split_axis=axis, midline_um=midline)  # fmt: skip
     sides = None if axis is None else side_of(points, axis, midline)
     return quantify_regions(ids, volumes, atlas.table, sides=sides)
 
 
 def _qc_image(vol: Volume) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
-    """A small copy of the volume for the QC picture: a pyramid level, else a reduction."""
+    """A small copy of the volume for the QC picture: a pyramid level, else a reduction.
+
+    Its scale and translation are in micrometres, as the objects' ``*_um`` columns are.
+    """
     for level in range(len(vol.ref.levels)):
         if max(vol.level_shape(level)) <= 512:
-            scale, trans = vol.level_geometry(level)
+            scale, trans = vol.level_geometry_um(level)
             return compute_array(vol.read(level)), scale, trans
     factors = tuple(max(1, math.ceil(n / 512)) for n in vol.shape)
     small = downsample(vol.read().astype(np.float32), factors, Method.MEAN)
-    scale, trans = level_transform(vol.scale, vol.translation, factors, Method.MEAN)
+    scale, trans = level_transform(vol.scale_um, vol.translation_um, factors, Method.MEAN)
     return compute_array(small), scale, trans
 
 
@@ -313,10 +329,12 @@ def _count(run: str, params: CountParams) -> CountResult:
     upstream = record_objects["key"]
     computed = []
     block = _block_voxels(vol, params.block_um)
-    key = folder.key("counts", upstream, {"block": block})
+    version = _run_ngff_version(folder)
+    key = folder.key("counts", upstream, {"block": block, "ngff": version})
     record = provenance("count", "blocks", {"block_voxels": list(block)}, vol.ref)
-    _, now = _run_step(folder, "counts", key,
-                       lambda: _write_maps(vol, folder, objects, block, record))  # fmt: skip
+    _, now = _run_step(
+        folder, "counts", key, lambda: _write_maps(vol, folder, objects, block, record, version)
+    )
     computed += ["counts"] if now else []
     rows, unlisted, regions_url, qc_upstream, notes = None, [], None, upstream, ()
     if atlas is None:

@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from voxflow.core.axes import spatial_mask
+from voxflow.core.axes import micrometres_per_unit, spatial_mask
 from voxflow.core.label import label
 from voxflow.core.objects import object_table
 from voxflow.core.predict import load_model, predict
@@ -174,9 +174,55 @@ class SegmentResult(BaseModel):
     step_keys: dict[str, str] = Field(description="Content key of every step.")
 
 
+def _micrometres_per_unit(unit: str | None, *, axis: str = "", where: str = "") -> float:
+    """Length of one `unit` of a spatial axis in micrometres.
+
+    Parameters
+    ----------
+    unit : str or None
+        The axis unit as OME-NGFF writes it (``"nanometer"``, ``"micrometer"``,
+        ``"millimeter"``, ...; case ignored). None or an empty string: no unit, taken as
+        micrometres.
+    axis, where : str, optional
+        The axis name and the image, for the error message.
+
+    Returns
+    -------
+    float
+        Micrometres per unit: 1e-3 for ``"nanometer"``, 1e3 for ``"millimeter"``.
+
+    Raises
+    ------
+    ValueError
+        When `unit` is not a length that voxflow converts (a time unit, say).
+    """
+    factor = micrometres_per_unit(unit)
+    if factor is None:
+        raise ValueError(
+            f"axis {axis} of {where} has the unit {unit!r}, which is not a length voxflow can "
+            "convert to micrometres (an OME-NGFF space unit such as nanometer, micrometer or "
+            "millimeter); fix the axis unit in the image's metadata"
+        )
+    return factor
+
+
+def _validate_units(ref: ImageRef) -> tuple[float, ...]:
+    """Micrometres per unit of each spatial axis of `ref`; ValueError for a non-length unit."""
+    return tuple(
+        _micrometres_per_unit(unit, axis=name, where=ref.url)
+        for name, unit, spatial in zip(ref.dims, ref.units, spatial_mask(ref.dims), strict=True)
+        if spatial
+    )
+
+
 @dataclass(frozen=True)
 class Volume:
-    """The channel of an image being segmented, as a (z, y, x) volume with its geometry."""
+    """The channel of an image being segmented, as a (z, y, x) volume with its geometry.
+
+    `scale`, `translation` and `units` are those of the image's metadata; the ``*_um``
+    properties convert them to micrometres (an axis without a unit is taken as micrometres),
+    the unit of every physical quantity of segmentation and counting.
+    """
 
     ref: ImageRef
     channel: int | None
@@ -191,28 +237,56 @@ class Volume:
 
     @property
     def scale(self) -> tuple[float, float, float]:
-        """Level-0 voxel size (z, y, x)."""
+        """Level-0 voxel size (z, y, x), in the axis units."""
         return self.level_geometry(0)[0]
 
     @property
     def translation(self) -> tuple[float, float, float]:
-        """Level-0 position of the first voxel's centre (z, y, x)."""
+        """Level-0 position of the first voxel's centre (z, y, x), in the axis units."""
         return self.level_geometry(0)[1]
 
     @property
-    def units(self) -> tuple[str | None, ...]:
-        """Units of the spatial axes."""
-        return self._spatial(self.ref.units)
+    def units(self) -> tuple[str, ...]:
+        """Units of the spatial axes; ``"micrometer"`` for an axis without one."""
+        return tuple(u or "micrometer" for u in self._spatial(self.ref.units))
+
+    @property
+    def um_per_unit(self) -> tuple[float, float, float]:
+        """Micrometres per unit of each spatial axis (z, y, x), see `_micrometres_per_unit`.
+
+        Raises
+        ------
+        ValueError
+            When an axis unit is not a length voxflow converts.
+        """
+        return _validate_units(self.ref)
+
+    @property
+    def scale_um(self) -> tuple[float, float, float]:
+        """Level-0 voxel size (z, y, x) in micrometres."""
+        return self.level_geometry_um(0)[0]
+
+    @property
+    def translation_um(self) -> tuple[float, float, float]:
+        """Level-0 position of the first voxel's centre (z, y, x) in micrometres."""
+        return self.level_geometry_um(0)[1]
 
     def level_shape(self, level: int) -> tuple[int, int, int]:
         """Shape (z, y, x) of a level."""
         return self._spatial(self.ref.levels[level].shape)
 
     def level_geometry(self, level: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Scale and translation (z, y, x) of a level."""
+        """Scale and translation (z, y, x) of a level, in the axis units."""
         lv = self.ref.levels[level]
         return (tuple(map(float, self._spatial(lv.scale))),
                 tuple(map(float, self._spatial(lv.translation))))  # fmt: skip
+
+    def level_geometry_um(self, level: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Scale and translation (z, y, x) of a level in micrometres."""
+        scale, translation = self.level_geometry(level)
+        factor = self.um_per_unit
+        return (tuple(s * f for s, f in zip(scale, factor, strict=True)),
+                tuple(t * f for t, f in zip(translation, factor, strict=True)))  # fmt: skip
 
     def read(self, level: int = 0, chunks: Sequence[int] | None = None) -> da.Array:
         """The channel at `level` as a lazy (z, y, x) array, in `chunks` when given."""
@@ -225,18 +299,32 @@ class Volume:
 
     @property
     def voxel_um3(self) -> float:
-        """Volume of a level-0 voxel."""
-        return float(np.prod(self.scale))
+        """Volume of a level-0 voxel in cubic micrometres."""
+        return float(np.prod(self.scale_um))
 
 
 def open_volume(url: str, channel: int | None = None) -> Volume:
     """Open the image at `url` and select the channel to segment.
 
+    Parameters
+    ----------
+    url : str
+        OME-Zarr image or plain zarr array with three spatial axes.
+    channel : int or None, optional
+        Channel to segment; None: the first (an image without a channel axis needs None or 0).
+
+    Returns
+    -------
+    Volume
+        The image and the channel.
+
     Raises
     ------
     ValueError
-        When the image does not have three spatial axes, has a time axis longer than one, or
-        `channel` is out of range.
+        When the image does not have three spatial axes, has a time axis longer than one,
+        `channel` is out of range, or a spatial axis has a unit that is not a length voxflow
+        converts to micrometres (a time unit, say; see :attr:`Volume.um_per_unit`). An axis
+        without a unit is taken as micrometres.
     """
     ref = open_image(url)
     if sum(spatial_mask(ref.dims)) != 3:
@@ -253,6 +341,7 @@ def open_volume(url: str, channel: int | None = None) -> Volume:
         raise ValueError(f"{ref.url} has no channel axis; `channel` must be omitted, got {channel}")
     else:
         channel = None
+    _validate_units(ref)
     return Volume(ref, channel)
 
 
@@ -405,7 +494,7 @@ def _labels_array(vol: Volume, run: RunFolder, params: SegmentParams) -> tuple[d
         image = vol.read(chunks=mask.chunksize) if inst.markers == "intensity" else None
         sigma = inst.sigma_um
         return watershed_split(
-            mask, spacing=vol.scale, min_distance=inst.min_distance_um, halo=inst.halo,
+            mask, spacing=vol.scale_um, min_distance=inst.min_distance_um, halo=inst.halo,
             image=image, sigma=sigma, connectivity=inst.connectivity, min_size=lo, max_size=hi,
         )  # fmt: skip
 
@@ -510,14 +599,15 @@ def _make_labels(vol: Volume, folder: RunFolder, params: SegmentParams,
     )
     write_volume(vol, folder.child("labels.ome.zarr"), labels, record=record,
                  ngff_version=params.ngff_version, progress=progress)  # fmt: skip
-    return {"objects": int(n)}
+    return {"objects": int(n), "ngff_version": params.ngff_version}
 
 
 def _make_objects(vol: Volume, folder: RunFolder, params: SegmentParams) -> dict:
     labels = read_level(open_image(folder.child("labels.ome.zarr")), 0)
     image = vol.read(chunks=labels.chunksize)
     with on_cluster():
-        table = object_table(labels, image=image, scale=vol.scale, translation=vol.translation)
+        table = object_table(labels, image=image, scale=vol.scale_um,
+                             translation=vol.translation_um)  # fmt: skip
     for key in ("objects.parquet", "objects.csv"):
         folder.loc.delete(key)
     for key in _object_outputs(params):

@@ -33,8 +33,9 @@ def _image_layer(name: str, url: str, kind: str, channel: int | None = None) -> 
     options = {"multiscale": len(data) > 1}
     if kind == "image":
         options["blending"] = "additive"
-    return Layer(name, kind, data if len(data) > 1 else data[0], vol.scale, vol.translation,
-                 options)  # fmt: skip
+    # In micrometres, as the centroids are, whatever unit the image's axes use.
+    return Layer(name, kind, data if len(data) > 1 else data[0], vol.scale_um,
+                 vol.translation_um, options)  # fmt: skip
 
 
 def run_layers(run: str) -> list[Layer]:
