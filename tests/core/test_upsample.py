@@ -260,6 +260,165 @@ def test_weights_with_start_are_a_slice_of_the_whole_axis():
         np.testing.assert_array_equal(a[31:38], b)
 
 
+# --------------------------------------------------------------------------- last voxel off grid
+
+
+def _true_centres(n, f, scale, translation):
+    """Centre of the voxels each block of `f` holds along an axis of `n` (the last partial)."""
+    starts = np.arange(0, n, f)
+    stops = np.minimum(starts + f, n)
+    return translation + (starts + stops - 1) / 2 * scale
+
+
+def _interp(field, shape, g, centres):
+    """NumPy reference: linear interpolation between `centres` per axis, clamped (np.interp)."""
+    out = field.astype(np.float64)
+    for axis, (n, xp) in enumerate(zip(shape, centres, strict=True)):
+        x = g["translation"][axis] + np.arange(n) * g["scale"][axis]
+        out = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, out)
+    return out
+
+
+def _block_mean(image, factors):
+    """Mean of every (possibly partial) block, from sums and counts (np.add.reduceat)."""
+    sums, counts = image.astype(np.float64), np.ones(image.shape)
+    for axis, f in enumerate(factors):
+        starts = np.arange(0, image.shape[axis], f)
+        sums = np.add.reduceat(sums, starts, axis=axis)
+        counts = np.add.reduceat(counts, starts, axis=axis)
+    return sums / counts
+
+
+def _partial_geometry(shape, factors, scale, translation):
+    g = _geometry(shape, factors, scale, translation)
+    centres = [_true_centres(n, f, s, t)
+               for n, f, s, t in zip(shape, factors, scale, translation, strict=True)]  # fmt: skip
+    return g, centres, tuple(c[-1] for c in centres)
+
+
+PARTIAL = {
+    "1d-33-f4": ((33,), (4,), (1.0,), (0.0,)),
+    "1d-34-f4": ((34,), (4,), (0.5,), (2.0,)),
+    "2d-two-voxel-field": ((7, 5), (4, 3), (1.0, 2.0), (0.0, -1.0)),
+    "3d-3-4-5": (SHAPE, FACTORS, (2.0, 0.3, 0.3), (5.0, -1.0, 0.25)),
+    "3d-37-61-53": ((37, 61, 53), (3, 4, 5), (2.0, 0.5, 0.3), (1.0, -2.0, 0.5)),
+}
+
+
+@pytest.mark.parametrize(("shape", "factors", "scale", "translation"), PARTIAL.values(),
+                         ids=PARTIAL.keys())  # fmt: skip
+def test_last_voxel_at_its_own_centre_matches_numpy_interp(shape, factors, scale, translation):
+    g, centres, last = _partial_geometry(shape, factors, scale, translation)
+    field = _field(shape, factors, np.float64, seed=13)
+    got = upsample_array(field, shape, dtype=np.float64, low_last_centre=last, **g)
+    np.testing.assert_allclose(got, _interp(field, shape, g, centres), rtol=1e-12, atol=0)
+    got32 = upsample_array(field.astype(np.float32), shape, low_last_centre=last, **g)
+    np.testing.assert_allclose(got32, got, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("shape", "factors", "scale", "translation"), PARTIAL.values(),
+                         ids=PARTIAL.keys())  # fmt: skip
+def test_block_means_of_a_ramp_upsample_to_the_ramp_up_to_the_far_edge(
+    shape, factors, scale, translation
+):
+    # The audit's case (33 voxels, f = 4): the last mean, of voxel 32 alone, sits at 32, and
+    # voxels 30 .. 32 come back as 30, 31, 32 (at 33.5 they came back as 29.81, 30.44, 31.06).
+    g, centres, last = _partial_geometry(shape, factors, scale, translation)
+    positions = [t + np.arange(n) * s for n, s, t in zip(shape, scale, translation, strict=True)]
+    slopes = (0.5, -0.3, 0.2)[-len(shape) :]
+    ramp = 100.0 + sum(
+        c * a for c, a in zip(slopes, np.meshgrid(*positions, indexing="ij"), strict=True)
+    )
+    field = _block_mean(ramp, factors)
+    clamped = [np.clip(x, c[0], c[-1]) for x, c in zip(positions, centres, strict=True)]
+    want = 100.0 + sum(
+        c * a for c, a in zip(slopes, np.meshgrid(*clamped, indexing="ij"), strict=True)
+    )
+    got = upsample_array(field, shape, dtype=np.float64, low_last_centre=last, **g)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    for chunks in ((5, 7, 6)[-len(shape) :], (4, 30, 1)[-len(shape) :], shape):
+        lazy = upsample(field, shape, chunks, dtype=np.float64, low_last_centre=last, **g)
+        np.testing.assert_array_equal(lazy.compute(), got)
+    if shape == (33,):
+        np.testing.assert_allclose(got[30:], [30.0 * 0.2 + 100, 31 * 0.2 + 100, 32 * 0.2 + 100])
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS.values(), ids=CHUNKINGS.keys())
+def test_blockwise_equals_whole_array_bitwise_with_the_last_voxel_off_the_grid(chunks):
+    g, _, last = _partial_geometry(SHAPE, FACTORS, (2.0, 0.3, 0.3), (5.0, -1.0, 0.25))
+    field = _field(SHAPE, FACTORS, np.float64, seed=14)
+    whole = upsample_array(field, SHAPE, low_last_centre=last, **g)
+    lazy = upsample(field, SHAPE, chunks, low_last_centre=last, **g)
+    np.testing.assert_array_equal(lazy.compute(scheduler="threads"), whole)
+    region = (slice(20, 23), slice(3, 30), slice(15, 17))
+    np.testing.assert_array_equal(
+        upsample_block(field, region, low_last_centre=last, **g), whole[region]
+    )
+
+
+def test_the_regular_last_centre_given_explicitly_changes_nothing():
+    g = _geometry(SHAPE, FACTORS, scale=(2.0, 0.3, 0.3), translation=(5.0, -1.0, 0.25))
+    field = _field(SHAPE, FACTORS, np.float64, seed=15)
+    low = zip(field.shape, g["low_scale"], g["low_translation"], strict=True)
+    regular = tuple(t + (n - 1) * s for n, s, t in low)
+    np.testing.assert_array_equal(
+        upsample_array(field, SHAPE, low_last_centre=regular, **g),
+        upsample_array(field, SHAPE, **g),
+    )
+
+
+def test_weights_of_a_partial_last_block():
+    # 33 voxels, f = 4: centres 1.5, 5.5, ..., 29.5 and the last at 32 (voxel 32 alone).
+    i0, i1, w = upsample_weights(33, 1.0, 0.0, 9, 4.0, 1.5, low_last_centre=32.0)
+    np.testing.assert_array_equal(i0[30:], [7, 7, 8])
+    np.testing.assert_array_equal(i1[30:], [8, 8, 8])
+    np.testing.assert_allclose(w[30:], [0.5 / 2.5, 1.5 / 2.5, 0.0], rtol=1e-15)
+    regular = upsample_weights(33, 1.0, 0.0, 9, 4.0, 1.5)
+    for a, b in zip(regular, (i0, i1, w), strict=True):
+        np.testing.assert_array_equal(a[:30], b[:30])  # up to the last but one centre
+    part = upsample_weights(4, 1.0, 0.0, 9, 4.0, 1.5, start=29, low_last_centre=32.0)
+    for a, b in zip((i0, i1, w), part, strict=True):
+        np.testing.assert_array_equal(a[29:], b)
+    # With one field voxel there is nothing to interpolate, wherever it sits.
+    one = upsample_weights(5, 1.0, 0.0, 1, 8.0, 3.5, low_last_centre=1.0)
+    np.testing.assert_array_equal(one[2], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("last", "error", "match"),
+    [
+        (5.5, ValueError, r"beyond the centre of the last but one field voxel \(5\.5\)"),
+        (1.0, ValueError, "beyond the centre of the last but one field voxel"),
+        (np.nan, ValueError, "`low_last_centre` must be a finite number"),
+        ("9", TypeError, "`low_last_centre` must be a real number"),
+    ],
+)
+def test_bad_last_centre(last, error, match):
+    with pytest.raises(error, match=match):
+        upsample_weights(10, 1.0, 0.0, 3, 4.0, 1.5, low_last_centre=last)
+    with pytest.raises(error, match=match):
+        upsample_array(FIELD, (12, 12), low_last_centre=(9.5, last), **GEOMETRY)
+    with pytest.raises(error, match=match):
+        upsample(FIELD, (12, 12), 4, low_last_centre=(last, 9.5), **GEOMETRY)
+
+
+def test_bad_last_centre_length():
+    with pytest.raises(ValueError, match=r"`low_last_centre` needs one number per spatial axis"):
+        upsample_array(FIELD, (12, 12), low_last_centre=(9.5,), **GEOMETRY)
+
+
+def test_divide_upsampled_follows_the_last_centre_of_the_recipe():
+    g, _, last = _partial_geometry(SHAPE, FACTORS, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    field = _field(SHAPE, FACTORS, np.float32, seed=16)
+    full = np.random.default_rng(17).integers(0, 2**16, SHAPE).astype(np.uint16)
+    up = upsample_array(field, SHAPE, low_last_centre=last, **g)
+    recipe = upsample_recipe(upsample(field, SHAPE, (5, 7, 6), low_last_centre=last, **g))
+    got = divide_upsampled(da.from_array(full, (5, 7, 6)), recipe, 12.5, dtype=np.uint16)
+    np.testing.assert_array_equal(got.compute(), _divide_reference(full, up, 12.5, np.uint16))
+    regular = upsample_array(field, SHAPE, **g)
+    assert not np.array_equal(up, regular)
+
+
 # --------------------------------------------------------------------------- casting
 
 
@@ -339,9 +498,15 @@ def test_upsample_marks_its_result_with_its_recipe():
     assert recipe.name == lazy.name
     assert recipe.shape == SHAPE and recipe.chunks == lazy.chunks
     assert recipe.dtype == np.float32
-    assert recipe.geometry == tuple(
-        tuple(g[k]) for k in ("scale", "translation", "low_scale", "low_translation")
+    low = zip(field.shape, g["low_scale"], g["low_translation"], strict=True)
+    regular = tuple(t + (n - 1) * s for n, s, t in low)
+    assert recipe.geometry == (
+        *(tuple(g[k]) for k in ("scale", "translation", "low_scale", "low_translation")),
+        regular,
     )
+    last = tuple(c - 0.5 for c in regular)
+    recipe = upsample_recipe(upsample(field, SHAPE, 8, low_last_centre=last, **g))
+    assert recipe.geometry[4] == last
     np.testing.assert_array_equal(recipe.field, field)
     assert recipe.shared.key in dict(lazy.__dask_graph__())
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import mean_reference, snapshot
+from tests.conftest import snapshot
 from voxflow.core.scaled import PluginHookError, lowres_geometry
 from voxflow.core.upsample import upsample_array
 from voxflow.io import NotAnImageError, open_image, read_level, write_image
@@ -75,13 +75,30 @@ def _input(path, shape=(2, 20, 45, 38), scale=(1.0, 3.0, 1.5, 1.5), seed=0, dtyp
     return str(path), data
 
 
+def _block_mean(image, factors):
+    """Exact mean of every (possibly partial) block, in float64, from sums and counts."""
+    sums, counts = image.astype(np.float64), np.ones(image.shape)
+    for axis, f in enumerate(factors):
+        starts = np.arange(0, image.shape[axis], f)
+        sums = np.add.reduceat(sums, starts, axis=axis)
+        counts = np.add.reduceat(counts, starts, axis=axis)
+    return sums / counts
+
+
+def _last_centres(shape, factors, scale, translation):
+    """Centre of the voxels the last (maybe partial) block holds, per axis."""
+    return [t + ((-(-n // f) - 1) * f + n - 1) / 2 * s
+            for n, f, s, t in zip(shape, factors, scale, translation, strict=True)]  # fmt: skip
+
+
 def _expected(data, factors, scale, translation, gain=1.0, dtype=np.uint16):
     """The contract, on whole NumPy arrays: block mean, field, upsample, divide, round, clip."""
-    low = mean_reference(data, factors).astype(np.float32)
+    low = _block_mean(data, factors).astype(np.float32)
     field = (low / low.mean()).astype(np.float32)
     lscale, ltrans = lowres_geometry(scale, translation, factors)
+    last = _last_centres(data.shape, factors, scale, translation)
     up = upsample_array(field, data.shape, scale=scale, translation=translation,
-                        low_scale=lscale, low_translation=ltrans)  # fmt: skip
+                        low_scale=lscale, low_translation=ltrans, low_last_centre=last)  # fmt: skip
     values = gain * data / up
     if np.dtype(dtype).kind == "f":
         return values.astype(dtype), field
@@ -153,6 +170,55 @@ def test_an_existing_mean_level_is_reused_as_the_low_resolution_image(tmp_path):
     low = read_level(ref_in, 2).compute()[0].astype(np.float32)
     field = np.asarray(zarr.open_group(ref.url, mode="r")["fields/relative/0"])[0]
     np.testing.assert_allclose(field, low / low.mean(), rtol=1e-6)
+
+
+@pytest.mark.usefixtures("relative_plugin")
+def test_a_reused_level_has_its_last_voxels_where_the_pyramid_put_them(tmp_path):
+    # 35 voxels along z, halved twice: level 1 ends with voxel 34 alone, level 2 with the mean
+    # of level-1 voxels 16 (32, 33) and 17 (34), which sits at 33.25 (a block of 4 would sit
+    # at 33, a whole one at 33.5). A ramp in z divided by its upsampled field is then flat.
+    shape, scale = (1, 35, 34, 33), (1.0, 2.0, 1.0, 1.0)
+    z = np.arange(shape[1], dtype=np.float32)[None, :, None, None]
+    data = np.broadcast_to(100 + 10 * z, shape).astype(np.float32)
+    src = str(tmp_path / "in.ome.zarr")
+    write_image(src, data, "czyx", scale, chunks=8, shards=16)
+    pyr = str(tmp_path / "pyr.ome.zarr")
+    ref_in = make_pyramid(open_image(src), pyr, PyramidParams(factors=(2, 2, 2), levels=3))
+    assert find_lowres_level(ref_in, (1, 4, 4, 4)) == 2
+    params = ScaledParams(plugin="relative", factor=4, dtype="float32")
+    ref = scaled_processing(ref_in, str(tmp_path / "out.ome.zarr"), params)
+    assert ref.provenance["parameters"]["lowres"] == "2"
+    low = read_level(ref_in, 2).compute()[0, :, 0, 0].astype(np.float64)
+    centres = 2.0 * np.array([1.5 + 4 * k for k in range(8)] + [33.25])  # physical z
+    assert low == pytest.approx(100 + 10 * centres / 2.0, rel=1e-6)
+    up = np.interp(2.0 * np.arange(shape[1]), centres, low / low.mean())
+    got = read_level(ref, 0).compute()[0]
+    want = data[0, :, 0, 0] / up
+    np.testing.assert_allclose(got, np.broadcast_to(want[:, None, None], got.shape), rtol=1e-5)
+    # Flat between the outermost centres, the far edge included.
+    np.testing.assert_allclose(got[2:34], low.mean(), rtol=1e-5)
+
+
+@pytest.mark.usefixtures("relative_plugin")
+@pytest.mark.parametrize("factor", [4, (3, 4, 5)])
+def test_integer_and_float_inputs_of_the_same_data_give_the_same_output(tmp_path, factor):
+    data = np.random.default_rng(3).integers(10, 13, (2, 20, 45, 38))
+    outputs = []
+    for dtype in (np.uint8, np.uint16, np.float32):
+        src = str(tmp_path / f"in-{np.dtype(dtype).name}.ome.zarr")
+        write_image(src, data.astype(dtype), "czyx", (1.0, 3.0, 1.5, 1.5), chunks=8, shards=16)
+        out = str(tmp_path / f"out-{np.dtype(dtype).name}.ome.zarr")
+        params = ScaledParams(plugin="relative", factor=factor, dtype="float32")
+        ref = scaled_processing(open_image(src), out, params)
+        assert ref.provenance["parameters"]["lowres"] == "block mean of level 0"
+        field = np.asarray(zarr.open_group(out, mode="r")["fields/relative/0"])
+        outputs.append((field, read_level(ref, 0).compute()))
+    for field, image in outputs[1:]:
+        np.testing.assert_array_equal(field, outputs[0][0])
+        np.testing.assert_array_equal(image, outputs[0][1])
+    f = (factor,) * 3 if isinstance(factor, int) else factor
+    low = _block_mean(data[0], f).astype(np.float32)
+    np.testing.assert_allclose(outputs[0][0][0], low / low.mean(), rtol=1e-6)
 
 
 def _bad(tmp_path, params, exc, match, output=None, data_dtype=np.uint16, nan=False):

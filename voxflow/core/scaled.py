@@ -1,10 +1,12 @@
 """Multi-resolution processing: estimate a smooth field at low resolution, apply it blockwise.
 
-A plugin's ``lowres_func`` sees a small, low-resolution copy of each channel and returns a
+A plugin's ``lowres_func`` sees a small, low-resolution copy of each channel (its block means,
+computed in floating point whatever the image's dtype: :func:`lowres_block_mean`) and returns a
 smooth field of the same shape (a bias field, a background, ...). The field is upsampled to full
 resolution one output block at a time (:func:`voxflow.core.upsample.upsample`), so no
-full-resolution temporary exists, and the plugin's ``highres_func`` combines it with the
-full-resolution voxels, lazily and blockwise.
+full-resolution temporary exists, each field voxel at the centre of the full-resolution voxels
+it summarises (:func:`lowres_geometry`, :func:`last_block_centre`); the plugin's
+``highres_func`` combines it with the full-resolution voxels, lazily and blockwise.
 
 The plugin is any object with the four hooks of the ``voxflow.plugins`` specification; this
 module calls ``lowres_func`` and ``highres_func`` on a per-channel copy of it that carries a
@@ -19,11 +21,13 @@ import itertools
 import math
 import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
 
+from voxflow.core._validate import validate_int
 from voxflow.core.axes import spatial_mask, validate_dims
 from voxflow.core.pyramid import Method, downsample, level_transform
 from voxflow.core.upsample import cast_to_dtype, upsample
@@ -36,6 +40,8 @@ __all__ = [
     "apply_scaled_processing",
     "check_lowres_budget",
     "estimate_field",
+    "last_block_centre",
+    "lowres_block_mean",
     "lowres_geometry",
     "validate_channels",
     "validate_downsample_factor",
@@ -95,7 +101,12 @@ class ScaledResult:
         The low-resolution fields, one per selected channel, stacked like the image's
         non-spatial axes (shape: non-spatial shape + low-resolution spatial shape).
     field_scale, field_translation : tuple of float
-        Physical geometry of `field` per axis of the image (non-spatial axes: 1 and 0).
+        Physical geometry of `field` per axis of the image (non-spatial axes: 1 and 0), on
+        the regular grid of a pyramid level.
+    field_last_centre : tuple of float
+        Physical centre of the last voxel of `field` per axis of the image: where the
+        upsampling puts it, before the regular grid where the last block is partial (see
+        :func:`last_block_centre`).
     plugins : list
         The per-channel plugin copies that made the fields (their state and context).
     """
@@ -104,6 +115,7 @@ class ScaledResult:
     field: np.ndarray
     field_scale: tuple[float, ...]
     field_translation: tuple[float, ...]
+    field_last_centre: tuple[float, ...]
     plugins: list[Any]
 
 
@@ -235,6 +247,10 @@ def lowres_geometry(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Scale and translation of a block-mean reduction by `factors` (block centres).
 
+    This is the regular grid of OME-NGFF's pyramid levels; the last voxel along an axis whose
+    length `factors` does not divide summarises a partial block and sits before it, at
+    :func:`last_block_centre`.
+
     Parameters
     ----------
     scale, translation : sequence of float
@@ -248,6 +264,148 @@ def lowres_geometry(
         As :func:`voxflow.core.level_transform` with the mean method.
     """
     return level_transform(scale, translation, factors, Method.MEAN)
+
+
+def _validate_shape(shape: Sequence[int]) -> list[int]:
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence | np.ndarray):
+        raise TypeError(f"`shape` must be a sequence of integers, got {type(shape).__name__}")
+    for n in shape:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"`shape` must hold integers, got {tuple(shape)}")
+        if n < 1:
+            raise ValueError(f"`shape` must hold integers >= 1, got {tuple(shape)}")
+    return [int(n) for n in shape]
+
+
+def _validate_steps(factors: Sequence[int] | Sequence[Sequence[int]]) -> list[Sequence[int]]:
+    """`factors` as a list of steps: one sequence of integers per block mean."""
+    if isinstance(factors, str | bytes) or not isinstance(factors, Sequence | np.ndarray):
+        raise TypeError(f"`factors` must be a sequence, got {type(factors).__name__}")
+    steps = list(factors)
+    if not steps:
+        raise ValueError("`factors` must hold one integer per axis or at least one step")
+    if all(isinstance(f, numbers.Integral) for f in steps):
+        return [steps]
+    return steps
+
+
+def last_block_centre(
+    shape: Sequence[int],
+    scale: Sequence[float],
+    translation: Sequence[float],
+    factors: Sequence[int] | Sequence[Sequence[int]],
+) -> tuple[float, ...]:
+    """Physical centre of the last voxel per axis of a block-mean reduction of a grid.
+
+    A block mean sits at the centre of the voxels it summarises. Along an axis of ``n`` voxels
+    and factor ``f``, every block is whole but the last when ``f`` does not divide ``n``: it
+    holds ``m = n - (n_low - 1) * f`` voxels (``n_low = ceil(n / f)``), and its mean sits at
+    ``translation + ((n_low - 1) * f + (m - 1) / 2) * scale``, ``(f - m) / 2`` voxels before
+    the regular grid of :func:`lowres_geometry` places it. For a cascade of block means (a
+    pyramid made level by level), the last voxel of a level is the plain mean of the voxels
+    of the previous level it covers, so it sits at the mean of their centres.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the full-resolution grid.
+    scale, translation : sequence of float
+        Its voxel size and the centre of its first voxel per axis.
+    factors : sequence of int, or sequence of sequence of int
+        Block size per axis; or one such sequence per step of a cascade, the first applied to
+        the full-resolution grid.
+
+    Returns
+    -------
+    tuple of float
+        Centre of the last low-resolution voxel per axis. Where every block is whole (at every
+        step), exactly ``t_low + (n_low - 1) * s_low`` of the regular grid.
+
+    Raises
+    ------
+    TypeError
+        When a value has the wrong type.
+    ValueError
+        When the lengths differ, a factor or a shape value is below 1, a scale is not positive,
+        or a value is not finite.
+    """
+    sizes = _validate_shape(shape)
+    if isinstance(scale, Sequence | np.ndarray) and len(sizes) != len(scale):
+        raise ValueError(
+            f"`shape` needs one integer per axis of `scale` ({len(scale)}), got {tuple(shape)}"
+        )
+    scale, translation = level_transform(scale, translation, (1,) * len(sizes), Method.MEAN)
+    s_low, t_low = scale, translation
+    # Per axis, in full-resolution voxels: the centre of the level's first voxel, its voxel
+    # size, and the centre of its last voxel (exact fractions).
+    first = [Fraction(0)] * len(sizes)
+    size = [1] * len(sizes)
+    last = [Fraction(n - 1) for n in sizes]
+    whole = [True] * len(sizes)
+    for step in _validate_steps(factors):
+        s_low, t_low = level_transform(s_low, t_low, step, Method.MEAN)
+        for axis, f in enumerate(step):
+            n, sizes[axis] = sizes[axis], -(-sizes[axis] // f)
+            start = (sizes[axis] - 1) * f  # the last block holds voxels start .. n - 1
+            m = n - start
+            whole[axis] = whole[axis] and m == f
+            # Its voxels but the last are whole blocks of the level before: on its grid.
+            before = first[axis] + Fraction(start + n - 2, 2) * size[axis]
+            last[axis] = ((m - 1) * before + last[axis]) / m
+            first[axis] += Fraction(f - 1, 2) * size[axis]
+            size[axis] *= f
+    axes = zip(sizes, s_low, t_low, whole, last, scale, translation, strict=True)
+    return tuple(tl + (n - 1) * sl if w else t + float(c) * s for n, sl, tl, w, c, s, t in axes)
+
+
+# --------------------------------------------------------------------------- the low resolution
+
+
+def lowres_block_mean(image: da.Array, factors: Sequence[int]) -> da.Array:
+    """Lazy block mean of `image` by `factors`, in floating point: the plugin's input.
+
+    Unlike a pyramid level of an integer image (:func:`voxflow.core.downsample` keeps the
+    dtype, rounding each mean), the means are not rounded: each block is converted to
+    ``np.result_type(image.dtype, np.float32)`` (float32 for integers of up to 16 bits, which
+    it holds exactly; float64 for wider integers and float64), summed in float64 and divided
+    by the number of voxels it holds (a partial block at the far edge: those it has). So
+    integer and float copies of the same data give the same low-resolution image.
+
+    Parameters
+    ----------
+    image : dask.array.Array, shape (..., [Z,] Y, X)
+        Image of integers or floats, 2 to 5 axes.
+    factors : sequence of int
+        Block size per axis; only the last three axes may be reduced.
+
+    Returns
+    -------
+    dask.array.Array, shape ``ceil(image.shape / factors)``
+        Float32 or float64 (see above), computed block by block: the conversion happens inside
+        each task, on one block of `image` at a time.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`voxflow.core.downsample`.
+    """
+    if not isinstance(image, da.Array):
+        raise TypeError(f"`image` must be a dask.array.Array, got {type(image).__name__}")
+    if image.dtype.kind not in "iuf":
+        raise TypeError(f"`image` must hold integers or floats, got {image.dtype}")
+    work = np.result_type(image.dtype, np.float32)
+    if image.dtype == work:
+        return downsample(image, factors, Method.MEAN)
+    if isinstance(factors, str | bytes) or not isinstance(factors, Sequence | np.ndarray):
+        raise TypeError(f"`factors` must be a sequence of integers, got {type(factors).__name__}")
+    if len(factors) != image.ndim:
+        raise ValueError(f"`factors` needs one integer per axis ({image.ndim}), got {factors}")
+    factors = tuple(validate_int(f, "factors", 1) for f in factors)
+    # Blocks aligned with the factors before the conversion, so that no converted (wider)
+    # voxels move between blocks: each output block comes from one converted input block.
+    out = tuple(max(max(c) // f, 1) for c, f in zip(image.chunks, factors, strict=True))
+    aligned = image.rechunk(tuple(c * f for c, f in zip(out, factors, strict=True)))
+    return downsample(aligned.astype(work), factors, Method.MEAN, chunks=out)
 
 
 # --------------------------------------------------------------------------- the two steps
@@ -332,6 +490,7 @@ def apply_field(
     translation: Sequence[float],
     field_scale: Sequence[float],
     field_translation: Sequence[float],
+    field_last_centre: Sequence[float] | None = None,
     dtype: np.dtype | str | None = None,
 ) -> da.Array:
     """Upsample `field` blockwise to `image`'s grid and apply the plugin's ``highres_func``.
@@ -348,6 +507,9 @@ def apply_field(
         Physical geometry of `image` per axis.
     field_scale, field_translation : sequence of float
         Physical geometry of `field` per axis (voxel centres).
+    field_last_centre : sequence of float, optional
+        Physical centre of the last voxel of `field` per axis (:func:`last_block_centre` for
+        a block mean); None: on the regular grid of `field_scale` and `field_translation`.
     dtype : numpy.dtype or str, optional
         Output dtype; integers are rounded to nearest and clipped to the dtype's range.
         None keeps the dtype ``highres_func`` returns. ``highres_func`` runs on a copy of
@@ -367,6 +529,7 @@ def apply_field(
     up = upsample(
         field, image.shape, image.chunks, scale=scale, translation=translation,
         low_scale=field_scale, low_translation=field_translation,
+        low_last_centre=field_last_centre,
     )  # fmt: skip
     name = _plugin_name(run)
     run = _with_dtype(run, dtype)
@@ -460,6 +623,7 @@ def apply_scaled_processing(
     lowres: np.ndarray | None = None,
     lowres_scale: Sequence[float] | None = None,
     lowres_translation: Sequence[float] | None = None,
+    lowres_last_centre: Sequence[float] | None = None,
     max_lowres_bytes: int | None = None,
 ) -> ScaledResult:
     """Estimate a smooth field at low resolution and apply it to every full-resolution block.
@@ -491,9 +655,16 @@ def apply_scaled_processing(
         An existing low-resolution copy of the image's selected channels (`channels`, all
         by default; e.g. from a pyramid level), used instead of reducing `image`; needs
         `lowres_scale` and `lowres_translation`. None: block mean of `image` by
-        `downsample_factor`.
+        `downsample_factor`, in floating point (:func:`lowres_block_mean`), its last voxel
+        along each axis at the centre of the voxels it summarises
+        (:func:`last_block_centre`). A pyramid level of an integer image holds rounded
+        means (by less than half a grey level per pyramid step).
     lowres_scale, lowres_translation : sequence of float, optional
         Geometry of `lowres` per axis.
+    lowres_last_centre : sequence of float, optional
+        Physical centre of the last voxel of `lowres` per axis; None: on the regular grid of
+        `lowres_scale` and `lowres_translation`. For a pyramid level whose last blocks are
+        partial, :func:`last_block_centre` of its factors.
     max_lowres_bytes : int, optional
         Refuse when the low-resolution image (float32, selected channels) would be larger.
 
@@ -522,8 +693,9 @@ def apply_scaled_processing(
     selected = _select(arr, dims, chans)
     if lowres is None:
         check_lowres_budget(selected.shape, factors, dims, max_lowres_bytes)
-        low = downsample(selected, factors, Method.MEAN).compute()
+        low = lowres_block_mean(selected, factors).compute()
         low_scale, low_trans = lowres_geometry(scale, translation, factors)
+        low_last = last_block_centre(selected.shape, scale, translation, factors)
     else:
         if lowres_scale is None or lowres_translation is None:
             raise ValueError("`lowres` needs `lowres_scale` and `lowres_translation`")
@@ -539,9 +711,24 @@ def apply_scaled_processing(
                 f"non-spatial shape {tuple(lead)}), got shape {low.shape}"
             )
         low_scale, low_trans = tuple(lowres_scale), tuple(lowres_translation)
+        low_last = _given_last_centre(lowres_last_centre, low.shape, low_scale, low_trans)
     _check_finite_input(arr, low)
     return _process(selected, low, plugin, dims, chans, factors, scale, translation,
-                    low_scale, low_trans, units, out_dtype)  # fmt: skip
+                    (low_scale, low_trans, low_last), units, out_dtype)  # fmt: skip
+
+
+def _given_last_centre(
+    last: Sequence[float] | None, shape: tuple[int, ...], scale: tuple, translation: tuple
+) -> tuple[float, ...]:
+    if last is None:
+        return tuple(
+            float(t) + (n - 1) * float(s) for n, s, t in zip(shape, scale, translation, strict=True)
+        )
+    if len(tuple(last)) != len(shape):
+        raise ValueError(
+            f"`lowres_last_centre` needs one number per axis ({len(shape)}), got {tuple(last)}"
+        )
+    return tuple(last)
 
 
 def _default_dims(ndim: int) -> tuple[str, ...]:
@@ -552,9 +739,10 @@ def _default_dims(ndim: int) -> tuple[str, ...]:
 
 
 def _process(
-    selected, low, plugin, dims, chans, factors, scale, translation, low_scale, low_trans,
-    units, out_dtype,
+    selected, low, plugin, dims, chans, factors, scale, translation, low_geometry, units,
+    out_dtype,
 ) -> ScaledResult:  # fmt: skip
+    low_scale, low_trans, low_last = low_geometry
     space = spatial_mask(dims)
     lead = tuple(n for n, s in zip(selected.shape, space, strict=True) if not s)
     lead_dims = [d for d, s in zip(dims, space, strict=True) if not s]
@@ -573,10 +761,11 @@ def _process(
         field, run = estimate_field(low[index], plugin, context)
         outs.append(apply_field(
             selected[index], field, run, scale=spatial(scale), translation=spatial(translation),
-            field_scale=spatial(low_scale), field_translation=spatial(low_trans), dtype=out_dtype,
+            field_scale=spatial(low_scale), field_translation=spatial(low_trans),
+            field_last_centre=spatial(low_last), dtype=out_dtype,
         ))  # fmt: skip
         fields.append(field)
         runs.append(run)
     image = _stack(outs, lead, da.stack)
     field = _stack(fields, lead, np.stack)
-    return ScaledResult(image, field, tuple(low_scale), tuple(low_trans), runs)
+    return ScaledResult(image, field, tuple(low_scale), tuple(low_trans), tuple(low_last), runs)

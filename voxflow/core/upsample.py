@@ -1,12 +1,23 @@
 """Seam-free linear upsampling of a low-resolution field, whole or one output block at a time.
 
 A field estimated at low resolution (a bias field, a background) lives in the same physical
-space as the full-resolution image: voxel ``i`` of the full grid sits at ``x = t + i * s``
-and has the continuous field index ``u = (x - t_low) / s_low``. The field is interpolated
-linearly along each axis (a tensor product), with ``u`` clamped to ``[0, n_low - 1]`` so the
-edge values carry on past the field's outermost voxel centres. With the geometry of a pyramid
-level (:func:`voxflow.core.level_transform`: ``s_low = f * s``, ``t_low = t + (f - 1) / 2 * s``)
-a field made by block means sits exactly on the blocks it summarises: no stretch.
+space as the full-resolution image: voxel ``i`` of the full grid sits at ``x = t + i * s``.
+Field voxel ``k`` sits at ``c_k = t_low + k * s_low``, except the last one, which may sit at a
+position of its own, ``c_last`` (``low_last_centre``; None: on the regular grid). The field is
+interpolated linearly along each axis (a tensor product) between the centres of the two field
+voxels around ``x``: with the continuous field index ``u = (x - t_low) / s_low`` on the regular
+grid, and ``u = n_low - 2 + (x - c_{n_low-2}) / (c_last - c_{n_low-2})`` past the last but one
+centre when the last voxel is off the grid; ``u`` is clamped to ``[0, n_low - 1]`` so the edge
+values carry on past the field's outermost voxel centres.
+
+With the geometry of a pyramid level (:func:`voxflow.core.level_transform`: ``s_low = f * s``,
+``t_low = t + (f - 1) / 2 * s``) a field made by block means sits exactly on the blocks it
+summarises, except where the axis length ``n`` is not a multiple of ``f``: the last block holds
+only ``m = n - (n_low - 1) * f`` voxels and its mean belongs at their centre,
+``t + ((n_low - 1) * f + (m - 1) / 2) * s`` (see :func:`voxflow.core.scaled.last_block_centre`),
+not at the centre of a whole block. Given that position, the block means of a field linear in
+``x`` upsample to that field exactly between the outermost field centres, the partial last
+interval included; beyond them the edge values carry on, as before the first centre.
 
 Every output voxel is computed from its global index alone, by the same operations in the same
 order, so :func:`upsample` (blockwise, lazy) equals :func:`upsample_array` (whole) bitwise for
@@ -50,8 +61,11 @@ __all__ = [
 
 _MAX_NDIM = 3
 
-# Geometry in the order the kernels use it: full-res scale and translation, then the field's.
-_Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]
+# Geometry in the order the kernels use it: full-res scale and translation, then the field's
+# scale, translation and centre of its last voxel.
+_Geometry = tuple[
+    tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]
+]
 
 # Name of the attribute by which :func:`upsample` marks the arrays it returns.
 _RECIPE = "_voxflow_upsample_recipe"
@@ -75,7 +89,9 @@ class UpsampleRecipe:
     chunks : tuple of tuple of int
         The array's chunks, as Dask spells them (they give its shape).
     geometry : tuple of tuple of float
-        ``scale``, ``translation``, ``low_scale`` and ``low_translation``, one value per axis.
+        ``scale``, ``translation``, ``low_scale``, ``low_translation`` and
+        ``low_last_centre`` (resolved: on the regular grid when none was given), one value per
+        axis.
     dtype : numpy.dtype
         Its dtype, native float32 or float64: what the interpolated values are rounded to.
     """
@@ -143,19 +159,36 @@ def _validate_field(field: object) -> np.ndarray:
 
 
 def _validate_geometry(
-    ndim: int,
+    field_shape: tuple[int, ...],
     scale: Sequence[float],
     translation: Sequence[float],
     low_scale: Sequence[float],
     low_translation: Sequence[float],
+    low_last_centre: Sequence[float] | None = None,
 ) -> _Geometry:
-    """Four tuples of `ndim` finite floats; the scales positive."""
-    return (
-        _validate_reals(scale, ndim, "scale", positive=True),
-        _validate_reals(translation, ndim, "translation", positive=False),
-        _validate_reals(low_scale, ndim, "low_scale", positive=True),
-        _validate_reals(low_translation, ndim, "low_translation", positive=False),
-    )
+    """Five tuples of one finite float per axis of the field; the scales positive."""
+    ndim = len(field_shape)
+    scale = _validate_reals(scale, ndim, "scale", positive=True)
+    translation = _validate_reals(translation, ndim, "translation", positive=False)
+    low_scale = _validate_reals(low_scale, ndim, "low_scale", positive=True)
+    low_translation = _validate_reals(low_translation, ndim, "low_translation", positive=False)
+    regular = zip(field_shape, low_scale, low_translation, strict=True)
+    if low_last_centre is None:
+        last = tuple(t + (n - 1) * s for n, s, t in regular)
+    else:
+        last = _validate_reals(low_last_centre, ndim, "low_last_centre", positive=False)
+        for axis, ((n, s, t), c) in enumerate(zip(regular, last, strict=True)):
+            _validate_last_centre(n, s, t, c, axis)
+    return scale, translation, low_scale, low_translation, last
+
+
+def _validate_last_centre(n_low: int, s_low: float, t_low: float, last: float, axis: int) -> None:
+    """The last field voxel must lie beyond the last but one (when there is one)."""
+    if n_low >= 2 and not last > t_low + (n_low - 2) * s_low:
+        raise ValueError(
+            f"`low_last_centre` must lie beyond the centre of the last but one field voxel "
+            f"({t_low + (n_low - 2) * s_low}) on axis {axis}, got {last}"
+        )
 
 
 def _validate_out_dtype(dtype: object) -> np.dtype:
@@ -207,11 +240,25 @@ def _validate_chunks(chunks: object, shape: tuple[int, ...]) -> tuple[tuple[int,
 
 
 def _weights(
-    start: int, n_out: int, s: float, t: float, n_low: int, s_low: float, t_low: float
+    start: int,
+    n_out: int,
+    s: float,
+    t: float,
+    n_low: int,
+    s_low: float,
+    t_low: float,
+    last: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-axis ``(i0, i1, w)`` for output indices ``start .. start + n_out - 1``."""
     index = np.arange(start, start + n_out, dtype=np.float64)
-    u = np.clip((t + index * s - t_low) / s_low, 0.0, n_low - 1.0)
+    x = t + index * s
+    u = (x - t_low) / s_low
+    if n_low >= 2 and last != t_low + (n_low - 1) * s_low:
+        # The last interval runs from the last but one centre to the last voxel's own centre.
+        before = t_low + (n_low - 2) * s_low
+        tail = x > before
+        u[tail] = (n_low - 2) + (x[tail] - before) / (last - before)
+    u = np.clip(u, 0.0, n_low - 1.0)
     i0 = np.floor(u).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_low - 1)
     return i0, i1, u - i0
@@ -229,8 +276,8 @@ def _block_weights(
     pad = _MAX_NDIM - field.ndim
     args = [np.zeros(1, np.intp), np.zeros(1, np.intp), np.zeros(1, np.float64)] * pad
     for axis, (start, n) in enumerate(zip(origin, shape, strict=True)):
-        s, t, s_low, t_low = (g[axis] for g in geometry)
-        args.extend(_weights(start, n, s, t, field.shape[axis], s_low, t_low))
+        s, t, s_low, t_low, last = (g[axis] for g in geometry)
+        args.extend(_weights(start, n, s, t, field.shape[axis], s_low, t_low, last))
     return args
 
 
@@ -310,13 +357,18 @@ def upsample_weights(
     low_scale: float,
     low_translation: float,
     start: int = 0,
+    *,
+    low_last_centre: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices and weights of linear interpolation along one axis.
 
     Output voxel ``i`` sits at ``x = translation + i * scale``; its field index
     ``u = (x - low_translation) / low_scale`` is clamped to ``[0, n_low - 1]`` and interpolated
     between ``i0 = floor(u)`` and ``i1 = min(i0 + 1, n_low - 1)`` with weight ``w = u - i0``
-    on ``i1``. All in float64.
+    on ``i1``. When the last field voxel sits at ``c = low_last_centre``, off the regular grid,
+    ``u = n_low - 2 + (x - b) / (c - b)`` for ``x`` past the centre of the last but one,
+    ``b = low_translation + (n_low - 2) * low_scale``: the last interval ends at ``c``. All in
+    float64.
 
     Parameters
     ----------
@@ -334,6 +386,11 @@ def upsample_weights(
         Physical position of the centre of field voxel 0.
     start : int, optional
         Global index of the first output voxel (>= 0), for a block that starts inside the axis.
+    low_last_centre : float, optional
+        Physical position of the centre of the last field voxel, beyond that of the last but
+        one; None: ``low_translation + (n_low - 1) * low_scale``. A block mean whose last block
+        is partial has its last voxel before that (see
+        :func:`voxflow.core.scaled.last_block_centre`). No effect when ``n_low`` is 1.
 
     Returns
     -------
@@ -347,16 +404,17 @@ def upsample_weights(
     TypeError
         When a count or `start` is not an integer, or a scale or translation is not a number.
     ValueError
-        When a count is below 1, `start` is negative, or a scale is not positive and finite.
+        When a count is below 1, `start` is negative, a scale is not positive and finite, or
+        `low_last_centre` is not finite or not beyond the last but one field voxel.
     """
     n_out = _validate_int(n_out, "n_out", 1)
     n_low = _validate_int(n_low, "n_low", 1)
     start = _validate_int(start, "start", 0)
-    s = _validate_real(scale, "scale", positive=True)
-    t = _validate_real(translation, "translation", positive=False)
-    s_low = _validate_real(low_scale, "low_scale", positive=True)
-    t_low = _validate_real(low_translation, "low_translation", positive=False)
-    return _weights(start, n_out, s, t, n_low, s_low, t_low)
+    s, t, s_low, t_low, last = _validate_geometry(
+        (n_low,), (scale,), (translation,), (low_scale,), (low_translation,),
+        None if low_last_centre is None else (low_last_centre,),
+    )  # fmt: skip
+    return _weights(start, n_out, s[0], t[0], n_low, s_low[0], t_low[0], last[0])
 
 
 def upsample_array(
@@ -367,6 +425,7 @@ def upsample_array(
     translation: Sequence[float],
     low_scale: Sequence[float],
     low_translation: Sequence[float],
+    low_last_centre: Sequence[float] | None = None,
     dtype: np.dtype | type = np.float32,
 ) -> np.ndarray:
     """Upsample a whole low-resolution field linearly onto a full-resolution grid.
@@ -384,6 +443,12 @@ def upsample_array(
         Voxel size and centre of voxel 0 of the full-resolution grid, per axis.
     low_scale, low_translation : sequence of float
         Voxel size and centre of voxel 0 of `field`, per axis, in the same physical space.
+    low_last_centre : sequence of float, optional
+        Centre of the last voxel of `field` per axis, beyond that of the last but one; None:
+        on the regular grid, ``low_translation + (field.shape - 1) * low_scale``. The last
+        interval of the interpolation ends there (see :func:`upsample_weights`): give the
+        centre of the voxels a block mean's partial last block summarises
+        (:func:`voxflow.core.scaled.last_block_centre`) so a linear field stays exact.
     dtype : dtype, optional
         Output dtype, float32 (default) or float64. Arithmetic is in float64 either way.
 
@@ -399,11 +464,14 @@ def upsample_array(
         or a shape or geometry value has the wrong type.
     ValueError
         When `field` is not 1D to 3D, a length differs from ``field.ndim``, a shape value is
-        below 1, a scale is not positive, or a value is not finite.
+        below 1, a scale is not positive, a value is not finite, or a last centre is not
+        beyond the last but one field voxel.
     """
     field = _validate_field(field)
     shape = _validate_ints(shape, field.ndim, "shape", 1)
-    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    geometry = _validate_geometry(
+        field.shape, scale, translation, low_scale, low_translation, low_last_centre
+    )
     out = np.empty(shape, _validate_out_dtype(dtype))
     return _upsample_into(field, (0,) * field.ndim, out, geometry)
 
@@ -417,6 +485,7 @@ def upsample_block(
     translation: Sequence[float],
     low_scale: Sequence[float],
     low_translation: Sequence[float],
+    low_last_centre: Sequence[float] | None = None,
     dtype: np.dtype | type = np.float32,
 ) -> np.ndarray:
     """One block of the upsampled field, computed from the low-resolution field only.
@@ -435,6 +504,8 @@ def upsample_block(
         with slices derives it from them.
     scale, translation, low_scale, low_translation : sequence of float
         Geometry of the full-resolution grid and of `field`; see :func:`upsample_array`.
+    low_last_centre : sequence of float, optional
+        Centre of the last voxel of `field` per axis; see :func:`upsample_array`.
     dtype : dtype, optional
         Output dtype, float32 (default) or float64.
 
@@ -453,7 +524,9 @@ def upsample_block(
     """
     field = _validate_field(field)
     origin, block_shape = _validate_block(origin, block_shape, field.ndim)
-    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    geometry = _validate_geometry(
+        field.shape, scale, translation, low_scale, low_translation, low_last_centre
+    )
     out = np.empty(block_shape, _validate_out_dtype(dtype))
     return _upsample_into(field, origin, out, geometry)
 
@@ -467,6 +540,7 @@ def upsample(
     translation: Sequence[float],
     low_scale: Sequence[float],
     low_translation: Sequence[float],
+    low_last_centre: Sequence[float] | None = None,
     dtype: np.dtype | type = np.float32,
 ) -> da.Array:
     """Lazily upsample a low-resolution field onto a chunked full-resolution grid.
@@ -486,6 +560,8 @@ def upsample(
         (the last chunk along an axis partial), or the explicit sizes along each axis.
     scale, translation, low_scale, low_translation : sequence of float
         Geometry of the full-resolution grid and of `field`; see :func:`upsample_array`.
+    low_last_centre : sequence of float, optional
+        Centre of the last voxel of `field` per axis; see :func:`upsample_array`.
     dtype : dtype, optional
         Output dtype, float32 (default) or float64.
 
@@ -505,7 +581,9 @@ def upsample(
     field = _validate_field(field)
     shape = _validate_ints(shape, field.ndim, "shape", 1)
     chunks = _validate_chunks(chunks, shape)
-    geometry = _validate_geometry(field.ndim, scale, translation, low_scale, low_translation)
+    geometry = _validate_geometry(
+        field.shape, scale, translation, low_scale, low_translation, low_last_centre
+    )
     dtype = _validate_out_dtype(dtype)
     # A delayed argument is one graph key shared by all tasks, not a copy inside each task.
     shared = dask.delayed(field, pure=True)

@@ -18,6 +18,7 @@ from voxflow.plugins._spec import PluginError
 
 __all__ = ["ScaledProcessingPlugin", "jsonable"]
 
+
 def jsonable(value: Any) -> Any:
     """`value` as plain JSON types, for provenance.
 
@@ -240,6 +241,5 @@ class ScaledProcessingPlugin:
         if len(units) != ndim:
             return spacing
         return tuple(
-            s * (micrometres_per_unit(u) or 1.0)
-            for s, u in zip(spacing, units, strict=True)
+            s * (micrometres_per_unit(u) or 1.0) for s, u in zip(spacing, units, strict=True)
         )

@@ -13,11 +13,13 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from voxflow.core.axes import spatial_mask
-from voxflow.core.pyramid import Method, downsample
+from voxflow.core.pyramid import Method
 from voxflow.core.scaled import (
     ScaledResult,
     apply_scaled_processing,
     check_lowres_budget,
+    last_block_centre,
+    lowres_block_mean,
     lowres_geometry,
     validate_channels,
     validate_downsample_factor,
@@ -189,23 +191,57 @@ def check_scaled(
     return plugin, factors, plan
 
 
+def _level_steps(source: ImageRef, level: int, factors: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The block-mean steps that lead from level 0 to `level`, one tuple of factors each.
+
+    A pyramid is made level by level, each the block mean of the one before; levels whose
+    shapes and scales do not read as such a cascade are taken for one block mean by `factors`.
+    """
+    steps = []
+    for prev, lv in zip(source.levels[:level], source.levels[1 : level + 1], strict=True):
+        step = tuple(round(a / b) for a, b in zip(lv.scale, prev.scale, strict=True))
+        if any(
+            f < 1 or not math.isclose(a / b, f, rel_tol=1e-6) or n != -(-p // f)
+            for f, a, b, n, p in zip(step, lv.scale, prev.scale, lv.shape, prev.shape, strict=True)
+        ):
+            return [factors]
+        steps.append(step)
+    return steps
+
+
 def _lowres(
     source: ImageRef, level0: da.Array, factors: tuple[int, ...],
     channels: tuple[int, ...] | None,
-) -> tuple[np.ndarray, tuple, tuple, str]:  # fmt: skip
+) -> tuple[np.ndarray, tuple, tuple, tuple, str]:  # fmt: skip
     """The selected channels at low resolution: an existing level, else a block mean.
 
-    `level0` is level 0 as the full-resolution pass reads it; the block mean reads it too.
+    `level0` is level 0 as the full-resolution pass reads it; the block mean reads it too,
+    and is exact (floating point, :func:`voxflow.core.scaled.lowres_block_mean`). An existing
+    block-mean level is reused even for an integer image, whose levels hold means rounded to
+    its dtype (by less than half a grey level per pyramid step): that saves reading level 0 a
+    second time, for a result that can differ slightly from the one the same data gives
+    without a pyramid (a few grey levels where a plugin stretches the intensities). Either
+    way the last voxel along an axis sits at the centre of the voxels it summarises, on the
+    level's own cascade of block means (:func:`voxflow.core.scaled.last_block_centre`).
+
+    Returns
+    -------
+    low, scale, translation, last_centre, origin
+        The array, its geometry, and where it came from (a level path or a description).
     """
     level = find_lowres_level(source, factors)
     index = (slice(None),) * source.dims.index("c") + (list(channels),) if channels else ()
+    shape = level0[index].shape
     if level is not None:
         lv = source.levels[level]
         low = compute_array(read_level(source, level)[index])
-        return low, lv.scale, lv.translation, lv.path
-    low = compute_array(downsample(level0[index], factors, Method.MEAN))
+        steps = _level_steps(source, level, factors)
+        last = last_block_centre(shape, source.scale, source.translation, steps)
+        return low, lv.scale, lv.translation, last, lv.path
+    low = compute_array(lowres_block_mean(level0[index], factors))
     scale, translation = lowres_geometry(source.scale, source.translation, factors)
-    return low, scale, translation, "block mean of level 0"
+    last = last_block_centre(shape, source.scale, source.translation, factors)
+    return low, scale, translation, last, "block mean of level 0"
 
 
 def _write_field(out: Location, result: ScaledResult, source: ImageRef, name: str,
@@ -245,8 +281,9 @@ def scaled_processing(
     Parameters
     ----------
     source : ImageRef
-        Input image; level 0 is read once, and a matching block-mean level is reused as the
-        low-resolution image.
+        Input image. A matching block-mean level is reused as the low-resolution image, so
+        level 0 is read once (the level of an integer image holds rounded means); without
+        one, level 0 is also read for its exact block mean.
     output : str
         The new OME-Zarr.
     params : ScaledParams
@@ -271,12 +308,13 @@ def scaled_processing(
     blocks = params.chunk_size or level0_chunks(plan, np.dtype(source.dtype).itemsize)
     # Blocks of about 4 MiB read faster than whole shards (fresh 32 MiB buffers page-fault).
     full = read_level(source, 0, chunks=blocks)
-    low, low_scale, low_trans, low_from = _lowres(source, full, factors, channels)
+    low, low_scale, low_trans, low_last, low_from = _lowres(source, full, factors, channels)
     spatial = tuple(f for f, s in zip(factors, spatial_mask(source.dims), strict=True) if s)
     result = apply_scaled_processing(
         full, plugin, spatial, dims=source.dims, scale=source.scale,
         translation=source.translation, units=source.units, channels=channels,
         dtype=params.dtype, lowres=low, lowres_scale=low_scale, lowres_translation=low_trans,
+        lowres_last_centre=low_last,
     )  # fmt: skip
     del low  # the fields are made; the full-resolution pass needs only them
     begin_output(out, {"stage": "scaled", "plugin": name})
