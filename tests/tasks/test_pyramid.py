@@ -134,3 +134,39 @@ def test_level0_encoded_differently_is_rewritten(tmp_path):
     assert set(snapshot(f"{src}/0")) != set(snapshot(f"{out}/0"))
     np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
     np.testing.assert_array_equal(read_level(ref, 1).compute(), mean_reference(data, (2, 2, 2)))
+
+
+def test_an_interrupted_pyramid_is_visibly_unfinished_and_the_same_command_finishes_it(
+    tmp_path, monkeypatch
+):
+    import voxflow.tasks.pyramid as pyr
+    from voxflow.io import INCOMPLETE_MARKER
+    from voxflow.tasks import check_pyramid
+
+    data = np.random.default_rng(4).integers(0, 900, (20, 40, 36), dtype=np.uint16)
+    src = str(tmp_path / "in.ome.zarr")
+    write_image(src, data, "zyx", (1.0, 1.0, 1.0), chunks=8, shards=16)
+    out = tmp_path / "out.ome.zarr"
+    params = PyramidParams(levels=3, min_size=4)
+    real = pyr.compute_blocks
+
+    def half_then_fail(writes, progress=None, extra=()):
+        real(writes[:1], None, extra=extra)  # level 0 lands, then the disk fills up
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyr, "compute_blocks", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        make_pyramid(open_image(src), str(out), params)
+    assert (out / INCOMPLETE_MARKER).exists() and (out / "0").exists()
+    with pytest.raises(ValueError, match="unfinished output"):
+        open_image(str(out))
+    monkeypatch.undo()
+    # The same command takes it up again without --overwrite and completes it.
+    check_pyramid(src, str(out), params, in_place=False, overwrite=False)
+    ref = make_pyramid(open_image(src), str(out), params)
+    assert not (out / INCOMPLETE_MARKER).exists() and len(ref.levels) == 3
+    np.testing.assert_array_equal(read_level(ref, 0).compute(), data)
+    np.testing.assert_array_equal(read_level(ref, 1).compute(), mean_reference(data, (2, 2, 2)))
+    # A finished output is refused again without --overwrite.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_pyramid(src, str(out), params, in_place=False, overwrite=False)

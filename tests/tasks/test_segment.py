@@ -190,6 +190,34 @@ def test_count_without_an_atlas_removes_the_region_table_of_an_earlier_count(
     assert _records_match_the_folder(run)
 
 
+def test_an_interrupted_rerun_leaves_no_later_step_done(lightsheet, tmp_path, monkeypatch):
+    """A rerun that redoes the labels and stops half-way must not leave the old objects and
+    counts looking done: counting them would report the old parameters' objects."""
+    import voxflow.tasks.segment as seg
+
+    run = tmp_path / "run"
+    segment(lightsheet["corrected"], str(run))
+    count(str(run), CountParams())
+    assert {"mask", "labels", "objects", "counts", "qc"} <= {
+        p.stem for p in (run / "steps").iterdir()
+    }
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seg, "_make_labels", stop)
+    other = SegmentParams.model_validate({"instances": {"connectivity": 6}})
+    with pytest.raises(KeyboardInterrupt):
+        segment(lightsheet["corrected"], str(run), other)
+    assert {p.stem for p in (run / "steps").iterdir()} == {"mask"}
+    with pytest.raises(FileNotFoundError, match="no finished segmentation"):
+        count(str(run), CountParams())
+    monkeypatch.undo()
+    done = segment(lightsheet["corrected"], str(run), other)
+    assert done.computed == ("labels", "objects")
+    assert count(str(run), CountParams()).computed == ("counts", "qc")
+
+
 def test_discard_counts_removes_every_counting_step_and_nothing_else(lightsheet, tmp_path):
     run = tmp_path / "run"
     segment(lightsheet["corrected"], str(run))

@@ -25,7 +25,6 @@ from voxflow.io import (
     Location,
     Multiscale,
     check_output,
-    clear_output,
     copy_stored_chunks,
     create_array,
     derive_layout,
@@ -39,6 +38,7 @@ from voxflow.io import (
 )
 from voxflow.tasks._cache import content_key
 from voxflow.tasks._compute import ProgressFn, compute_blocks, publish_progress
+from voxflow.tasks._output import INCOMPLETE_MARKER, begin_output, resumable
 
 __all__ = [
     "ImageRef",
@@ -367,7 +367,8 @@ def make_pyramid(
     else:
         if output is None:
             raise ValueError("`output` is required unless in place")
-        out = check_output(output, [src_loc], overwrite=overwrite)
+        out = Location.parse(output)
+        check_output(out, [src_loc], overwrite=overwrite or resumable(out))
     method = params.method_for(source)
     multiscale = multiscale_of(source, plan, method)
     record = provenance("pyramid", method.value, {**params.model_dump(mode="json"),
@@ -375,7 +376,9 @@ def make_pyramid(
     if in_place:
         _drop_old_levels(source, version_)
     else:
-        clear_output(out)
+        # Marked unfinished until its metadata is written: an interrupted run is visibly
+        # incomplete, and the same command finishes it.
+        begin_output(out, {"stage": "pyramid"})
     writes, copies = pyramid_writes(
         source, out, plan, method, ngff_version=version_, write_level0=not in_place,
         compressor=params.compressor, clevel=params.clevel,
@@ -385,6 +388,8 @@ def make_pyramid(
     label = relocate_image_label(source.image_label, src_loc, out)
     write_image_metadata(out, multiscale, ngff_version=version_, omero=source.omero,
                          image_label=label, provenance=record)  # fmt: skip
+    if not in_place:
+        out.delete(INCOMPLETE_MARKER)
     return open_image(out)
 
 
@@ -466,7 +471,8 @@ def check_pyramid(
     source = open_image(input)
     _, plan = plan_pyramid(source, params, in_place=in_place)
     if not in_place:
-        check_output(output, [source.url], overwrite=overwrite)
+        out = Location.parse(output)
+        check_output(out, [source.url], overwrite=overwrite or resumable(out))
     return source, plan
 
 

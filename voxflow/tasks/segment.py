@@ -46,7 +46,7 @@ from voxflow.tasks._compute import (
     on_cluster,
     publish_progress,
 )
-from voxflow.tasks._run import RunFolder
+from voxflow.tasks._run import RunFolder, list_steps
 from voxflow.tasks.pyramid import (
     PyramidParams,
     level0_chunks,
@@ -550,7 +550,14 @@ def segment(
         ("objects", _object_outputs(params), lambda: _make_objects(vol, folder, params)),
     )
     records, computed = {}, []
-    for name, outputs, make in steps:
+    for i, (name, outputs, make) in enumerate(steps):
+        if folder.done(name, keys[name]) is None:
+            # Every later step (counting too) was made from this one's old outputs: none of
+            # them is done any more, so an interrupted rerun never leaves a mix behind.
+            earlier = {n for n, _, _ in steps[:i]}
+            for later in list_steps(folder):
+                if later not in earlier:
+                    folder.invalidate(later)
         records[name], now = folder.run_step(name, keys[name], make, outputs)
         computed += [name] if now else []
     return SegmentResult(run=folder.url, objects=records["objects"]["objects"],
