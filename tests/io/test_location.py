@@ -333,3 +333,21 @@ def test_local_delete_of_a_file_and_a_symlink(tmp_path):
     assert not (tmp_path / "file.txt").exists()
     assert not (tmp_path / "link").is_symlink()
     assert (target / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("file:///data/a%20b/%C3%A9.zarr", "/data/a b/é.zarr"),
+        ("file://localhost/data/x.zarr", "/data/x.zarr"),
+        ("file:/data/y.zarr", "/data/y.zarr"),
+    ],
+)
+def test_file_urls_are_decoded_as_rfc_8089_says(url, path):
+    assert Location.parse(url) == Location("file", path)
+
+
+@pytest.mark.parametrize("url", ["file://server/data/x.zarr", "file://ls/image.ome.zarr"])
+def test_a_file_url_with_a_host_is_refused(url):
+    with pytest.raises(ValueError, match="names the host"):
+        Location.parse(url)

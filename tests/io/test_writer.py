@@ -692,3 +692,17 @@ def test_provenance_without_source():
     assert record["input"] is None
     assert record["method"] is None
     assert record["parameters"] == {}
+
+
+def test_an_output_below_a_file_is_refused_before_anything_is_written(tmp_path):
+    from voxflow.io import check_output
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    for output in (blocker / "out.ome.zarr", blocker / "deeper" / "out.ome.zarr"):
+        with pytest.raises(ValueError, match=r"lies below .*afile, which is a file"):
+            check_output(str(output), [])
+    with pytest.raises(FileExistsError, match="neither a zarr hierarchy nor a voxflow output"):
+        check_output(str(blocker), [], overwrite=True)
+    assert blocker.read_text() == "not a folder"
+    assert check_output(str(tmp_path / "new" / "out.ome.zarr"), []).path.endswith("out.ome.zarr")

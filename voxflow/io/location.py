@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import threading
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +41,18 @@ def tensorstore_context() -> ts.Context:
     """
     limit_heap_arenas(heap_arenas(2 * (os.cpu_count() or 1)))
     return ts.Context()
+
+
+def _file_url_path(text: str, host: str, path: str) -> str:
+    """The local path of a ``file:`` URL: percent-escapes decoded, on this machine only."""
+    if host not in ("", "localhost"):
+        raise ValueError(
+            f"{text!r} names the host {host!r}; a file URL reaches this machine's files only: "
+            "file:///absolute/path (or a plain path)"
+        )
+    if path and not path.startswith("/"):
+        raise ValueError(f"{text!r} has no absolute path; write file:///absolute/path")
+    return urllib.parse.unquote(path)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,11 @@ class Location:
         scheme, sep, rest = text.partition("://")
         if not sep:
             scheme, rest = "file", text
+            if text.startswith("file:/"):  # file:/path, the one-slash form of RFC 8089
+                rest = _file_url_path(text, "", text[len("file:") :])
+        elif scheme == "file":
+            host, slash, path = rest.partition("/")
+            rest = _file_url_path(text, host, slash + path)
         if scheme not in _SCHEMES:
             raise ValueError(
                 f"unsupported location scheme {scheme!r} in {text!r}; use a local path, file://, "

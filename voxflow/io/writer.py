@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
+from pathlib import Path
 from typing import Any, Literal
 
 import dask
@@ -688,6 +689,8 @@ def check_output(
         if src.contains(out) or out.contains(src):
             where = "is" if src == out else "lies inside" if src.contains(out) else "contains"
             raise ValueError(f"output {out.url} {where} the input {src.url}; choose another path")
+    if out.scheme == "file":
+        _check_local_parent(Path(out.path))
     if not out.exists():
         return out
     if not overwrite:
@@ -698,6 +701,17 @@ def check_output(
             "output; voxflow does not delete it, even with --overwrite: choose another path"
         )
     return out
+
+
+def _check_local_parent(path: Path) -> None:
+    """Refuse a local output whose nearest existing ancestor is a file or is not writable."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"output {path} lies below {parent}, which is a file, not a folder")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {path} cannot be created: {parent} is not writable")
 
 
 def clear_output(output: str | Location) -> None:
