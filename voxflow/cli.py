@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,12 +58,16 @@ def _quiet(
     Unless asked for, library logs stay quiet: Prefect's record of a failed task (with its
     traceback) would repeat the error the command prints; warnings print as one line.
     """
+    _state["verbose"] = verbose
     if verbose:
         return
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # worker processes
     logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("prefect").setLevel(logging.CRITICAL)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    # Prefect's services outside its `prefect` logger (its event sender) log at the root
+    # logger of every process, the Dask workers' included.
+    os.environ.setdefault("PREFECT_LOGGING_ROOT_LEVEL", "ERROR")
     # Another local cluster (another command) holds the dashboard port: this one takes a free
     # port, which is all the message says.
     warnings.filterwarnings("ignore", message="Port .* is already in use")
@@ -75,7 +81,17 @@ def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> str:
     return f"warning: {message}\n"
 
 
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError)
+_USER_ERRORS = (ValueError, TypeError, OSError)
+"""Errors a command reports in one line: bad values, and problems of files and connections.
+
+``OSError`` covers missing or unwritable paths as well as an unreachable scheduler
+(``Timed out trying to connect``) or API server.
+"""
+
+_INTERRUPTED = "interrupted: the output is left unfinished; run the same command again to finish it"
+
+# `verbose`: set by the `voxflow` callback; `abandoned`: a flow was left running on interrupt.
+_state: dict[str, bool] = {"verbose": False, "abandoned": False}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -86,14 +102,55 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` comes from a server that could not be reached (``httpx``, ``OSError``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) or type(cause).__module__.startswith(("httpx", "httpcore")):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _exit_now(status: int) -> None:
+    """End the process at once, once the Prefect API server it started is stopped.
+
+    The threads of a flow left running, and Prefect's exit handlers that would send its
+    events, would otherwise keep the process waiting on a cluster that is gone.
+    """
+    from voxflow.runtime import stop_api
+
+    with contextlib.suppress(Exception):
+        stop_api()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a user's mistake into one line on stderr and exit status 2, not a traceback."""
+    """Turn a user's mistake into one line on stderr and exit status 2, not a traceback.
+
+    Bad values, bad paths and unreachable servers (a scheduler, the Prefect API) are such
+    mistakes; ``--verbose`` prints the traceback before the line. An interrupt (Ctrl-C)
+    prints one line and exits with status 130.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValidationError, *_USER_ERRORS) as exc:
+        except KeyboardInterrupt:
+            err.print(f"[bold yellow]{_INTERRUPTED}[/]", highlight=False, soft_wrap=True)
+            if _state["abandoned"]:
+                _exit_now(130)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if not isinstance(exc, _USER_ERRORS) and not _unreachable(exc):
+                raise
+            if _state["verbose"]:
+                traceback.print_exc()
             err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -148,16 +205,37 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 def run_with_progress(
     run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSettings, description: str
 ) -> Any:
-    """Run a flow on a cluster this process holds, drawing the progress its tasks post."""
+    """Run a flow on a cluster this process holds, drawing the progress its tasks post.
+
+    On an interrupt the flow is not waited for: the cluster is closed under it and the
+    ``KeyboardInterrupt`` propagates.
+    """
     from voxflow.runtime import open_client, start_api
 
     key = uuid.uuid4().hex
     # Prefect's API (when ephemeral) and the Dask cluster start at the same time.
-    with concurrent.futures.ThreadPoolExecutor(1) as early:
+    early = concurrent.futures.ThreadPoolExecutor(1)
+    try:
         api = early.submit(start_api, settings.prefect)
         with open_client(settings) as client:
             api.result()
             return _follow(run, settings, client, key, description)
+    finally:
+        early.shutdown(wait=False, cancel_futures=True)
+
+
+def _in_thread(fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """Call `fn` on a daemon thread: an interrupted command need not wait for it to end."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="voxflow-flow", daemon=True).start()
+    return future
 
 
 def _follow(run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSettings, client: Any,
@@ -167,16 +245,20 @@ def _follow(run: Callable[[VoxflowSettings, str], Any], settings: VoxflowSetting
         update={"mode": "address", "address": client.scheduler.address}
     )
     attached = settings.model_copy(update={"cluster": cluster})
-    with (
-        _progress_bar(description) as update,
-        concurrent.futures.ThreadPoolExecutor(1) as pool,
-    ):
-        future = pool.submit(run, attached, key)
-        while not future.done():
-            posted = client.get_metadata(["voxflow-progress", key], default=None)
-            if posted:
-                update(*posted)
-            time.sleep(0.25)
+    with _progress_bar(description) as update:
+        future = _in_thread(lambda: run(attached, key))
+        try:
+            while not future.done():
+                posted = client.get_metadata(["voxflow-progress", key], default=None)
+                if posted:
+                    update(*posted)
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            _state["abandoned"] = True
+            if not _state["verbose"]:
+                # The abandoned flow's services (Prefect's event sender) log as they wind down.
+                logging.disable(logging.WARNING)
+            raise
         result = future.result()
         # Nothing posted: every task was served from the cache.
         update(*(client.get_metadata(["voxflow-progress", key], default=None) or (0, 0)))

@@ -228,3 +228,89 @@ def test_pyramid_rerun_served_by_the_cache_says_it_reused_the_output(cli_env, im
     changed = runner.invoke(app, ["pyramid", path, "-o", out, "--levels", "3", "--overwrite"])
     assert changed.exit_code == 0, changed.output
     assert "wrote 3 levels" in changed.output and "reused" not in changed.output
+
+
+def _voxflow(*args, env=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = Path(sys.executable).with_name("voxflow")
+    # The environment of a user's shell: without the test session's log levels.
+    environ = {k: v for k, v in os.environ.items() if "LOGGING" not in k}
+    return subprocess.Popen(
+        [str(command), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**environ, **(env or {})}, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_ctrl_c_while_writing_stops_at_once_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    data = np.random.default_rng(0).integers(0, 1000, (128, 512, 512), dtype=np.uint16)
+    path = str(tmp_path / "big.ome.zarr")
+    write_image(path, data, "zyx", (2.0, 1.0, 1.0), chunks=32, shards=64)
+    out = tmp_path / "out.ome.zarr"
+    env = {"VOXFLOW_CLUSTER__N_WORKERS": "2", "VOXFLOW_CLUSTER__THREADS_PER_WORKER": "1",
+           "VOXFLOW_PREFECT__RESULT_STORAGE": str(tmp_path / "results")}  # fmt: skip
+    proc = _voxflow("pyramid", path, "-o", str(out), "--levels", "4", env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the command ended before it was interrupted"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "blocks" not in line]
+    # The command's last word is the one line; no process prints a traceback on the way out.
+    assert lines[-1:] == [
+        "interrupted: the output is left unfinished; run the same command again to finish it"
+    ], stderr
+    assert "Traceback" not in stderr, stderr
+    time.sleep(0.5)
+    alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "worker or server processes outlived the command"
+
+
+def test_unreachable_scheduler_gives_one_line_error(image, tmp_path):
+    path, _ = image
+    env = {"VOXFLOW_CLUSTER__MODE": "address", "VOXFLOW_CLUSTER__ADDRESS": "tcp://127.0.0.1:1",
+           "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s",
+           "VOXFLOW_PREFECT__RESULT_STORAGE": str(tmp_path / "results")}  # fmt: skip
+    proc = _voxflow("pyramid", path, "-o", str(tmp_path / "out.ome.zarr"), env=env)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert stderr.strip().splitlines() == [
+        "error: Timed out trying to connect to tcp://127.0.0.1:1 after 1 s"
+    ], stderr
+
+
+def test_os_errors_give_one_line_and_a_traceback_when_verbose(capsys):
+    from voxflow import cli
+
+    @cli._user_errors
+    def write():
+        raise OSError(30, "Read-only file system", "/data/out.ome.zarr")
+
+    for verbose in (False, True):
+        cli._state["verbose"] = verbose
+        try:
+            with pytest.raises(cli.typer.Exit) as exit_:
+                write()
+        finally:
+            cli._state["verbose"] = False
+        assert exit_.value.exit_code == 2
+        stderr = capsys.readouterr().err
+        line = "error: [Errno 30] Read-only file system: '/data/out.ome.zarr'"
+        assert stderr.strip().splitlines()[-1] == line
+        assert ("Traceback" in stderr) is verbose

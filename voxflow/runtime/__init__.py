@@ -3,6 +3,7 @@
 from voxflow.runtime.cluster import (
     GPU_WORKER_GROUP,
     gpu_worker_group_spec,
+    interrupts_blocked,
     kubernetes_adapt_kwargs,
     kubernetes_cluster_spec,
     local_cluster_kwargs,
@@ -18,11 +19,13 @@ from voxflow.runtime.prefect import (
     result_storage_block,
     shared_api,
     start_api,
+    stop_api,
 )
 
 __all__ = [
     "GPU_WORKER_GROUP",
     "gpu_worker_group_spec",
+    "interrupts_blocked",
     "kubernetes_adapt_kwargs",
     "kubernetes_cluster_spec",
     "local_cluster_kwargs",
@@ -35,5 +38,6 @@ __all__ = [
     "start_api",
     "start_kube_cluster",
     "start_local_cluster",
+    "stop_api",
     "worker_environ",
 ]

@@ -9,6 +9,7 @@ until :func:`start_kube_cluster` is called.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GPU_WORKER_GROUP",
     "gpu_worker_group_spec",
+    "interrupts_blocked",
     "kubernetes_adapt_kwargs",
     "kubernetes_cluster_spec",
     "local_cluster_kwargs",
@@ -44,6 +46,7 @@ _MEMORY_FRACTION = 0.8
 _KUBE_CLUSTER = "dask_kubernetes.operator.KubeCluster"
 _KUBE_CLUSTER_WITH_GPUS = "voxflow.runtime.cluster.start_kube_cluster"
 _LOCAL_CLUSTER = "voxflow.runtime.cluster.start_local_cluster"
+_WORKER_PRELOAD = "voxflow.runtime.worker_signals"
 
 
 def _available_cores() -> int:
@@ -130,11 +133,39 @@ def worker_environ(threads: int) -> dict[str, str]:
     return {"MALLOC_ARENA_MAX": str(max(2, threads // 4))}
 
 
+@contextmanager
+def interrupts_blocked() -> Iterator[None]:
+    """Block SIGINT in the calling thread, and so in the threads and processes it starts.
+
+    A terminal's Ctrl-C reaches every process of the foreground process group. Processes
+    started inside this block (worker processes, an API server) inherit the blocked signal,
+    so only the process that started them decides what an interrupt does; they are stopped
+    by SIGTERM when it closes them. The calling thread's signal mask is restored on exit, so
+    an interrupt that arrived meanwhile is delivered then. Where signal masks are not
+    supported (Windows), nothing changes.
+
+    Yields
+    ------
+    None
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def start_local_cluster(**kwargs: Any) -> distributed.LocalCluster:
     """A ``distributed.LocalCluster`` whose worker processes start with :func:`worker_environ`.
 
     The variables are read by the C library when a process starts, so they are set through
     ``distributed.nanny.pre-spawn-environ`` while the workers are spawned, not afterwards.
+    The worker processes preload :mod:`voxflow.runtime.worker_signals` and ignore SIGINT: a
+    Ctrl-C is for the command alone, while worker processes killed by it mid-task would
+    print tracebacks and leave the command waiting on them.
 
     Parameters
     ----------
@@ -150,7 +181,8 @@ def start_local_cluster(**kwargs: Any) -> distributed.LocalCluster:
     threads = kwargs.get("threads_per_worker") or _available_cores()
     environ = {f"distributed.nanny.pre-spawn-environ.{key}": value
                for key, value in worker_environ(threads).items()}  # fmt: skip
-    with dask.config.set(environ):
+    preload = [*dask.config.get("distributed.worker.preload", []), _WORKER_PRELOAD]
+    with dask.config.set({**environ, "distributed.worker.preload": preload}):
         return distributed.LocalCluster(**kwargs)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from prefect.filesystems import LocalFileSystem
 from prefect.settings import Settings, get_current_settings, temporary_settings
 
+from voxflow.runtime.cluster import interrupts_blocked
 from voxflow.settings import PrefectSettings
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "result_storage_block",
     "shared_api",
     "start_api",
+    "stop_api",
 ]
 
 
@@ -122,7 +124,8 @@ def _ephemeral_server() -> Any:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
-    server.start()  # once: later calls find it running
+    with interrupts_blocked():  # the server process leaves a Ctrl-C to this one
+        server.start()  # once: later calls find it running
     return server
 
 
@@ -142,6 +145,18 @@ def start_api(settings: PrefectSettings) -> str | None:
     with prefect_context(settings) as current:
         server = _ephemeral_server()
         return server.api_url if server is not None else current.api.url
+
+
+def stop_api() -> None:
+    """Stop this process's ephemeral Prefect API server, if one runs.
+
+    Prefect stops it when the interpreter exits; a command that ends at once (on an
+    interrupt) stops it with this first, so that no server process outlives it.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
 
 
 @contextmanager
