@@ -53,6 +53,40 @@ def mean_reference(image, factors):
     return means.astype(image.dtype)
 
 
+def block_mean_reference(image, factors):
+    """Exact float64 mean of every (possibly partial) block, from sums and voxel counts."""
+    sums, counts = image.astype(np.float64), np.ones(image.shape)
+    for axis, f in enumerate(factors):
+        starts = np.arange(0, image.shape[axis], f)
+        sums = np.add.reduceat(sums, starts, axis=axis)
+        counts = np.add.reduceat(counts, starts, axis=axis)
+    return sums / counts
+
+
+def block_centres_reference(n, f, scale, translation):
+    """Centre of the voxels each block of `f` holds along an axis of `n` (the last partial)."""
+    starts = np.arange(0, n, f)
+    stops = np.minimum(starts + f, n)
+    return translation + (starts + stops - 1) / 2 * scale
+
+
+def last_centres_reference(shape, factors, scale, translation):
+    """Per axis, the centre of the voxels the last (maybe partial) block holds."""
+    axes = zip(shape, factors, scale, translation, strict=True)
+    return [block_centres_reference(n, f, s, t)[-1] for n, f, s, t in axes]
+
+
+def interp_reference(field, shape, scale, translation, centres):
+    """Linear interpolation between the low-resolution `centres` per axis, clamped at both
+    ends (``np.interp``), at the voxel positions ``translation + i × scale``."""
+    out = field.astype(np.float64)
+    axes = zip(shape, scale, translation, centres, strict=True)
+    for axis, (n, s, t, xp) in enumerate(axes):
+        x = t + np.arange(n) * s
+        out = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, out)
+    return out
+
+
 def snapshot(root):
     """Every file below `root`, as relative path → (content digest, modification time)."""
     found = {}

@@ -2,6 +2,12 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from tests.conftest import (
+    block_centres_reference,
+    block_mean_reference,
+    interp_reference,
+    last_centres_reference,
+)
 from voxflow.core import (
     PluginHookError,
     apply_scaled_processing,
@@ -39,40 +45,11 @@ class Relative:
         return fullres_array / upsampled_output
 
 
-def block_mean64(image, factors):
-    """Exact block means in float64: sums and counts of every (possibly partial) block."""
-    sums = image.astype(np.float64)
-    counts = np.ones(image.shape)
-    for axis, f in enumerate(factors):
-        starts = np.arange(0, image.shape[axis], f)
-        sums = np.add.reduceat(sums, starts, axis=axis)
-        counts = np.add.reduceat(counts, starts, axis=axis)
-    return sums / counts
-
-
-def block_centres(n, f, scale, translation):
-    """Physical centre of the voxels each block of `f` holds along an axis of `n` voxels."""
-    starts = np.arange(0, n, f)
-    stops = np.minimum(starts + f, n)
-    return translation + (starts + stops - 1) / 2 * scale
-
-
-def interp_reference(field, shape, factors, scale, translation):
-    """Linear interpolation between the true block centres (np.interp: clamped at both ends)."""
-    out = field.astype(np.float64)
-    for axis, (n, f, s, t) in enumerate(zip(shape, factors, scale, translation, strict=True)):
-        x = t + np.arange(n) * s
-        xp = block_centres(n, f, s, t)
-        out = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, out)
-    return out
-
-
 def _reference(image, factors, scale, translation, dtype):
-    low = block_mean64(image, factors).astype(np.float32)
+    low = block_mean_reference(image, factors).astype(np.float32)
     field = (low / low.mean()).astype(np.float32)
     lscale, ltrans = lowres_geometry(scale, translation, factors)
-    axes = zip(image.shape, factors, scale, translation, strict=True)
-    last = [block_centres(n, f, s, t)[-1] for n, f, s, t in axes]
+    last = last_centres_reference(image.shape, factors, scale, translation)
     up = upsample_array(field, image.shape, scale=scale, translation=translation,
                         low_scale=lscale, low_translation=ltrans, low_last_centre=last)  # fmt: skip
     values = image / up
@@ -273,7 +250,9 @@ def test_the_plugin_sees_exact_block_means_whatever_the_dtype(dtype, chunks):
     apply_scaled_processing(da.from_array(image, (1, *chunks)), plugin, (3, 4, 4))
     assert [a.dtype for a in seen] == [np.float32] * 2
     for c in range(2):
-        np.testing.assert_array_equal(seen[c], block_mean64(image[c], (3, 4, 4)).astype(np.float32))
+        np.testing.assert_array_equal(
+            seen[c], block_mean_reference(image[c], (3, 4, 4)).astype(np.float32)
+        )
 
 
 @pytest.mark.parametrize("dtype", LOWRES_DTYPES)
@@ -283,7 +262,7 @@ def test_lowres_block_mean_is_exact_in_floating_point(dtype):
     image = rng.integers(info.min, info.max, (2, 21, 22, 23), endpoint=True).astype(dtype)
     got = lowres_block_mean(da.from_array(image, (1, 5, 8, 9)), (1, 2, 3, 4)).compute()
     assert got.dtype == np.result_type(dtype, np.float32)
-    want = block_mean64(image, (1, 2, 3, 4))
+    want = block_mean_reference(image, (1, 2, 3, 4))
     np.testing.assert_array_equal(got, want.astype(got.dtype))
 
 
@@ -299,7 +278,7 @@ def test_integer_and_float_copies_of_the_same_data_give_the_same_result(plugin):
     for res in results[1:]:
         np.testing.assert_array_equal(res.field, results[0].field)
         np.testing.assert_array_equal(res.image.compute(), results[0].image.compute())
-    low = block_mean64(data, (3, 4, 4)).astype(np.float32)
+    low = block_mean_reference(data, (3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(results[0].field, plugin().lowres_func(low), rtol=1e-6)
 
 
@@ -330,7 +309,7 @@ def test_a_linear_ramp_comes_back_exactly_up_to_the_far_edge(
         np.clip(x, c[0], c[-1])
         for x, c in zip(
             positions,
-            (block_centres(n, f, s, t)
+            (block_centres_reference(n, f, s, t)
              for n, f, s, t in zip(shape, factors, scale, translation, strict=True)),
             strict=True,
         )
@@ -340,12 +319,13 @@ def test_a_linear_ramp_comes_back_exactly_up_to_the_far_edge(
     got = res.image.compute()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
     # The same as linear interpolation between the true block centres, done with NumPy.
-    ref = interp_reference(res.field, shape, factors, scale, translation)
+    centres = [block_centres_reference(n, f, s, t)
+               for n, f, s, t in zip(shape, factors, scale, translation, strict=True)]  # fmt: skip
+    ref = interp_reference(res.field, shape, scale, translation, centres)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
     assert res.field_last_centre == pytest.approx(
-        [block_centres(n, f, s, t)[-1]
-         for n, f, s, t in zip(shape, factors, scale, translation, strict=True)], abs=1e-12
-    )  # fmt: skip
+        last_centres_reference(shape, factors, scale, translation), abs=1e-12
+    )
 
 
 def test_a_given_lowres_image_can_have_its_last_voxel_off_the_grid():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tests.conftest import block_centres_reference, block_mean_reference, interp_reference
 from voxflow.core.pyramid import downsample_array, level_transform
 from voxflow.core.upsample import (
     UpsampleRecipe,
@@ -263,35 +264,9 @@ def test_weights_with_start_are_a_slice_of_the_whole_axis():
 # --------------------------------------------------------------------------- last voxel off grid
 
 
-def _true_centres(n, f, scale, translation):
-    """Centre of the voxels each block of `f` holds along an axis of `n` (the last partial)."""
-    starts = np.arange(0, n, f)
-    stops = np.minimum(starts + f, n)
-    return translation + (starts + stops - 1) / 2 * scale
-
-
-def _interp(field, shape, g, centres):
-    """NumPy reference: linear interpolation between `centres` per axis, clamped (np.interp)."""
-    out = field.astype(np.float64)
-    for axis, (n, xp) in enumerate(zip(shape, centres, strict=True)):
-        x = g["translation"][axis] + np.arange(n) * g["scale"][axis]
-        out = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, out)
-    return out
-
-
-def _block_mean(image, factors):
-    """Mean of every (possibly partial) block, from sums and counts (np.add.reduceat)."""
-    sums, counts = image.astype(np.float64), np.ones(image.shape)
-    for axis, f in enumerate(factors):
-        starts = np.arange(0, image.shape[axis], f)
-        sums = np.add.reduceat(sums, starts, axis=axis)
-        counts = np.add.reduceat(counts, starts, axis=axis)
-    return sums / counts
-
-
 def _partial_geometry(shape, factors, scale, translation):
     g = _geometry(shape, factors, scale, translation)
-    centres = [_true_centres(n, f, s, t)
+    centres = [block_centres_reference(n, f, s, t)
                for n, f, s, t in zip(shape, factors, scale, translation, strict=True)]  # fmt: skip
     return g, centres, tuple(c[-1] for c in centres)
 
@@ -311,7 +286,12 @@ def test_last_voxel_at_its_own_centre_matches_numpy_interp(shape, factors, scale
     g, centres, last = _partial_geometry(shape, factors, scale, translation)
     field = _field(shape, factors, np.float64, seed=13)
     got = upsample_array(field, shape, dtype=np.float64, low_last_centre=last, **g)
-    np.testing.assert_allclose(got, _interp(field, shape, g, centres), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        got,
+        interp_reference(field, shape, g["scale"], g["translation"], centres),
+        rtol=1e-12,
+        atol=0,
+    )
     got32 = upsample_array(field.astype(np.float32), shape, low_last_centre=last, **g)
     np.testing.assert_allclose(got32, got, rtol=1e-6, atol=0)
 
@@ -329,7 +309,7 @@ def test_block_means_of_a_ramp_upsample_to_the_ramp_up_to_the_far_edge(
     ramp = 100.0 + sum(
         c * a for c, a in zip(slopes, np.meshgrid(*positions, indexing="ij"), strict=True)
     )
-    field = _block_mean(ramp, factors)
+    field = block_mean_reference(ramp, factors)
     clamped = [np.clip(x, c[0], c[-1]) for x, c in zip(positions, centres, strict=True)]
     want = 100.0 + sum(
         c * a for c, a in zip(slopes, np.meshgrid(*clamped, indexing="ij"), strict=True)

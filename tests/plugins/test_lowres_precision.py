@@ -3,21 +3,12 @@
 import numpy as np
 import pytest
 
+from tests.conftest import block_mean_reference
 from voxflow.core import apply_scaled_processing
 from voxflow.plugins import GaussianBiasFieldCorrection, IntensityNormalization
 
 SHAPE = (24, 41, 37)
 FACTORS = (3, 4, 4)
-
-
-def _block_mean(image, factors):
-    """Exact mean of every (possibly partial) block, in float64, from sums and counts."""
-    sums, counts = image.astype(np.float64), np.ones(image.shape)
-    for axis, f in enumerate(factors):
-        starts = np.arange(0, image.shape[axis], f)
-        sums = np.add.reduceat(sums, starts, axis=axis)
-        counts = np.add.reduceat(counts, starts, axis=axis)
-    return sums / counts
 
 
 def _biased(low, high, seed):
@@ -35,7 +26,7 @@ def test_normalize_takes_its_percentiles_from_exact_block_means(dtype, low, high
     for kind in (dtype, np.float32):
         plugin = IntensityNormalization(low=1.0, high=99.0, out_max=float(np.iinfo(dtype).max))
         runs[kind] = apply_scaled_processing(data.astype(kind), plugin, FACTORS, dtype="float32")
-    means = _block_mean(data, FACTORS).astype(np.float32).astype(np.float64)
+    means = block_mean_reference(data, FACTORS).astype(np.float32).astype(np.float64)
     want = tuple(np.percentile(means, [1.0, 99.0]))
     for res in runs.values():
         (run,) = res.plugins

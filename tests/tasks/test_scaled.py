@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import snapshot
+from tests.conftest import block_mean_reference, last_centres_reference, snapshot
 from voxflow.core.scaled import PluginHookError, lowres_geometry
 from voxflow.core.upsample import upsample_array
 from voxflow.io import NotAnImageError, open_image, read_level, write_image
@@ -75,28 +75,12 @@ def _input(path, shape=(2, 20, 45, 38), scale=(1.0, 3.0, 1.5, 1.5), seed=0, dtyp
     return str(path), data
 
 
-def _block_mean(image, factors):
-    """Exact mean of every (possibly partial) block, in float64, from sums and counts."""
-    sums, counts = image.astype(np.float64), np.ones(image.shape)
-    for axis, f in enumerate(factors):
-        starts = np.arange(0, image.shape[axis], f)
-        sums = np.add.reduceat(sums, starts, axis=axis)
-        counts = np.add.reduceat(counts, starts, axis=axis)
-    return sums / counts
-
-
-def _last_centres(shape, factors, scale, translation):
-    """Centre of the voxels the last (maybe partial) block holds, per axis."""
-    return [t + ((-(-n // f) - 1) * f + n - 1) / 2 * s
-            for n, f, s, t in zip(shape, factors, scale, translation, strict=True)]  # fmt: skip
-
-
 def _expected(data, factors, scale, translation, gain=1.0, dtype=np.uint16):
     """The contract, on whole NumPy arrays: block mean, field, upsample, divide, round, clip."""
-    low = _block_mean(data, factors).astype(np.float32)
+    low = block_mean_reference(data, factors).astype(np.float32)
     field = (low / low.mean()).astype(np.float32)
     lscale, ltrans = lowres_geometry(scale, translation, factors)
-    last = _last_centres(data.shape, factors, scale, translation)
+    last = last_centres_reference(data.shape, factors, scale, translation)
     up = upsample_array(field, data.shape, scale=scale, translation=translation,
                         low_scale=lscale, low_translation=ltrans, low_last_centre=last)  # fmt: skip
     values = gain * data / up
@@ -217,7 +201,7 @@ def test_integer_and_float_inputs_of_the_same_data_give_the_same_output(tmp_path
         np.testing.assert_array_equal(field, outputs[0][0])
         np.testing.assert_array_equal(image, outputs[0][1])
     f = (factor,) * 3 if isinstance(factor, int) else factor
-    low = _block_mean(data[0], f).astype(np.float32)
+    low = block_mean_reference(data[0], f).astype(np.float32)
     np.testing.assert_allclose(outputs[0][0][0], low / low.mean(), rtol=1e-6)
 
 
