@@ -147,15 +147,31 @@ def test_synth_em_stack_options_reach_ground_truth(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_pyramid_help_and_readme_state_every_default():
-    import click
+def _commands():
     import typer
 
-    command = typer.main.get_command(app).commands["pyramid"]
+    root = typer.main.get_command(app)
+    for name, command in root.commands.items():
+        subcommands = getattr(command, "commands", {})
+        yield from (
+            ((f"{name} {n}", c) for n, c in subcommands.items())
+            if subcommands
+            else [(name, command)]
+        )
+
+
+@pytest.mark.parametrize(("name", "command"), list(_commands()), ids=[n for n, _ in _commands()])
+def test_every_option_of_every_command_states_its_default(name, command):
+    """An option left out does something: the help says what (typer's default, or the text)."""
+    import click
+
     for param in command.params:
         if isinstance(param, click.Option) and not (param.is_flag or param.required):
             shown = param.default is not None and param.show_default is not False
-            assert shown or "default" in (param.help or ""), f"{param.name} shows no default"
+            assert shown or "default" in (param.help or ""), f"{name} {param.name}: no default"
+
+
+def test_pyramid_help_and_readme_state_every_default():
     result = runner.invoke(app, ["pyramid", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
