@@ -12,7 +12,7 @@ from tests.conftest import snapshot
 from voxflow.io import Location, open_image, read_level, write_image
 from voxflow.tasks import ScaledParams, scaled_processing, write_lightsheet
 from voxflow.tasks import segment as segment_module
-from voxflow.tasks.count import CountParams, count, count_run, discard_counts, read_regions
+from voxflow.tasks.count import CountParams, count, count_run, read_regions
 from voxflow.tasks.report import read_json, segmentation_figures
 from voxflow.tasks.segment import InstanceParams, MaskParams, SegmentParams, segment
 
@@ -177,13 +177,15 @@ def test_count_without_an_atlas_removes_the_region_table_of_an_earlier_count(
     deleted = []
     delete = Location.delete
     monkeypatch.setattr(Location, "delete",
-                        lambda loc, key="": deleted.append(key) or delete(loc, key))  # fmt: skip
+                        lambda loc, key="": deleted.append(f"{loc.url}/{key}".rstrip("/"))
+                        or delete(loc, key))  # fmt: skip
     counted = count(str(run), CountParams())
     assert counted.regions is None and counted.rows == () and counted.notes == ()
     assert counted.computed == ("qc",)  # the same maps; the picture loses its bar chart
     assert not (run / "regions.csv").exists()
     assert not (run / "steps/regions.json").exists()
-    assert deleted.index("steps/regions.json") < deleted.index("regions.csv")  # record first
+    where = f"{run}/"
+    assert deleted.index(where + "steps/regions.json") < deleted.index(where + "regions.csv")
     assert _records_match_the_folder(run)
     monkeypatch.undo()
     assert count(str(run), params).computed == ("regions", "qc")  # and back with the atlas
@@ -210,6 +212,8 @@ def test_an_interrupted_rerun_leaves_no_later_step_done(lightsheet, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         segment(lightsheet["corrected"], str(run), other)
     assert {p.stem for p in (run / "steps").iterdir()} == {"mask"}
+    for made_later in ("objects.parquet", "counts.ome.zarr", "density.ome.zarr", "qc"):
+        assert not (run / made_later).exists(), made_later
     with pytest.raises(FileNotFoundError, match="no finished segmentation"):
         count(str(run), CountParams())
     monkeypatch.undo()
@@ -218,17 +222,31 @@ def test_an_interrupted_rerun_leaves_no_later_step_done(lightsheet, tmp_path, mo
     assert count(str(run), CountParams()).computed == ("counts", "qc")
 
 
-def test_discard_counts_removes_every_counting_step_and_nothing_else(lightsheet, tmp_path):
+def test_discard_removes_a_step_record_first_then_its_outputs(lightsheet, tmp_path, monkeypatch):
+    from voxflow.tasks._run import RunFolder
+
     run = tmp_path / "run"
     segment(lightsheet["corrected"], str(run))
     segmented = snapshot(run)
     count(str(run), CountParams(atlas=lightsheet["atlas"], regions=lightsheet["regions"]))
-    with pytest.raises(ValueError, match=r"`steps` must be counting steps .* got \['objects'\]"):
-        discard_counts(str(run), ["regions", "objects"])
-    assert (run / "regions.csv").exists()
-    discard_counts(str(run))
+    folder = RunFolder(str(run))
+    deleted = []
+    delete = Location.delete
+
+    def record(loc, key=""):
+        deleted.append((loc.url, key))
+        return delete(loc, key)
+
+    monkeypatch.setattr(Location, "delete", record)
+    folder.discard("counts")
+    keys = [key or url.rsplit("/", 1)[-1] for url, key in deleted]
+    assert keys.index("steps/counts.json") < keys.index("counts.ome.zarr")
+    assert keys.index("zarr.json") < keys.index("counts.ome.zarr"), "group metadata first"
+    monkeypatch.undo()
+    folder.discard_all_but(["mask", "labels", "objects"])
     assert snapshot(run) == segmented and _records_match_the_folder(run)
-    discard_counts(str(run), "qc")  # nothing left to remove
+    assert not (run / "qc").exists(), "a folder the removal empties goes too"
+    folder.discard("qc")  # nothing left to remove
     assert snapshot(run) == segmented
 
 
@@ -643,10 +661,3 @@ def test_counting_writes_the_ngff_version_of_the_run(tmp_path, version):
         assert ref.ngff_version == other, name
         stale = ".zattrs" if other == "0.5" else "zarr.json"
         assert not (run / f"{name}.ome.zarr" / stale).exists(), name
-    # A run recorded without the version: its labels image says which.
-    record = run / "steps/labels.json"
-    doc = json.loads(record.read_text())
-    del doc["ngff_version"]
-    record.write_text(json.dumps(doc))
-    assert count(str(run), CountParams(block_um=0.8)).computed == ("counts",)
-    assert open_image(str(run / "counts.ome.zarr")).ngff_version == other

@@ -16,7 +16,6 @@ from voxflow.tasks.count import (
     CountResult,
     check_count,
     count_run,
-    discard_counts,
 )
 from voxflow.tasks.segment import SegmentParams, SegmentResult, open_volume, segment_image
 
@@ -94,9 +93,6 @@ def segmentation_flow(
     counted = None
     if config.count is not None:
         counted = _count(seg.run, config.count, progress_key)
-    elif "objects" in seg.computed:
-        # Counts, region table and QC of the earlier objects no longer describe the new ones.
-        discard_counts(seg.run)
     return SegmentationResult(segment=seg, count=counted)
 
 

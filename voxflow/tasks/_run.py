@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from voxflow.io import ImageRef, Location, check_output
+from voxflow.io import ImageRef, Location, check_output, clear_output
 from voxflow.tasks._cache import code_version, content_key
 
 __all__ = [
@@ -92,8 +92,7 @@ class RunFolder:
             self.loc.delete()
         if same and old_input.get("channel") != channel:
             # Another channel of the same image: nothing of the old run applies.
-            for step in list_steps(self):
-                self.invalidate(step)
+            self.discard_all_but(())
         manifest = {
             "input": {"url": source.url, "fingerprint": source.fingerprint, "channel": channel},
             "code_version": code_version(),
@@ -122,6 +121,28 @@ class RunFolder:
     def invalidate(self, step: str) -> None:
         """Mark `step` as not done (before its outputs are replaced)."""
         self.loc.delete(f"steps/{step}.json")
+
+    def discard(self, step: str) -> None:
+        """Remove `step`: its record first, then the outputs the record lists.
+
+        In that order an interrupted removal leaves a step that is not done, never a record of
+        outputs that are gone. A zarr output loses its group metadata before its arrays, and a
+        folder the removal empties goes too.
+        """
+        record = self.loc.read_json(f"steps/{step}.json") or {}
+        self.invalidate(step)
+        for key in record.get("outputs", ()):
+            clear_output(self.loc.child(key))
+            parent = key.rpartition("/")[0]
+            if parent and not self.loc.holds_objects(parent):
+                self.loc.delete(parent)
+
+    def discard_all_but(self, keep: Iterable[str]) -> None:
+        """:meth:`discard` every recorded step but those in `keep`."""
+        kept = set(keep)
+        for step in list_steps(self):
+            if step not in kept:
+                self.discard(step)
 
     def finish(self, step: str, key: str, outputs: Iterable[str], **extra: Any) -> dict[str, Any]:
         """Record `step` as complete with `key`; call it after every output is written."""

@@ -6,7 +6,7 @@ import hashlib
 import io as _io
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,19 +27,17 @@ from voxflow.core.regions import (
     side_of,
     validate_region_table,
 )
-from voxflow.io import Location, open_image, provenance, write_image
+from voxflow.io import Location, clear_output, open_image, provenance, write_image
 from voxflow.tasks._compute import ProgressFn, compute_array, on_cluster
 from voxflow.tasks._run import RunFolder
 from voxflow.tasks.segment import Volume, open_volume
 
 __all__ = [
-    "COUNT_STEPS",
     "CountParams",
     "CountResult",
     "check_count",
     "count",
     "count_run",
-    "discard_counts",
     "read_regions",
 ]
 
@@ -50,8 +48,6 @@ _MAPS = ("counts.ome.zarr", "density.ome.zarr")
 _REGIONS = "regions.csv"
 _QC = "qc/overview.png"
 _OUTPUTS: dict[str, tuple[str, ...]] = {"counts": _MAPS, "regions": (_REGIONS,), "qc": (_QC,)}
-COUNT_STEPS = tuple(_OUTPUTS)
-"""The counting steps, in the order they run; each records ``steps/<step>.json``."""
 
 _NO_TABLE = (
     "no region table (--regions): regions.csv has one row per atlas id, labelled by the id, "
@@ -209,10 +205,7 @@ def _block_voxels(vol: Volume, block_um: float) -> tuple[int, int, int]:
 
 def _run_ngff_version(run: RunFolder) -> str:
     """The OME-NGFF version of the run's images: that of its labels."""
-    version = (run.loc.read_json("steps/labels.json") or {}).get("ngff_version")
-    if version is None:  # a run recorded without it: its labels image says
-        version = open_image(run.child("labels.ome.zarr")).ngff_version
-    return version or "0.5"
+    return open_image(run.child("labels.ome.zarr")).ngff_version or "0.5"
 
 
 def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, record,
@@ -224,7 +217,7 @@ def _write_maps(vol: Volume, run: RunFolder, objects: pd.DataFrame, block, recor
     scale, trans = level_transform(vol.scale, vol.translation, block, Method.MEAN)
     for name, data in zip(_MAPS, (counts.astype(np.uint32), density.astype(np.float32)),
                           strict=True):  # fmt: skip
-        run.loc.delete(name)  # a map of another NGFF version would leave its metadata behind
+        clear_output(run.child(name))  # a map of another NGFF version would leave its metadata
         write_image(run.child(name), data, _AXES, scale, translation=trans, units=vol.units,
                     name=name.split(".")[0], provenance=record,
                     ngff_version=ngff_version)  # fmt: skip
@@ -276,7 +269,7 @@ def count(
     Writes ``counts.ome.zarr`` and ``density.ome.zarr``, with an atlas ``regions.csv``, and
     ``qc/overview.png`` into the run folder, each step recorded under ``steps/``. What an
     earlier count made and this one does not (``regions.csv`` when there is no atlas now) is
-    removed with its record (see :func:`discard_counts`), so the folder never holds a
+    removed with its record (:meth:`RunFolder.discard`), so the folder never holds a
     region table of another count.
 
     Parameters
@@ -338,7 +331,7 @@ def _count(run: str, params: CountParams) -> CountResult:
     computed += ["counts"] if now else []
     rows, unlisted, regions_url, qc_upstream, notes = None, [], None, upstream, ()
     if atlas is None:
-        discard_counts(folder.url, "regions")
+        folder.discard("regions")
     else:
         key = qc_upstream = folder.key("regions", upstream, atlas.key_inputs(params))
 
@@ -367,47 +360,6 @@ def _run_step(
 ) -> tuple[dict[str, Any], bool]:
     """:meth:`RunFolder.run_step` of counting `step`, with the outputs it writes."""
     return folder.run_step(step, key, lambda: write() or {}, _OUTPUTS[step])
-
-
-def discard_counts(run: str, steps: str | Iterable[str] = COUNT_STEPS) -> None:
-    """Remove counting steps from a run folder: each step's record, then its outputs.
-
-    For counts that no longer describe the run: those of earlier objects, or the region
-    table of an earlier count with an atlas when there is none now. The record goes first:
-    an interrupted removal leaves a step that is not done, never a record of outputs that
-    are gone. Steps that are not there are skipped.
-
-    Parameters
-    ----------
-    run : str
-        A run folder.
-    steps : str or iterable of str, optional
-        One or more of :data:`COUNT_STEPS` (``"counts"``, ``"regions"``, ``"qc"``); all of
-        them by default.
-
-    Raises
-    ------
-    ValueError
-        For a step that is not a counting step.
-    """
-    steps = _validate_steps(steps)
-    folder = RunFolder(run)
-    for step in steps:
-        record = folder.loc.read_json(f"steps/{step}.json") or {}
-        folder.invalidate(step)
-        for key in sorted({*_OUTPUTS[step], *record.get("outputs", ())}):
-            folder.loc.delete(key)
-            parent = key.rpartition("/")[0]
-            if parent and not folder.loc.holds_objects(parent):
-                folder.loc.delete(parent)
-
-
-def _validate_steps(steps: str | Iterable[str]) -> tuple[str, ...]:
-    steps = (steps,) if isinstance(steps, str) else tuple(steps)
-    unknown = [s for s in steps if s not in _OUTPUTS]
-    if unknown:
-        raise ValueError(f"`steps` must be counting steps {COUNT_STEPS}, got {unknown}")
-    return steps
 
 
 def _json_rows(table: pd.DataFrame) -> tuple[dict[str, Any], ...]:

@@ -6,6 +6,7 @@ content key (upstream key + its parameters + code version) says its outputs are 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from voxflow.tasks._compute import (
     on_cluster,
     publish_progress,
 )
-from voxflow.tasks._run import RunFolder, list_steps
+from voxflow.tasks._run import RunFolder
 from voxflow.tasks.pyramid import (
     PyramidParams,
     level0_chunks,
@@ -174,45 +175,26 @@ class SegmentResult(BaseModel):
     step_keys: dict[str, str] = Field(description="Content key of every step.")
 
 
-def _micrometres_per_unit(unit: str | None, *, axis: str = "", where: str = "") -> float:
-    """Length of one `unit` of a spatial axis in micrometres.
-
-    Parameters
-    ----------
-    unit : str or None
-        The axis unit as OME-NGFF writes it (``"nanometer"``, ``"micrometer"``,
-        ``"millimeter"``, ...; case ignored). None or an empty string: no unit, taken as
-        micrometres.
-    axis, where : str, optional
-        The axis name and the image, for the error message.
-
-    Returns
-    -------
-    float
-        Micrometres per unit: 1e-3 for ``"nanometer"``, 1e3 for ``"millimeter"``.
+def _validate_units(ref: ImageRef) -> tuple[float, ...]:
+    """Micrometres per unit of each spatial axis of `ref` (no unit: micrometres).
 
     Raises
     ------
     ValueError
-        When `unit` is not a length that voxflow converts (a time unit, say).
+        When an axis unit is not a length that voxflow converts (a time unit, say).
     """
-    factor = micrometres_per_unit(unit)
-    if factor is None:
-        raise ValueError(
-            f"axis {axis} of {where} has the unit {unit!r}, which is not a length voxflow can "
-            "convert to micrometres (an OME-NGFF space unit such as nanometer, micrometer or "
-            "millimeter); fix the axis unit in the image's metadata"
-        )
-    return factor
-
-
-def _validate_units(ref: ImageRef) -> tuple[float, ...]:
-    """Micrometres per unit of each spatial axis of `ref`; ValueError for a non-length unit."""
-    return tuple(
-        _micrometres_per_unit(unit, axis=name, where=ref.url)
-        for name, unit, spatial in zip(ref.dims, ref.units, spatial_mask(ref.dims), strict=True)
-        if spatial
-    )
+    factors = []
+    for name, unit, spatial in zip(ref.dims, ref.units, spatial_mask(ref.dims), strict=True):
+        factor = micrometres_per_unit(unit) if spatial else 1.0
+        if factor is None:
+            raise ValueError(
+                f"axis {name} of {ref.url} has the unit {unit!r}, which is not a length "
+                "voxflow can convert to micrometres (an OME-NGFF space unit such as nanometer, "
+                "micrometer or millimeter); fix the axis unit in the image's metadata"
+            )
+        if spatial:
+            factors.append(factor)
+    return tuple(factors)
 
 
 @dataclass(frozen=True)
@@ -250,9 +232,9 @@ class Volume:
         """Units of the spatial axes; ``"micrometer"`` for an axis without one."""
         return tuple(u or "micrometer" for u in self._spatial(self.ref.units))
 
-    @property
+    @functools.cached_property
     def um_per_unit(self) -> tuple[float, float, float]:
-        """Micrometres per unit of each spatial axis (z, y, x), see `_micrometres_per_unit`.
+        """Micrometres per unit of each spatial axis (z, y, x), see `_validate_units`.
 
         Raises
         ------
@@ -552,12 +534,9 @@ def segment(
     records, computed = {}, []
     for i, (name, outputs, make) in enumerate(steps):
         if folder.done(name, keys[name]) is None:
-            # Every later step (counting too) was made from this one's old outputs: none of
-            # them is done any more, so an interrupted rerun never leaves a mix behind.
-            earlier = {n for n, _, _ in steps[:i]}
-            for later in list_steps(folder):
-                if later not in earlier:
-                    folder.invalidate(later)
+            # Every later step (counting too) was made from this one's old outputs: they go
+            # before it is redone, so an interrupted rerun never leaves a mix behind.
+            folder.discard_all_but(n for n, _, _ in steps[:i])
         records[name], now = folder.run_step(name, keys[name], make, outputs)
         computed += [name] if now else []
     return SegmentResult(run=folder.url, objects=records["objects"]["objects"],
@@ -606,7 +585,7 @@ def _make_labels(vol: Volume, folder: RunFolder, params: SegmentParams,
     )
     write_volume(vol, folder.child("labels.ome.zarr"), labels, record=record,
                  ngff_version=params.ngff_version, progress=progress)  # fmt: skip
-    return {"objects": int(n), "ngff_version": params.ngff_version}
+    return {"objects": int(n)}
 
 
 def _make_objects(vol: Volume, folder: RunFolder, params: SegmentParams) -> dict:
