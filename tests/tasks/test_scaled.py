@@ -118,6 +118,8 @@ def test_output_equals_the_whole_array_contract_per_channel(tmp_path, factor):
     want_scale, want_trans = lowres_geometry(src_ref.scale, src_ref.translation, factors)
     assert field_ref.scale == pytest.approx(want_scale)
     assert field_ref.translation == pytest.approx(want_trans)
+    last = last_centres_reference(data.shape, factors, src_ref.scale, src_ref.translation)
+    assert field_ref.provenance["field_last_centre"] == pytest.approx(last, abs=1e-12)
     assert not os.path.exists(os.path.join(out, INCOMPLETE_MARKER))
     from ome_zarr_models.v05.image import Image
 

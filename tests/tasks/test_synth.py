@@ -19,6 +19,9 @@ def test_lightsheet_dataset_on_disk(tmp_path, ngff_version):
     assert image.dims == ("c", "z", "y", "x") and image.ngff_version == ngff_version
     assert image.scale == (1.0, *expected.spacing)
     assert [c["label"] for c in image.omero["channels"]] == list(expected.channel_names)
+    for channel, data in zip(image.omero["channels"], expected.image, strict=True):
+        lo, hi = np.percentile(data, (0.5, 99.8))
+        assert channel["window"] == {"min": 0.0, "max": 65535.0, "start": lo, "end": hi}
     np.testing.assert_array_equal(read_level(image).compute(), expected.image)
     np.testing.assert_array_equal(read_level(open_image(written["cells"])).compute(),
                                   expected.cell_labels)  # fmt: skip

@@ -511,7 +511,7 @@ def write_image_metadata(
         were made for.
     """
     loc = Location.parse(location)
-    if fit_windows and omero:
+    if fit_windows and omero and omero.get("channels"):
         omero = _fit_windows(omero, _window_sample(loc, multiscale, ngff_version), multiscale.dims)
     extra = {"voxflow": provenance} if provenance else None
     attrs = group_attributes(

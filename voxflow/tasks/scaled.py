@@ -247,6 +247,9 @@ def _lowres(
 def _write_field(out: Location, result: ScaledResult, source: ImageRef, name: str,
                  version_: str, record: dict) -> str:  # fmt: skip
     fields = out.child("fields")
+    # OME-NGFF places voxels on a regular grid; where the last voxel of a partial block was
+    # applied from (the centre of the voxels it summarises) goes with the provenance.
+    record = {**record, "field_last_centre": list(result.field_last_centre)}
     write_image(
         fields.child(name), result.field, source.dims, result.field_scale,
         translation=result.field_translation, units=source.units, name=f"{name} field",

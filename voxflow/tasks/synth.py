@@ -18,6 +18,7 @@ from voxflow.io import (
     write_image,
 )
 from voxflow.io.ngff import NGFF_VERSIONS
+from voxflow.io.omero import fit_windows
 
 __all__ = ["write_em_stack", "write_lightsheet"]
 
@@ -27,15 +28,9 @@ _TRUTH = "ground_truth.json"  # at the root of every dataset: the folder is one 
 
 def _omero(image: np.ndarray, names: Sequence[str]) -> dict:
     colours = ("00FF00", "FF00FF", "00FFFF", "FFFF00")
-    channels = []
-    for i, name in enumerate(names):
-        lo, hi = (float(v) for v in np.percentile(image[i], (0.5, 99.8)))
-        channels.append({
-            "label": name, "color": colours[i % len(colours)], "active": True,
-            "window": {"min": 0.0, "max": float(np.iinfo(image.dtype).max), "start": lo,
-                       "end": hi},
-        })  # fmt: skip
-    return {"channels": channels, "rdefs": {"model": "color"}}
+    channels = [{"label": name, "color": colours[i % len(colours)], "active": True}
+                for i, name in enumerate(names)]  # fmt: skip
+    return fit_windows({"channels": channels, "rdefs": {"model": "color"}}, image, "czyx")
 
 
 def _regions_csv(rows: list[dict]) -> bytes:
