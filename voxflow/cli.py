@@ -355,8 +355,8 @@ def pyramid(
             "clevel": store.clevel if clevel is None else clevel,
         },
     })  # fmt: skip
-    _, plan = validate_pyramid(config)
-    before = _image_or_none(config.target)
+    source, plan = validate_pyramid(config)
+    before = source if config.in_place else _image_or_none(config.target)
     start = time.perf_counter()
     ref = run_with_progress(
         lambda s, key: run_pyramid(config, s, progress_key=key), settings, "pyramid"
@@ -722,14 +722,14 @@ def _one_or_many(values: tuple | None) -> Any:
     return values[0] if values and len(values) == 1 else values
 
 
-def _print_alignment(ref: ImageRef, seconds: float, *, reused: bool = False) -> None:
+def _print_alignment(ref: ImageRef, seconds: float, before: ImageRef | None) -> None:
     from voxflow.flows.register import TRANSFORMS_FILE
 
     doc = (ref.provenance or {}).get("transforms") or {}
     pairs = doc.get("pairs", [])
     failed = [p for p in pairs if not p["converged"]]
     (y0, y1), (x0, x1) = doc.get("crop", {}).get("box", [[0, 0], [0, 0]])
-    done = _reused(ref, ref if reused else None) or f"wrote [bold]{ref.url}[/]"
+    done = _reused(ref, before) or f"wrote [bold]{ref.url}[/]"
     out.print(f"{done} in {seconds:.1f} s: {len(pairs)} pairs, crop box y {y0}:{y1}, "
               f"x {x0}:{x1}")  # fmt: skip
     if failed:
@@ -740,16 +740,15 @@ def _print_alignment(ref: ImageRef, seconds: float, *, reused: bool = False) -> 
     _print_levels(ref)
 
 
-# The least `--samples` that RegistrationParams accepts; 0 stands for None (every pixel).
-_MIN_SAMPLES = 64
-
-
 def _samples(samples: int) -> int | None:
+    """`--samples` as the registration takes it: 0 stands for None (every pixel)."""
+    from voxflow.core.register import MIN_SAMPLES
+
     if samples == 0:
         return None
-    if samples < _MIN_SAMPLES:
+    if samples < MIN_SAMPLES:
         raise ValueError(
-            f"`--samples` must be >= {_MIN_SAMPLES}, or 0 to read every pixel; got {samples}"
+            f"`--samples` must be >= {MIN_SAMPLES}, or 0 to read every pixel; got {samples}"
         )
     return samples
 
@@ -843,7 +842,7 @@ def register(
         lambda s, key: run_registration(config, s, progress_key=key), settings,
         f"register ({transform})",
     )  # fmt: skip
-    _print_alignment(ref, time.perf_counter() - start, reused=ref == before)
+    _print_alignment(ref, time.perf_counter() - start, before)
 
 
 @app.command()
@@ -873,9 +872,10 @@ def warp(
                          "pyramid": _storage(settings, ngff_version)},
     })  # fmt: skip
     validate_warp(config, settings)
+    before = _image_or_none(output)
     start = time.perf_counter()
     ref = run_with_progress(lambda s, key: run_warp(config, s, progress_key=key), settings, "warp")
-    _print_alignment(ref, time.perf_counter() - start)
+    _print_alignment(ref, time.perf_counter() - start, before)
 
 
 @app.command("plugins")

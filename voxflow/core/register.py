@@ -85,7 +85,7 @@ _DEFAULT_LR_PER_FACTOR = 0.1
 _MIN_LEVEL_PX = 16  # coarse levels keep at least this many pixels on the short side
 _MIN_SIZE = 8
 DEFAULT_SAMPLES = 2**15  # pixels per pair the loss reads at a level that has more
-_MIN_SAMPLES = 64
+MIN_SAMPLES = 64  # the fewest pixels per pair a sampled level may read
 _EDGE_RAMP = 1.0  # level pixels over which a pixel's weight rises inside the fixed frame
 _MIN_OVERLAP = 0.1  # a pair whose overlap falls below this fraction of the frame is dropped
 _STD_TINY = 1e-6  # relative standard deviation below which an image counts as constant
@@ -790,10 +790,10 @@ def _validate_samples(samples: object) -> int | None:
     if samples is None:
         return None
     try:
-        return _validate_int(samples, "samples", _MIN_SAMPLES)
+        return _validate_int(samples, "samples", MIN_SAMPLES)
     except ValueError:
         raise ValueError(
-            f"`samples` must be >= {_MIN_SAMPLES}, or None to read every pixel; got {samples}"
+            f"`samples` must be >= {MIN_SAMPLES}, or None to read every pixel; got {samples}"
         ) from None
 
 

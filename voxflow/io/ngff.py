@@ -106,6 +106,11 @@ def _parse_axes(raw: Sequence[Any]) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
+def _ome_block(attrs: dict[str, Any], zarr_format: int) -> dict[str, Any]:
+    """Where a group keeps its OME-NGFF keys: under ``ome`` in 0.5 (zarr v3), at the top in 0.4."""
+    return attrs.get("ome", attrs) if zarr_format == 3 else attrs
+
+
 def parse_group_attributes(attrs: dict[str, Any], *, zarr_format: int) -> tuple[Multiscale, dict]:
     """Read the first multiscale image and the omero block from group attributes.
 
@@ -128,7 +133,7 @@ def parse_group_attributes(attrs: dict[str, Any], *, zarr_format: int) -> tuple[
     ValueError
         When the attributes hold no multiscales, or axes or transforms are malformed.
     """
-    ome = attrs.get("ome", attrs) if zarr_format == 3 else attrs
+    ome = _ome_block(attrs, zarr_format)
     multiscales = ome.get("multiscales")
     if not multiscales:
         raise ValueError("the group has no OME-NGFF `multiscales` metadata")
@@ -178,7 +183,7 @@ def parse_image_label(attrs: dict[str, Any], *, zarr_format: int) -> dict[str, A
     ValueError
         When ``image-label`` is present but is not a JSON object.
     """
-    ome = attrs.get("ome", attrs) if zarr_format == 3 else attrs
+    ome = _ome_block(attrs, zarr_format)
     block = ome.get("image-label")
     if block is None:
         return None
