@@ -508,3 +508,17 @@ def test_integer_mean_fast_path_equals_exact_rounding(factors, dtype, shape):
         total, count = int(block.astype(object).sum()), block.size
         expected[index] = (2 * total + count) // (2 * count)  # floor(mean + 1/2), exactly
     np.testing.assert_array_equal(downsample_array(image, factors, "mean"), expected)
+
+
+def test_mean_in_a_float_dtype_is_the_exact_mean_not_rounded():
+    from tests.conftest import block_mean_reference
+
+    image = np.random.default_rng(9).integers(0, 60000, (9, 17, 23), dtype=np.uint16)
+    lazy = downsample(da.from_array(image, (4, 8, 7)), (2, 3, 4), "mean", dtype=np.float32)
+    assert lazy.dtype == np.float32
+    want = block_mean_reference(image, (2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(lazy.compute(), want)
+    with pytest.raises(ValueError, match="for the mean only"):
+        downsample(da.from_array(image), (2, 2, 2), "max", dtype=np.float32)
+    with pytest.raises(TypeError):
+        downsample(da.from_array(image), (2, 2, 2), "mean", dtype=np.int32)

@@ -354,10 +354,16 @@ def _run(kernel, a: np.ndarray, factors: tuple[int, int, int], *args) -> np.ndar
     return out.view(a.dtype)
 
 
-def block_mean(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Block mean of a 4D array; integers round half up, 64-bit integers accumulate in float64."""
-    if a.dtype.kind == "f":
-        out = np.empty(reduced_shape(a.shape, (1, *factors)), dtype=a.dtype)
+def block_mean(
+    a: np.ndarray, factors: tuple[int, int, int], dtype: np.dtype | None = None
+) -> np.ndarray:
+    """Block mean of a 4D array; integers round half up, 64-bit integers accumulate in float64.
+
+    A float `dtype` gives the exact means in that dtype (summed in float64, not rounded),
+    whatever the dtype of `a`.
+    """
+    if a.dtype.kind == "f" or dtype is not None:
+        out = np.empty(reduced_shape(a.shape, (1, *factors)), dtype=dtype or a.dtype)
         _mean_float(a, *factors, out, False, 0.0, 0.0)
         return out
     if a.dtype.itemsize < 8:

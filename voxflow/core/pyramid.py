@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from voxflow.core import _kernels
 from voxflow.core._kernels import reduced_shape
-from voxflow.core._validate import validate_choice
+from voxflow.core._validate import validate_choice, validate_dtype
 from voxflow.core._validate import validate_int as _validate_int
 
 __all__ = ["Method", "downsample", "downsample_array", "level_transform"]
@@ -297,6 +297,7 @@ def downsample(
     method: Method | str = "mean",
     *,
     chunks: Sequence[int] | None = None,
+    dtype: np.dtype | str | type | None = None,
 ) -> da.Array:
     """Lazily reduce each block of ``factors`` voxels of a Dask array to one voxel.
 
@@ -318,12 +319,15 @@ def downsample(
         chunks of this shape, the last one along an axis partial, so output blocks can be
         aligned with the shards of a store. None derives it from the input: the largest input
         chunk along each axis divided (floor) by the factor, at least 1.
+    dtype : float dtype, optional
+        For ``mean`` only: the exact means in this dtype, not rounded to an integer `image`'s
+        (each block summed in float64 inside its task). None: the dtype of `image`.
 
     Returns
     -------
     dask.array.Array, shape ``ceil(image.shape / factors)``
-        The reduced image, of the dtype of `image`, chunked by `chunks`. Lazy; each task reads
-        one aligned input block (plus a halo for the Gaussian).
+        The reduced image, of the dtype of `image` (or `dtype`), chunked by `chunks`. Lazy;
+        each task reads one aligned input block (plus a halo for the Gaussian).
 
     Raises
     ------
@@ -346,12 +350,18 @@ def downsample(
     aligned = image.rechunk(in_chunks)
     if method is Method.GAUSSIAN:
         return _smooth_and_sample(aligned, factors, out_chunks, image.dtype)
+    kernel, out_dtype = _IMPLEMENTATIONS[method], image.dtype
+    if dtype is not None:
+        out_dtype = validate_dtype(dtype, "f", "a float dtype")
+        if method is not Method.MEAN:
+            raise ValueError(f"`dtype` is for the mean only, got method {method.value}")
+        kernel = functools.partial(_on_4d, functools.partial(_kernels.block_mean, dtype=out_dtype))
     return aligned.map_blocks(
-        _IMPLEMENTATIONS[method],
+        kernel,
         factors=factors,
-        dtype=image.dtype,
+        dtype=out_dtype,
         chunks=out_chunks,
-        meta=np.empty((0,) * image.ndim, image.dtype),
+        meta=np.empty((0,) * image.ndim, out_dtype),
     )
 
 

@@ -27,7 +27,6 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 
-from voxflow.core._validate import validate_int
 from voxflow.core.axes import spatial_mask, validate_dims
 from voxflow.core.pyramid import Method, downsample, level_transform
 from voxflow.core.upsample import cast_to_dtype, upsample
@@ -365,10 +364,8 @@ def lowres_block_mean(image: da.Array, factors: Sequence[int]) -> da.Array:
     """Lazy block mean of `image` by `factors`, in floating point: the plugin's input.
 
     Unlike a pyramid level of an integer image (:func:`voxflow.core.downsample` keeps the
-    dtype, rounding each mean), the means are not rounded: each block is converted to
-    ``np.result_type(image.dtype, np.float32)`` (float32 for integers of up to 16 bits, which
-    it holds exactly; float64 for wider integers and float64), summed in float64 and divided
-    by the number of voxels it holds (a partial block at the far edge: those it has). So
+    dtype, rounding each mean), the means are not rounded: each block is summed in float64,
+    divided by the number of voxels it holds (a partial block at the far edge: those it has). So
     integer and float copies of the same data give the same low-resolution image.
 
     Parameters
@@ -381,8 +378,8 @@ def lowres_block_mean(image: da.Array, factors: Sequence[int]) -> da.Array:
     Returns
     -------
     dask.array.Array, shape ``ceil(image.shape / factors)``
-        Float32 or float64 (see above), computed block by block: the conversion happens inside
-        each task, on one block of `image` at a time.
+        Float32 or float64 (see above), computed block by block (``downsample`` with a float
+        `dtype`: each block is summed in float64, no converted copy of it is made).
 
     Raises
     ------
@@ -393,19 +390,7 @@ def lowres_block_mean(image: da.Array, factors: Sequence[int]) -> da.Array:
         raise TypeError(f"`image` must be a dask.array.Array, got {type(image).__name__}")
     if image.dtype.kind not in "iuf":
         raise TypeError(f"`image` must hold integers or floats, got {image.dtype}")
-    work = np.result_type(image.dtype, np.float32)
-    if image.dtype == work:
-        return downsample(image, factors, Method.MEAN)
-    if isinstance(factors, str | bytes) or not isinstance(factors, Sequence | np.ndarray):
-        raise TypeError(f"`factors` must be a sequence of integers, got {type(factors).__name__}")
-    if len(factors) != image.ndim:
-        raise ValueError(f"`factors` needs one integer per axis ({image.ndim}), got {factors}")
-    factors = tuple(validate_int(f, "factors", 1) for f in factors)
-    # Blocks aligned with the factors before the conversion, so that no converted (wider)
-    # voxels move between blocks: each output block comes from one converted input block.
-    out = tuple(max(max(c) // f, 1) for c, f in zip(image.chunks, factors, strict=True))
-    aligned = image.rechunk(tuple(c * f for c, f in zip(out, factors, strict=True)))
-    return downsample(aligned.astype(work), factors, Method.MEAN, chunks=out)
+    return downsample(image, factors, Method.MEAN, dtype=np.result_type(image.dtype, np.float32))
 
 
 # --------------------------------------------------------------------------- the two steps
