@@ -26,6 +26,7 @@ from voxflow.core.scaled import (
 )
 from voxflow.io import (
     ImageRef,
+    LevelRef,
     Location,
     check_output,
     open_image,
@@ -125,13 +126,18 @@ def find_lowres_level(source: ImageRef, factors: Sequence[int]) -> int | None:
     if (source.method or "").lower() not in _MEAN_LIKE:
         return None
     for i, lv in enumerate(source.levels[1:], start=1):
-        shape = tuple(-(-n // f) for n, f in zip(source.shape, factors, strict=True))
-        ratios = [a / b for a, b in zip(lv.scale, source.scale, strict=True)]
-        if lv.shape == shape and all(
-            math.isclose(r, f, rel_tol=1e-6) for r, f in zip(ratios, factors, strict=True)
-        ):
+        if _reduced_by(source.levels[0], lv, factors):
             return i
     return None
+
+
+def _reduced_by(coarse_of: LevelRef, level: LevelRef, factors: Sequence[int]) -> bool:
+    """Whether `level` reads as `coarse_of` reduced by `factors` (in shape and in scale)."""
+    return all(
+        f >= 1 and n == -(-p // f) and math.isclose(a / b, f, rel_tol=1e-6)
+        for f, n, p, a, b in zip(factors, level.shape, coarse_of.shape, level.scale,
+                                 coarse_of.scale, strict=True)
+    )  # fmt: skip
 
 
 def _output_plan(source: ImageRef, params: ScaledParams, channels: tuple[int, ...] | None,
@@ -200,10 +206,7 @@ def _level_steps(source: ImageRef, level: int, factors: tuple[int, ...]) -> list
     steps = []
     for prev, lv in zip(source.levels[:level], source.levels[1 : level + 1], strict=True):
         step = tuple(round(a / b) for a, b in zip(lv.scale, prev.scale, strict=True))
-        if any(
-            f < 1 or not math.isclose(a / b, f, rel_tol=1e-6) or n != -(-p // f)
-            for f, a, b, n, p in zip(step, lv.scale, prev.scale, lv.shape, prev.shape, strict=True)
-        ):
+        if not _reduced_by(prev, lv, step):
             return [factors]
         steps.append(step)
     return steps
