@@ -3,7 +3,6 @@
 from voxflow.runtime.cluster import (
     GPU_WORKER_GROUP,
     gpu_worker_group_spec,
-    interrupts_blocked,
     kubernetes_adapt_kwargs,
     kubernetes_cluster_spec,
     local_cluster_kwargs,
@@ -25,7 +24,6 @@ from voxflow.runtime.prefect import (
 __all__ = [
     "GPU_WORKER_GROUP",
     "gpu_worker_group_spec",
-    "interrupts_blocked",
     "kubernetes_adapt_kwargs",
     "kubernetes_cluster_spec",
     "local_cluster_kwargs",

@@ -9,7 +9,6 @@ until :func:`start_kube_cluster` is called.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "GPU_WORKER_GROUP",
     "gpu_worker_group_spec",
-    "interrupts_blocked",
     "kubernetes_adapt_kwargs",
     "kubernetes_cluster_spec",
     "local_cluster_kwargs",
@@ -131,31 +129,6 @@ def worker_environ(threads: int) -> dict[str, str]:
         Variable names and values.
     """
     return {"MALLOC_ARENA_MAX": str(max(2, threads // 4))}
-
-
-@contextmanager
-def interrupts_blocked() -> Iterator[None]:
-    """Block SIGINT in the calling thread, and so in the threads and processes it starts.
-
-    A terminal's Ctrl-C reaches every process of the foreground process group. Processes
-    started inside this block (worker processes, an API server) inherit the blocked signal,
-    so only the process that started them decides what an interrupt does; they are stopped
-    by SIGTERM when it closes them. The calling thread's signal mask is restored on exit, so
-    an interrupt that arrived meanwhile is delivered then. Where signal masks are not
-    supported (Windows), nothing changes.
-
-    Yields
-    ------
-    None
-    """
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def start_local_cluster(**kwargs: Any) -> distributed.LocalCluster:

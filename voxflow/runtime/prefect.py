@@ -8,6 +8,7 @@ with the task, so the settings hold there as well.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -15,7 +16,6 @@ from typing import Any
 from prefect.filesystems import LocalFileSystem
 from prefect.settings import Settings, get_current_settings, temporary_settings
 
-from voxflow.runtime.cluster import interrupts_blocked
 from voxflow.settings import PrefectSettings
 
 __all__ = [
@@ -113,6 +113,25 @@ def _prefect_context(settings: PrefectSettings) -> Iterator[Settings]:
         yield current
 
 
+@contextmanager
+def _interrupts_blocked() -> Iterator[None]:
+    """Block SIGINT in the calling thread, and so in the processes it starts meanwhile.
+
+    A terminal's Ctrl-C reaches every process of the foreground process group; a server
+    process started inside this block inherits the blocked signal and is stopped by the
+    process that started it. The thread's mask is restored on exit, so an interrupt that
+    arrived meanwhile is delivered then. Without signal masks (Windows) nothing changes.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ephemeral_server() -> Any:
     """Prefect's ephemeral API server of this process, started; None when none is needed.
 
@@ -124,7 +143,7 @@ def _ephemeral_server() -> Any:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
-    with interrupts_blocked():  # the server process leaves a Ctrl-C to this one
+    with _interrupts_blocked():  # the server process leaves a Ctrl-C to this one
         server.start()  # once: later calls find it running
     return server
 
