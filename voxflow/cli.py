@@ -742,7 +742,7 @@ def _print_alignment(ref: ImageRef, seconds: float, before: ImageRef | None) -> 
 
 def _samples(samples: int) -> int | None:
     """`--samples` as the registration takes it: 0 stands for None (every pixel)."""
-    from voxflow.core.register import MIN_SAMPLES
+    from voxflow.flows.register import MIN_SAMPLES
 
     if samples == 0:
         return None

@@ -97,6 +97,10 @@ def test_flow_refuses_a_device_its_workers_lack_before_writing(tmp_path, setting
 
 @pytest.mark.parametrize(("samples", "valid"), [(63, False), (0, False), (64, True), (None, True)])
 def test_samples_bound_is_the_same_for_the_config_and_the_core(samples, valid):
+    from voxflow.core.register import MIN_SAMPLES as CORE
+    from voxflow.flows.register import MIN_SAMPLES
+
+    assert MIN_SAMPLES == CORE == 64
     pair = np.random.default_rng(0).random((2, 16, 16))
     if valid:
         assert RegistrationParams(samples=samples).samples == samples

@@ -15,6 +15,7 @@ from voxflow.settings import VoxflowSettings
 from voxflow.tasks import ImageRef, open_input
 from voxflow.tasks._compute import cluster_client, publish_progress
 from voxflow.tasks.register import (
+    MIN_SAMPLES,
     TRANSFORMS_FILE,
     PairResult,
     RegistrationParams,
@@ -30,6 +31,7 @@ from voxflow.tasks.register import (
 )
 
 __all__ = [
+    "MIN_SAMPLES",
     "TRANSFORMS_FILE",
     "RegistrationConfig",
     "WarpConfig",

@@ -76,6 +76,11 @@ _CONVENTION = (
 _Levels = Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=12)]
 
 
+MIN_SAMPLES = 64
+"""The fewest pixels per pair a sampled level may read (the core's bound; a test keeps them
+equal without importing torch here)."""
+
+
 class RegistrationParams(BaseModel):
     """How slices are registered, composed, warped and stored; the registration form."""
 
@@ -104,7 +109,9 @@ class RegistrationParams(BaseModel):
         1.0, ge=0, le=10, description="Gaussian sigma (pixels) at the finest level; 0: none."
     )
     samples: int | None = Field(
-        32768, ge=64, description="Pixels per pair the loss reads at a finer level; None: all."
+        32768,
+        ge=MIN_SAMPLES,
+        description="Pixels per pair the loss reads at a finer level; None: all.",
     )
     seed: int = Field(0, ge=0, description="Seed; equal seeds give identical results.")
     batch_size: PositiveInt = Field(16, le=4096, description="Pairs optimised as one batch.")
