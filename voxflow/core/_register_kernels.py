@@ -2,9 +2,10 @@
 
 One pass per pair samples the fixed image at the affine image of every moving pixel (as
 ``torch.nn.functional.grid_sample`` with ``align_corners=True`` and zero padding), weighs it
-by its distance inside the fixed frame and sums the six moments the losses need; a second
-pass gives the gradient of any function of the moments with respect to the affine map.
-Nothing per pixel is stored between them, where torch's graph keeps several images' worth.
+by its distance inside the fixed frame and sums the six moments the losses need, and in the
+same pass their derivatives by the affine map, from which the gradient of any function of
+the moments follows. Nothing per pixel is stored, where torch's graph keeps several images'
+worth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 # Pixels per parallel work item: large enough to amortise a task, small enough that one
 # pair's pixels split over the cores.
 _CHUNK = 1 << 14
+_COLUMNS = 24  # six moments, then the derivatives of three of them by six map entries
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -49,12 +51,83 @@ def _weight(gx, gy, ramp):  # pragma: no cover - compiled
     return min(max(inside, 0.0), 1.0)
 
 
-def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):  # pragma: no cover
-    """Per pair, the six moments, or (`gradient`) the six sums of the gradient's terms.
+_FAST = {"reassoc", "contract"}  # sums in any order, fused multiply-adds: they vectorise
 
-    Moments: Σw, Σwm, Σwm², Σws, Σwms, Σws². Gradient of ``Σ coef[k] · (Σws, Σwms, Σws²)``:
-    with ``g = ∂/∂(gx, gy)`` at each point, Σ g_x x, Σ g_x y, Σ g_y x, Σ g_y y, Σ g_x, Σ g_y,
-    i.e. the derivatives by ``lin`` (row-major) then ``off``.
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _chunk_sums(fixed, moving, b, xs, ys, grid, lin, off, ramp, lo, hi, out):  # pragma: no cover
+    """The 24 sums of :func:`_sums_py` over the work item ``lo .. hi - 1`` of pair `b`, to `out`.
+
+    Compiled once and called by the parallel and the serial loop alike, so both add in the
+    same order and agree bit for bit.
+    """
+    h, w = fixed.shape[1], fixed.shape[2]
+    sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
+    a00, a01, a10, a11 = lin[0, 0], lin[0, 1], lin[1, 0], lin[1, 1]
+    # Scalar sums, so they stay in registers: the moments, then per factor (w, wm, 2ws)
+    # the six derivative terms.
+    m0 = m1 = m2 = m3 = m4 = m5 = 0.0
+    p0 = p1 = p2 = p3 = p4 = p5 = 0.0
+    q0 = q1 = q2 = q3 = q4 = q5 = 0.0
+    r0 = r1 = r2 = r3 = r4 = r5 = 0.0
+    # Raster rows lo .. hi - 1, each sharing its y; or one line of the points lo .. hi - 1.
+    first, last = (lo, hi) if grid else (0, 1)
+    for r in range(first, last):
+        bx = a01 * float(ys[r]) + off[0] if grid else off[0]
+        by = a11 * float(ys[r]) + off[1] if grid else off[1]
+        start, stop = (r * len(xs), (r + 1) * len(xs)) if grid else (lo, hi)
+        for p in range(start, stop):
+            x = float(xs[p - start]) if grid else float(xs[p])
+            y = float(ys[r]) if grid else float(ys[p])
+            gx = a00 * x + bx + (0.0 if grid else a01 * y)
+            gy = a10 * x + by + (0.0 if grid else a11 * y)
+            wt = _weight(gx, gy, ramp)
+            if wt <= 0.0:
+                continue
+            s, d_ix, d_iy = _sample(fixed, b, (gx + 1.0) * sx, (gy + 1.0) * sy)
+            m = float(moving[b, p])
+            wm, ws = wt * m, wt * s
+            m0 += wt
+            m1 += wm
+            m2 += wm * m
+            m3 += ws
+            m4 += wm * s
+            m5 += ws * s
+            d_gx, d_gy = d_ix * sx, d_iy * sy
+            v0, v1, v2, v3 = d_gx * x, d_gx * y, d_gy * x, d_gy * y
+            p0 += wt * v0
+            p1 += wt * v1
+            p2 += wt * v2
+            p3 += wt * v3
+            p4 += wt * d_gx
+            p5 += wt * d_gy
+            q0 += wm * v0
+            q1 += wm * v1
+            q2 += wm * v2
+            q3 += wm * v3
+            q4 += wm * d_gx
+            q5 += wm * d_gy
+            ws2 = 2.0 * ws
+            r0 += ws2 * v0
+            r1 += ws2 * v1
+            r2 += ws2 * v2
+            r3 += ws2 * v3
+            r4 += ws2 * d_gx
+            r5 += ws2 * d_gy
+    out[0], out[1], out[2], out[3], out[4], out[5] = m0, m1, m2, m3, m4, m5
+    out[6], out[7], out[8], out[9], out[10], out[11] = p0, p1, p2, p3, p4, p5
+    out[12], out[13], out[14], out[15], out[16], out[17] = q0, q1, q2, q3, q4, q5
+    out[18], out[19], out[20], out[21], out[22], out[23] = r0, r1, r2, r3, r4, r5
+
+
+def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp):  # pragma: no cover
+    """Per pair, the six moments and their derivatives by the affine map, in one pass.
+
+    Columns 0-5, the moments: Σw, Σwm, Σwm², Σws, Σwms, Σws². Columns 6-23, the derivatives
+    of the three that depend on the map (Σws, Σwms, Σws², six columns each) by ``lin``
+    (row-major) then ``off``: with ``f`` the moment's factor of ``∂s`` (w, wm, 2ws) and
+    ``g = ∂s/∂(gx, gy)`` at each point, Σ f g_x x, Σ f g_x y, Σ f g_y x, Σ f g_y y, Σ f g_x,
+    Σ f g_y. The weight counts as a constant (it only fades pixels in at the frame edge).
     """
     n, npix = len(rows), moving.shape[1]
     # Work items: whole raster rows (grid) or points, about `_CHUNK` pixels of one pair.
@@ -62,51 +135,12 @@ def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, gradient):
     units = npix // per_unit
     per = max(1, _CHUNK // per_unit)
     chunks = (units + per - 1) // per
-    h, w = fixed.shape[1], fixed.shape[2]
-    sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
-    part = np.zeros((n, chunks, 6))
+    part = np.zeros((n, chunks, _COLUMNS))
     for item in numba.prange(n * chunks):
         k, c = item // chunks, item % chunks
         lo, hi = c * per, min((c + 1) * per, units)
-        b = rows[k]
-        a00, a01, a10, a11 = lin[k, 0, 0], lin[k, 0, 1], lin[k, 1, 0], lin[k, 1, 1]
-        c_s, c_ms, c_ss = coef[k, 0], coef[k, 1], 2.0 * coef[k, 2]
-        t0 = t1 = t2 = t3 = t4 = t5 = 0.0
-        # Raster rows lo .. hi - 1, each sharing its y; or one line of the points lo .. hi - 1.
-        first, last = (lo, hi) if grid else (0, 1)
-        for r in range(first, last):
-            bx = a01 * float(ys[r]) + off[k, 0] if grid else off[k, 0]
-            by = a11 * float(ys[r]) + off[k, 1] if grid else off[k, 1]
-            start, stop = (r * len(xs), (r + 1) * len(xs)) if grid else (lo, hi)
-            for p in range(start, stop):
-                x = float(xs[p - start]) if grid else float(xs[p])
-                y = float(ys[r]) if grid else float(ys[p])
-                gx = a00 * x + bx + (0.0 if grid else a01 * y)
-                gy = a10 * x + by + (0.0 if grid else a11 * y)
-                wt = _weight(gx, gy, ramp)
-                if wt <= 0.0:
-                    continue
-                s, d_ix, d_iy = _sample(fixed, b, (gx + 1.0) * sx, (gy + 1.0) * sy)
-                m = float(moving[b, p])
-                if gradient:
-                    d_s = wt * (c_s + c_ms * m + c_ss * s)
-                    d_gx, d_gy = d_s * d_ix * sx, d_s * d_iy * sy
-                    t0 += d_gx * x
-                    t1 += d_gx * y
-                    t2 += d_gy * x
-                    t3 += d_gy * y
-                    t4 += d_gx
-                    t5 += d_gy
-                else:
-                    wm, ws = wt * m, wt * s
-                    t0 += wt
-                    t1 += wm
-                    t2 += wm * m
-                    t3 += ws
-                    t4 += wm * s
-                    t5 += ws * s
-        part[k, c, 0], part[k, c, 1], part[k, c, 2] = t0, t1, t2
-        part[k, c, 3], part[k, c, 4], part[k, c, 5] = t3, t4, t5
+        _chunk_sums(fixed, moving, rows[k], xs, ys, grid, lin[k], off[k], ramp, lo, hi,
+                    part[k, c])  # fmt: skip
     return part.sum(axis=1)
 
 
@@ -139,23 +173,38 @@ def _serial():
     return numba.njit(nogil=True)(_sums_py)
 
 
-def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp) -> np.ndarray:
-    """(n, 6) moments Σw, Σwm, Σwm², Σws, Σwms, Σws² of the pairs `rows`.
+def moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp):
+    """The (n, 6) moments of the pairs `rows` and (n, 3, 6) their derivatives, in one pass.
+
+    The moments are Σw, Σwm, Σwm², Σws, Σwms, Σws²; the derivatives are those of the last
+    three by ``lin`` (row-major) then ``off``.
 
     `fixed` (B, H, W) and `moving` (B, N) are every pair's level images, the moving one at
     its N pixels: the raster of ``xs`` (W',) × ``ys`` (H',) when `grid`, else the points
     ``(xs[p], ys[p])``. ``lin`` (n, 2, 2) and ``off`` (n, 2) map (x, y) to grid_sample's
-    normalised (gx, gy); `ramp` is the edge weight's (x scale, y scale, dead band).
+    normalised (gx, gy); `ramp` is the edge weight's (x scale, y scale, dead band). The
+    weight counts as a constant in the derivatives (it only fades pixels in at the frame
+    edge), as in the moments' torch counterpart.
     """
-    coef = np.zeros((len(rows), 3))
-    return _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, False)
+    total = _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp)
+    return total[:, :6].copy(), total[:, 6:].reshape(-1, 3, 6).copy()
+
+
+def gradient_of(jacobian, coef):
+    """Gradients (n, 2, 2) and (n, 2) of ``Σ coef[k] · (Σws, Σwms, Σws²)[k]`` in `lin`, `off`.
+
+    `jacobian` (n, 3, 6) is :func:`moments_and_jacobian`'s, `coef` (n, 3).
+    """
+    total = np.einsum("nk,nkj->nj", np.asarray(coef, dtype=np.float64), jacobian)
+    return total[:, :4].reshape(-1, 2, 2).copy(), total[:, 4:].copy()
+
+
+def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp) -> np.ndarray:
+    """The (n, 6) moments of :func:`moments_and_jacobian` alone."""
+    return moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp)[0]
 
 
 def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):
-    """Gradients (n, 2, 2) and (n, 2) of ``Σ coef[k] · (Σws, Σwms, Σws²)`` in `lin`, `off`.
-
-    The weight counts as a constant (it only fades pixels in at the frame edge), as in the
-    moments' torch counterpart.
-    """
-    total = _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef, True)
-    return total[:, :4].reshape(-1, 2, 2).copy(), total[:, 4:].copy()
+    """:func:`gradient_of` the Jacobian :func:`moments_and_jacobian` finds."""
+    jacobian = moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp)[1]
+    return gradient_of(jacobian, coef)

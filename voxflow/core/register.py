@@ -540,30 +540,31 @@ class _KernelMoments(torch.autograd.Function):
 
     ``forward(lin, off, data, rows)``: (n, 2, 2) and (n, 2) maps from centred (x, y) to
     grid_sample's normalised grid, for the pairs `rows` (None: all) of `data`; returns the
-    (n, 6) moments. The compiled kernels sample, weigh and sum in one pass per pixel and
-    recompute the samples for the gradient, where the torch graph writes and reads the grid,
-    the warped image and the weights for every pair.
+    (n, 6) moments. The compiled kernel samples, weighs and sums in one pass per pixel, the
+    moments' derivatives by the maps included (kept for the backward pass, which only
+    combines them), where the torch graph writes and reads the grid, the warped image and
+    the weights for every pair.
     """
 
     @staticmethod
     def forward(ctx, lin, off, data, rows):
         """The (n, 6) moments."""
-        from voxflow.core._register_kernels import weighted_moments
+        from voxflow.core._register_kernels import moments_and_jacobian
 
         picked = np.arange(len(data.fixed)) if rows is None else rows.numpy()
-        ctx.args = (data.fixed[:, 0].numpy(), data.moving.flatten(1).numpy(), picked,
-                    data.xs.numpy(), data.ys.numpy(), not data.sampled)  # fmt: skip
-        ctx.ramp = tuple(float(v) for v in data.ramp)
-        ctx.maps = (lin.detach().double().numpy(), off.detach().double().numpy())
-        return torch.from_numpy(weighted_moments(*ctx.args, *ctx.maps, ctx.ramp)).to(lin.dtype)
+        args = (data.fixed[:, 0].numpy(), data.moving.flatten(1).numpy(), picked,
+                data.xs.numpy(), data.ys.numpy(), not data.sampled)  # fmt: skip
+        maps = (lin.detach().double().numpy(), off.detach().double().numpy())
+        ramp = tuple(float(v) for v in data.ramp)
+        moments, ctx.jacobian = moments_and_jacobian(*args, *maps, ramp)
+        return torch.from_numpy(moments).to(lin.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         """Gradients with respect to `lin` and `off`."""
-        from voxflow.core._register_kernels import moments_gradient
+        from voxflow.core._register_kernels import gradient_of
 
-        coef = np.ascontiguousarray(grad[:, 3:].double().numpy())
-        g_lin, g_off = moments_gradient(*ctx.args, *ctx.maps, ctx.ramp, coef)
+        g_lin, g_off = gradient_of(ctx.jacobian, grad[:, 3:].double().numpy())
         dtype = grad.dtype
         return torch.from_numpy(g_lin).to(dtype), torch.from_numpy(g_off).to(dtype), None, None
 
