@@ -11,6 +11,7 @@ worth.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numba
@@ -144,13 +145,12 @@ def _sums_py(fixed, moving, rows, xs, ys, grid, lin, off, ramp):  # pragma: no c
     return part.sum(axis=1)
 
 
-_sums_parallel = numba.njit(cache=True, parallel=True)(_sums_py)
 _probe_lock = threading.Lock()
 _threadsafe: list[bool] = []
 
 
-def _sums(*args) -> np.ndarray:
-    """`_sums_py` compiled, its pairs and chunks spread over the cores where that is safe.
+def _on_cores(function, *args):
+    """`function` compiled, its ``prange`` loops spread over the cores where that is safe.
 
     Numba's parallel loops run on its threading layer: TBB or OpenMP take calls from any
     number of threads at once (Dask workers make them); its own fallback aborts on a second
@@ -160,17 +160,18 @@ def _sums(*args) -> np.ndarray:
     if not _threadsafe:
         with _probe_lock:
             if not _threadsafe:
-                sums = _sums_parallel(*args)
+                result = _compiled(function, True)(*args)
                 _threadsafe.append(numba.threading_layer() in ("tbb", "omp"))
-                return sums
-    if _threadsafe[0]:
-        return _sums_parallel(*args)
-    return _serial()(*args)
+                return result
+    return _compiled(function, _threadsafe[0])(*args)
 
 
 @functools.cache
-def _serial():
-    return numba.njit(nogil=True)(_sums_py)
+def _compiled(function, parallel: bool):
+    # Only the parallel build is cached on disk: both would share one cache entry.
+    if parallel:
+        return numba.njit(cache=True, parallel=True)(function)
+    return numba.njit(nogil=True)(function)
 
 
 def moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp):
@@ -186,7 +187,7 @@ def moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp):
     weight counts as a constant in the derivatives (it only fades pixels in at the frame
     edge), as in the moments' torch counterpart.
     """
-    total = _sums(fixed, moving, rows, xs, ys, grid, lin, off, ramp)
+    total = _on_cores(_sums_py, fixed, moving, rows, xs, ys, grid, lin, off, ramp)
     return total[:, :6].copy(), total[:, 6:].reshape(-1, 3, 6).copy()
 
 
@@ -208,3 +209,117 @@ def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):
     """:func:`gradient_of` the Jacobian :func:`moments_and_jacobian` finds."""
     jacobian = moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp)[1]
     return gradient_of(jacobian, coef)
+
+
+# --------------------------------------------------------------------------- level images
+
+
+def _normalise(images, tiny, out, stats):  # pragma: no cover - compiled
+    """Per image: ``out = (image - mean) / std`` in float64, stored as float32.
+
+    ``stats[b]`` gets (finite, constant): an image whose std is at most `tiny` times its
+    largest magnitude counts as constant and is only centred. Two passes for the mean and
+    the variance, as NumPy's ``std``; `out` is undefined for an image that is not finite.
+    """
+    n = images.shape[1] * images.shape[2]
+    for b in numba.prange(images.shape[0]):
+        flat = images[b].ravel()
+        total, top, finite = 0.0, 0.0, True
+        for i in range(n):
+            v = float(flat[i])
+            if not math.isfinite(v):
+                finite = False
+                break
+            total += v
+            top = max(top, abs(v))
+        stats[b, 0] = finite
+        if not finite:
+            continue
+        mean = total / n
+        squares = 0.0
+        for i in range(n):
+            d = float(flat[i]) - mean
+            squares += d * d
+        std = math.sqrt(squares / n)
+        constant = std <= tiny * max(top, 1e-30)
+        stats[b, 1] = constant
+        scale = 1.0 if constant else std
+        dest = out[b].ravel()
+        for i in range(n):
+            dest[i] = (float(flat[i]) - mean) / scale
+
+
+def normalise_images(images: np.ndarray, tiny: float) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W) images to zero mean and unit standard deviation, float32, on the cores.
+
+    Parameters
+    ----------
+    images : ndarray, shape (B, H, W)
+        Integers or floats.
+    tiny : float
+        An image whose standard deviation is at most `tiny` times its largest magnitude
+        counts as constant: it is centred, not scaled.
+
+    Returns
+    -------
+    out : ndarray of float32
+        ``(image - mean) / std``, evaluated in float64.
+    constant : ndarray of bool, shape (B,)
+        Which images count as constant.
+
+    Raises
+    ------
+    ValueError
+        When an image holds NaN or infinite values (the first such is named).
+    """
+    values = np.ascontiguousarray(images)
+    out = np.empty(values.shape, np.float32)
+    stats = np.zeros((len(values), 2), dtype=np.bool_)
+    _on_cores(_normalise, values, float(tiny), out, stats)
+    if not stats[:, 0].all():
+        raise ValueError(f"image {int(np.argmin(stats[:, 0]))} holds NaN or infinite values")
+    return out, stats[:, 1].copy()
+
+
+def _smooth_replicate(images, kernel, spare):  # pragma: no cover - compiled
+    """Separable smoothing of (B, H, W) float32 `images` in place, edges replicated.
+
+    Per output pixel ``Σ_k kernel[k] · image[clamp(i + k − r)]`` along x, then along y, each
+    summed in float32 from the first tap to the last; `spare` is scratch of `images`' shape.
+    """
+    nb, h, w = images.shape
+    r = (kernel.size - 1) // 2
+    for b in numba.prange(nb):
+        src, dst = images[b], spare[b]
+        padded = np.empty(w + 2 * r, np.float32)
+        for y in range(h):
+            row, out = src[y], dst[y]
+            padded[r : r + w] = row
+            padded[:r] = row[0]
+            padded[r + w :] = row[w - 1]
+            tap = kernel[0]
+            for x in range(w):
+                out[x] = padded[x] * tap
+            for k in range(1, kernel.size):
+                shifted, tap = padded[k : k + w], kernel[k]
+                for x in range(w):
+                    out[x] += shifted[x] * tap
+        for y in range(h):
+            out = src[y]
+            first, tap = dst[min(max(y - r, 0), h - 1)], kernel[0]
+            for x in range(w):
+                out[x] = first[x] * tap
+            for k in range(1, kernel.size):
+                line, tap = dst[min(max(y + k - r, 0), h - 1)], kernel[k]
+                for x in range(w):
+                    out[x] += line[x] * tap
+
+
+def smooth_replicate(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """(B, H, W) images smoothed by a separable `kernel` (odd length), edges replicated.
+
+    Along x, then along y, in float32; a new array.
+    """
+    out = np.array(images, dtype=np.float32, order="C")
+    _on_cores(_smooth_replicate, out, np.asarray(kernel, np.float32), np.empty_like(out))
+    return out

@@ -360,15 +360,9 @@ def _validate_images(fixed: object, moving: object) -> tuple[np.ndarray, np.ndar
 
 def _normalised(images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """Zero-mean unit-variance float32 images and a flag per image that it is constant."""
-    out = np.empty(images.shape, np.float32)
-    flat = np.zeros(len(images), bool)
-    for b, image in enumerate(images):
-        image = image.astype(np.float64)
-        if not np.isfinite(image).all():
-            raise ValueError(f"image {b} holds NaN or infinite values")
-        mean, std = image.mean(), image.std()
-        flat[b] = std <= _STD_TINY * max(float(np.abs(image).max()), 1e-30)
-        out[b] = (image - mean) / (1.0 if flat[b] else std)
+    from voxflow.core._register_kernels import normalise_images
+
+    out, flat = normalise_images(images, _STD_TINY)
     return torch.from_numpy(out).to(device), flat
 
 
@@ -399,9 +393,14 @@ def _gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
         return images
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).tolist()
+    kernel = kernel / kernel.sum()
+    if images.device.type == "cpu":
+        from voxflow.core._register_kernels import smooth_replicate
+
+        return torch.from_numpy(smooth_replicate(images.numpy(), kernel.numpy()))
     # A weighted sum of shifted views per axis: torch's conv2d on one channel is many times
-    # slower on a CPU, the more so the larger the batch.
+    # slower, the more so the larger the batch.
+    kernel = kernel.tolist()
     for axis in (-1, -2):
         n = images.shape[axis]
         edges = (radius, radius, 0, 0) if axis == -1 else (0, 0, radius, radius)
