@@ -620,6 +620,26 @@ def test_gaussian_smoothing_equals_scipy_with_replicated_edges():
     assert register_module._gaussian(unsmoothed, 0.0) is unsmoothed  # sigma 0: untouched
 
 
+def test_level_images_are_normalised_as_numpy_does_and_constant_ones_only_centred():
+    from voxflow.core import _register_kernels as kernels
+
+    rng = np.random.default_rng(13)
+    images = rng.normal(100.0, 7.0, size=(4, 23, 31))
+    images[1] = 42.0  # constant: std 0
+    images[2] = 1e9 + rng.normal(size=(23, 31)) * 1e-7  # std far below 1e-6 of its size
+    for dtype in (np.float64, np.float32, np.int32):
+        values = np.clip(images, -(2**31), 2**31 - 1).astype(dtype)
+        got, constant = kernels.normalise_images(values, register_module._STD_TINY)
+        np.testing.assert_array_equal(constant, [False, True, True, False])
+        for b, image in enumerate(values.astype(np.float64)):
+            scale = 1.0 if constant[b] else image.std()
+            want = ((image - image.mean()) / scale).astype(np.float32)
+            np.testing.assert_allclose(got[b], want, rtol=1e-6, atol=1e-6 * abs(want).max())
+    images[3, 5, 7] = np.inf
+    with pytest.raises(ValueError, match="image 3 holds NaN or infinite values"):
+        kernels.normalise_images(images, register_module._STD_TINY)
+
+
 def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
