@@ -53,6 +53,39 @@ def _weight(gx, gy, ramp):  # pragma: no cover - compiled
 
 
 _FAST = {"reassoc", "contract"}  # sums in any order, fused multiply-adds: they vectorise
+_BLOCK = 256  # points gathered at a time, then summed in one vectorised loop
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(fixed, moving, b, xs, ys, grid, lin, off, ramp, row, start, n, buf):  # pragma: no cover
+    """Gather points ``start .. start + n − 1`` of pair `b` into `buf` (10, n), one at a time.
+
+    Per point: weight, the interpolation fractions (fx, fy), the four neighbours, x, y and
+    the moving value; a point of zero weight gets a zero weight and zero neighbours. Loads
+    at scattered addresses run faster one by one than as vector gathers, so this loop stays
+    scalar (no fast-math) while the sums that follow vectorise.
+    """
+    h, w = fixed.shape[1], fixed.shape[2]
+    sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
+    a00, a01, a10, a11 = lin[0, 0], lin[0, 1], lin[1, 0], lin[1, 1]
+    for j in range(n):
+        p = start + j
+        x = float(xs[p - row * len(xs)]) if grid else float(xs[p])
+        y = float(ys[row]) if grid else float(ys[p])
+        gx = a00 * x + a01 * y + off[0]
+        gy = a10 * x + a11 * y + off[1]
+        wt = _weight(gx, gy, ramp)
+        v00 = v01 = v10 = v11 = fx = fy = 0.0
+        if wt > 0.0:
+            ix, iy = (gx + 1.0) * sx, (gy + 1.0) * sy
+            x0 = min(max(int(ix), 0), w - 2)
+            y0 = min(max(int(iy), 0), h - 2)
+            fx, fy = ix - x0, iy - y0
+            v00, v01 = float(fixed[b, y0, x0]), float(fixed[b, y0, x0 + 1])
+            v10, v11 = float(fixed[b, y0 + 1, x0]), float(fixed[b, y0 + 1, x0 + 1])
+        buf[0, j], buf[1, j], buf[2, j], buf[3, j], buf[4, j] = wt, fx, fy, v00, v01
+        buf[5, j], buf[6, j], buf[7, j], buf[8, j] = v10, v11, x, y
+        buf[9, j] = float(moving[b, p])
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
@@ -64,7 +97,7 @@ def _chunk_sums(fixed, moving, b, xs, ys, grid, lin, off, ramp, lo, hi, out):  #
     """
     h, w = fixed.shape[1], fixed.shape[2]
     sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
-    a00, a01, a10, a11 = lin[0, 0], lin[0, 1], lin[1, 0], lin[1, 1]
+    buf = np.empty((10, _BLOCK))
     # Scalar sums, so they stay in registers: the moments, then per factor (w, wm, 2ws)
     # the six derivative terms.
     m0 = m1 = m2 = m3 = m4 = m5 = 0.0
@@ -74,47 +107,52 @@ def _chunk_sums(fixed, moving, b, xs, ys, grid, lin, off, ramp, lo, hi, out):  #
     # Raster rows lo .. hi - 1, each sharing its y; or one line of the points lo .. hi - 1.
     first, last = (lo, hi) if grid else (0, 1)
     for r in range(first, last):
-        bx = a01 * float(ys[r]) + off[0] if grid else off[0]
-        by = a11 * float(ys[r]) + off[1] if grid else off[1]
         start, stop = (r * len(xs), (r + 1) * len(xs)) if grid else (lo, hi)
-        for p in range(start, stop):
-            x = float(xs[p - start]) if grid else float(xs[p])
-            y = float(ys[r]) if grid else float(ys[p])
-            gx = a00 * x + bx + (0.0 if grid else a01 * y)
-            gy = a10 * x + by + (0.0 if grid else a11 * y)
-            wt = _weight(gx, gy, ramp)
-            if wt <= 0.0:
-                continue
-            s, d_ix, d_iy = _sample(fixed, b, (gx + 1.0) * sx, (gy + 1.0) * sy)
-            m = float(moving[b, p])
-            wm, ws = wt * m, wt * s
-            m0 += wt
-            m1 += wm
-            m2 += wm * m
-            m3 += ws
-            m4 += wm * s
-            m5 += ws * s
-            d_gx, d_gy = d_ix * sx, d_iy * sy
-            v0, v1, v2, v3 = d_gx * x, d_gx * y, d_gy * x, d_gy * y
-            p0 += wt * v0
-            p1 += wt * v1
-            p2 += wt * v2
-            p3 += wt * v3
-            p4 += wt * d_gx
-            p5 += wt * d_gy
-            q0 += wm * v0
-            q1 += wm * v1
-            q2 += wm * v2
-            q3 += wm * v3
-            q4 += wm * d_gx
-            q5 += wm * d_gy
-            ws2 = 2.0 * ws
-            r0 += ws2 * v0
-            r1 += ws2 * v1
-            r2 += ws2 * v2
-            r3 += ws2 * v3
-            r4 += ws2 * d_gx
-            r5 += ws2 * d_gy
+        for begin in range(start, stop, _BLOCK):
+            n = min(_BLOCK, stop - begin)
+            _gather(fixed, moving, b, xs, ys, grid, lin, off, ramp, r, begin, n, buf)
+            for j in range(n):
+                wt, fx, fy, x, y, m = (
+                    buf[0, j],
+                    buf[1, j],
+                    buf[2, j],
+                    buf[7, j],
+                    buf[8, j],
+                    buf[9, j],
+                )
+                v00, v01, v10, v11 = buf[3, j], buf[4, j], buf[5, j], buf[6, j]
+                upper = v00 + (v01 - v00) * fx
+                lower = v10 + (v11 - v10) * fx
+                s = upper + (lower - upper) * fy
+                d_gx = ((v01 - v00) + ((v11 - v10) - (v01 - v00)) * fy) * sx
+                d_gy = (lower - upper) * sy
+                wm, ws = wt * m, wt * s
+                m0 += wt
+                m1 += wm
+                m2 += wm * m
+                m3 += ws
+                m4 += wm * s
+                m5 += ws * s
+                v0, v1, v2, v3 = d_gx * x, d_gx * y, d_gy * x, d_gy * y
+                p0 += wt * v0
+                p1 += wt * v1
+                p2 += wt * v2
+                p3 += wt * v3
+                p4 += wt * d_gx
+                p5 += wt * d_gy
+                q0 += wm * v0
+                q1 += wm * v1
+                q2 += wm * v2
+                q3 += wm * v3
+                q4 += wm * d_gx
+                q5 += wm * d_gy
+                ws2 = 2.0 * ws
+                r0 += ws2 * v0
+                r1 += ws2 * v1
+                r2 += ws2 * v2
+                r3 += ws2 * v3
+                r4 += ws2 * d_gx
+                r5 += ws2 * d_gy
     out[0], out[1], out[2], out[3], out[4], out[5] = m0, m1, m2, m3, m4, m5
     out[6], out[7], out[8], out[9], out[10], out[11] = p0, p1, p2, p3, p4, p5
     out[12], out[13], out[14], out[15], out[16], out[17] = q0, q1, q2, q3, q4, q5
