@@ -319,38 +319,45 @@ def normalise_images(images: np.ndarray, tiny: float) -> tuple[np.ndarray, np.nd
     return out, stats[:, 1].copy()
 
 
-def _smooth_replicate(images, kernel, spare):  # pragma: no cover - compiled
-    """Separable smoothing of (B, H, W) float32 `images` in place, edges replicated.
+def _smooth_replicate(images, kernel, out):  # pragma: no cover - compiled
+    """Separable smoothing of (B, H, W) float32 `images` into `out`, edges replicated.
 
     Per output pixel ``Σ_k kernel[k] · image[clamp(i + k − r)]`` along x, then along y, each
-    summed in float32 from the first tap to the last; `spare` is scratch of `images`' shape.
+    summed in float32 from the first tap to the last. The rows smoothed along x wait in a
+    ring of ``2r + 1`` rows per image until the output row that needs them last is made, so
+    no scratch of the images' size is allocated (fresh pages are slow to fault in).
     """
     nb, h, w = images.shape
-    r = (kernel.size - 1) // 2
+    taps = kernel.size
+    r = (taps - 1) // 2
     for b in numba.prange(nb):
-        src, dst = images[b], spare[b]
+        src, dst = images[b], out[b]
         padded = np.empty(w + 2 * r, np.float32)
+        ring = np.empty((taps, w), np.float32)
+        made = 0  # source rows smoothed along x so far
         for y in range(h):
-            row, out = src[y], dst[y]
-            padded[r : r + w] = row
-            padded[:r] = row[0]
-            padded[r + w :] = row[w - 1]
-            tap = kernel[0]
-            for x in range(w):
-                out[x] = padded[x] * tap
-            for k in range(1, kernel.size):
-                shifted, tap = padded[k : k + w], kernel[k]
+            # The x-smoothed rows y - r .. y + r (clamped) must be in the ring.
+            while made <= min(y + r, h - 1):
+                row, slot = src[made], ring[made % taps]
+                padded[r : r + w] = row
+                padded[:r] = row[0]
+                padded[r + w :] = row[w - 1]
+                tap = kernel[0]
                 for x in range(w):
-                    out[x] += shifted[x] * tap
-        for y in range(h):
-            out = src[y]
-            first, tap = dst[min(max(y - r, 0), h - 1)], kernel[0]
+                    slot[x] = padded[x] * tap
+                for k in range(1, taps):
+                    shifted, tap = padded[k : k + w], kernel[k]
+                    for x in range(w):
+                        slot[x] += shifted[x] * tap
+                made += 1
+            line, tap = dst[y], kernel[0]
+            first = ring[min(max(y - r, 0), h - 1) % taps]
             for x in range(w):
-                out[x] = first[x] * tap
-            for k in range(1, kernel.size):
-                line, tap = dst[min(max(y + k - r, 0), h - 1)], kernel[k]
+                line[x] = first[x] * tap
+            for k in range(1, taps):
+                other, tap = ring[min(max(y + k - r, 0), h - 1) % taps], kernel[k]
                 for x in range(w):
-                    out[x] += line[x] * tap
+                    line[x] += other[x] * tap
 
 
 def smooth_replicate(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -358,6 +365,7 @@ def smooth_replicate(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
     Along x, then along y, in float32; a new array.
     """
-    out = np.array(images, dtype=np.float32, order="C")
-    _on_cores(_smooth_replicate, out, np.asarray(kernel, np.float32), np.empty_like(out))
+    values = np.ascontiguousarray(images, dtype=np.float32)
+    out = np.empty(values.shape, np.float32)
+    _on_cores(_smooth_replicate, values, np.asarray(kernel, np.float32), out)
     return out

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from voxflow.core._validate import validate_choice
 from voxflow.core._validate import validate_int as _validate_int
 from voxflow.core.predict import resolve_device
+from voxflow.core.pyramid import downsample_array
 
 __all__ = [
     "Level",
@@ -412,6 +413,13 @@ def _gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return images
 
 
+def _block_mean(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, H, W) images reduced by `factor` per axis, a partial edge block over its pixels."""
+    if images.device.type == "cpu":  # compiled, summed in float64
+        return torch.from_numpy(downsample_array(images.numpy(), (1, factor, factor)))
+    return F.avg_pool2d(images[:, None], factor, ceil_mode=True)[:, 0]
+
+
 def _level_data(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -430,8 +438,7 @@ def _level_data(
     """
     full = fixed.shape[-2:]
     if factor > 1:
-        fixed = F.avg_pool2d(fixed[:, None], factor, ceil_mode=True)[:, 0]
-        moving = F.avg_pool2d(moving[:, None], factor, ceil_mode=True)[:, 0]
+        fixed, moving = _block_mean(fixed, factor), _block_mean(moving, factor)
     fixed, moving = _gaussian(fixed, smoothing), _gaussian(moving, smoothing)
     h, w = fixed.shape[-2:]
     half = (factor - 1) / 2
