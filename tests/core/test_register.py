@@ -651,7 +651,6 @@ def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
     ys = (np.arange(40) - 19.5).astype(np.float32)
     lin = np.tile(np.diag([2 / 51, 2 / 39]), (3, 1, 1)) * rng.uniform(0.95, 1.05, (3, 1, 1))
     off = rng.normal(scale=0.05, size=(3, 2))
-    coef = rng.normal(size=(3, 3))
     ramp = (25.5, 19.5, 0.0)
     cases = [(rng.normal(size=(3, 40 * 52)).astype(np.float32), xs, ys, True)]
     drawn = np.sort(rng.choice(40 * 52, 700, replace=False))
@@ -659,18 +658,18 @@ def test_compiled_loss_is_the_same_serial_and_from_many_threads(monkeypatch):
     rows = np.array([2, 0])
     for moving, px, py, grid in cases:
         args = (fixed, moving, rows, px, py, grid, lin[:2], off[:2], ramp)
-        moments = kernels.weighted_moments(*args)
-        gradient = kernels.moments_gradient(*args, coef[:2])
-        # Threads of a Dask worker call the kernels at once.
+        moments, jacobian = kernels.moments_and_jacobian(*args)
+        # Threads of a Dask worker call the kernel at once.
         with ThreadPoolExecutor(4) as pool:
-            many = list(pool.map(lambda a: kernels.weighted_moments(*a), [args] * 8))
+            many = list(pool.map(lambda a: kernels.moments_and_jacobian(*a), [args] * 8))
         for got in many:
-            np.testing.assert_array_equal(got, moments)
+            np.testing.assert_array_equal(got[0], moments)
+            np.testing.assert_array_equal(got[1], jacobian)
         # Without a thread-safe layer the same loop runs on the calling thread.
         monkeypatch.setattr(kernels, "_threadsafe", [False])
-        np.testing.assert_array_equal(kernels.weighted_moments(*args), moments)
-        for got, want in zip(kernels.moments_gradient(*args, coef[:2]), gradient, strict=True):
-            np.testing.assert_array_equal(got, want)
+        serial = kernels.moments_and_jacobian(*args)
+        np.testing.assert_array_equal(serial[0], moments)
+        np.testing.assert_array_equal(serial[1], jacobian)
         monkeypatch.undo()
         assert moments[:, 0].min() > 0.5 * (moving.shape[1])  # most points count
 

@@ -24,28 +24,6 @@ _COLUMNS = 24  # six moments, then the derivatives of three of them by six map e
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _sample(fixed, b, ix, iy):  # pragma: no cover - compiled
-    """Bilinear sample of ``fixed[b]`` at pixel (ix, iy) in the frame; and its gradient.
-
-    Only points of positive weight are sampled, and those lie inside the frame, strictly
-    before its last row and column: the four neighbours exist (the clamps only guard against
-    a rounding onto the last one, where the sample is then the same).
-    """
-    h, w = fixed.shape[1], fixed.shape[2]
-    x0 = min(max(int(ix), 0), w - 2)
-    y0 = min(max(int(iy), 0), h - 2)
-    fx, fy = ix - x0, iy - y0
-    v00, v01 = float(fixed[b, y0, x0]), float(fixed[b, y0, x0 + 1])
-    v10, v11 = float(fixed[b, y0 + 1, x0]), float(fixed[b, y0 + 1, x0 + 1])
-    upper = v00 + (v01 - v00) * fx
-    lower = v10 + (v11 - v10) * fx
-    value = upper + (lower - upper) * fy
-    d_ix = (v01 - v00) + ((v11 - v10) - (v01 - v00)) * fy
-    d_iy = lower - upper
-    return value, d_ix, d_iy
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def _weight(gx, gy, ramp):  # pragma: no cover - compiled
     """Weight of a grid point: 0 up to `ramp[2]` ramps inside the fixed frame, then up to 1."""
     inside = min(ramp[0] - ramp[2] - ramp[0] * abs(gx), ramp[1] - ramp[2] - ramp[1] * abs(gy))
@@ -61,9 +39,12 @@ def _gather(fixed, moving, b, xs, ys, grid, lin, off, ramp, row, start, n, buf):
     """Gather points ``start .. start + n − 1`` of pair `b` into `buf` (10, n), one at a time.
 
     Per point: weight, the interpolation fractions (fx, fy), the four neighbours, x, y and
-    the moving value; a point of zero weight gets a zero weight and zero neighbours. Loads
-    at scattered addresses run faster one by one than as vector gathers, so this loop stays
-    scalar (no fast-math) while the sums that follow vectorise.
+    the moving value; a point of zero weight gets a zero weight and zero neighbours. Points
+    of positive weight lie inside the frame, strictly before its last row and column, so
+    the four neighbours exist (the clamps only guard against a rounding onto the last one,
+    where the sample is then the same). Loads at scattered addresses run faster one by one
+    than as vector gathers, so this loop stays scalar (no fast-math) while the sums that
+    follow vectorise.
     """
     h, w = fixed.shape[1], fixed.shape[2]
     sx, sy = 0.5 * (w - 1), 0.5 * (h - 1)
@@ -112,15 +93,10 @@ def _chunk_sums(fixed, moving, b, xs, ys, grid, lin, off, ramp, lo, hi, out):  #
             n = min(_BLOCK, stop - begin)
             _gather(fixed, moving, b, xs, ys, grid, lin, off, ramp, r, begin, n, buf)
             for j in range(n):
-                wt, fx, fy, x, y, m = (
-                    buf[0, j],
-                    buf[1, j],
-                    buf[2, j],
-                    buf[7, j],
-                    buf[8, j],
-                    buf[9, j],
-                )
+                wt, fx, fy = buf[0, j], buf[1, j], buf[2, j]
                 v00, v01, v10, v11 = buf[3, j], buf[4, j], buf[5, j], buf[6, j]
+                x, y, m = buf[7, j], buf[8, j], buf[9, j]
+                # The bilinear sample and its derivatives by the grid position.
                 upper = v00 + (v01 - v00) * fx
                 lower = v10 + (v11 - v10) * fx
                 s = upper + (lower - upper) * fy
@@ -236,17 +212,6 @@ def gradient_of(jacobian, coef):
     """
     total = np.einsum("nk,nkj->nj", np.asarray(coef, dtype=np.float64), jacobian)
     return total[:, :4].reshape(-1, 2, 2).copy(), total[:, 4:].copy()
-
-
-def weighted_moments(fixed, moving, rows, xs, ys, grid, lin, off, ramp) -> np.ndarray:
-    """The (n, 6) moments of :func:`moments_and_jacobian` alone."""
-    return moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp)[0]
-
-
-def moments_gradient(fixed, moving, rows, xs, ys, grid, lin, off, ramp, coef):
-    """:func:`gradient_of` the Jacobian :func:`moments_and_jacobian` finds."""
-    jacobian = moments_and_jacobian(fixed, moving, rows, xs, ys, grid, lin, off, ramp)[1]
-    return gradient_of(jacobian, coef)
 
 
 # --------------------------------------------------------------------------- level images
