@@ -7,6 +7,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from tests.cli.conftest import assert_rerun_reuses
 from tests.conftest import snapshot
 from voxflow.cli import app
 from voxflow.io import open_image, read_level, write_image
@@ -231,16 +232,7 @@ def test_pyramid_rerun_served_by_the_cache_says_it_reused_the_output(cli_env, im
     path, _ = image
     out = str(tmp_path / "out.ome.zarr")
     args = ["pyramid", path, "-o", out, "--levels", "2"]
-    first = runner.invoke(app, args)
-    assert first.exit_code == 0, first.output
-    assert "wrote 2 levels" in first.output and "reused" not in first.output
-    files = snapshot(out)
-    again = runner.invoke(app, [*args, "--overwrite"])
-    assert again.exit_code == 0, again.output
-    words = " ".join(again.output.split())
-    assert f"reused {out} (already up to date, nothing recomputed)" in words, again.output
-    assert "wrote" not in words
-    assert snapshot(out) == files, "a cache hit writes nothing"
+    assert_rerun_reuses(lambda a: runner.invoke(app, a), args, out, "wrote 2 levels")
     changed = runner.invoke(app, ["pyramid", path, "-o", out, "--levels", "3", "--overwrite"])
     assert changed.exit_code == 0, changed.output
     assert "wrote 3 levels" in changed.output and "reused" not in changed.output

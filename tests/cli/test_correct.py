@@ -173,17 +173,9 @@ def test_correct_help_states_the_ngff_version_default():
 
 
 def test_correct_rerun_served_by_the_cache_says_it_reused_the_output(cli_env, image, tmp_path):
-    from tests.conftest import snapshot
+    from tests.cli.conftest import assert_rerun_reuses
 
     path, _ = image
     out = str(tmp_path / "out.ome.zarr")
     args = ["correct", path, "-o", out, "--factor", "4", "--no-field"]
-    first = runner.invoke(app, args)
-    assert first.exit_code == 0, first.output
-    assert "wrote" in first.output and "reused" not in first.output
-    files = snapshot(out)
-    again = runner.invoke(app, [*args, "--overwrite"])
-    assert again.exit_code == 0, again.output
-    words = " ".join(again.output.split())
-    assert f"reused {out} (already up to date, nothing recomputed)" in words, again.output
-    assert snapshot(out) == files, "a cache hit writes nothing"
+    assert_rerun_reuses(lambda a: runner.invoke(app, a), args, out, "wrote")
