@@ -7,6 +7,7 @@ import pytest
 import tensorstore as ts
 
 from voxflow.io import Location, tensorstore_context
+from voxflow.io.location import dumps_readable
 
 # -- parse -------------------------------------------------------------------------------------
 
@@ -251,6 +252,27 @@ def test_write_read_json(store):
     assert store.exists("a/zarr.json")
     assert not store.exists("b")
     assert store.child("a").read_json("zarr.json") == doc
+
+
+def test_json_documents_read_back_as_the_json_module_writes_them():
+    doc = {
+        "schema": 1,
+        "frame": (512, 480),
+        "composed": [[[1.0, 0.0, -2.5], [0.0, 1.0, 3.25], [0.0, 0.0, 1.0]]] * 3,
+        "pairs": [{"fixed": 0, "moving": 1, "loss": float("nan"), "steps": [3, 4]}, {}],
+        "empty": {"a": {}, "b": [], "c": [[]]},
+        "odd keys": {3: "int", 1.5: "float", True: "bool", None: "none", 's"q': "quote"},
+        "text": "µm\nnext line",
+    }
+    text = dumps_readable(doc)
+    reference = json.dumps(doc)
+    assert json.dumps(json.loads(text)) == reference  # same keys, values and order
+    lines = text.splitlines()
+    # Objects are indented; a matrix, a shape and a record of plain values keep one line each.
+    assert '  "frame": [512, 480],' in lines
+    assert "    [[1.0, 0.0, -2.5], [0.0, 1.0, 3.25], [0.0, 0.0, 1.0]]," in lines
+    assert '    {"fixed": 0, "moving": 1, "loss": NaN, "steps": [3, 4]},' in lines
+    assert lines[0] == "{" and lines[-1] == "}"
 
 
 def test_write_json_replaces_and_leaves_no_temporary_objects(store):

@@ -30,6 +30,50 @@ INCOMPLETE_MARKER = "voxflow-incomplete.json"
 _SCHEMES = ("file", "gs", "memory")
 
 
+def dumps_readable(doc: Any, indent: int = 2) -> str:
+    """`doc` as JSON, indented down to objects of plain values, shapes and matrices.
+
+    Each of those stays on one line, so it reads better than ``json.dumps(doc, indent=2)``
+    (a line per number), and is encoded by the C encoder: ``indent`` makes :mod:`json` fall
+    back to its pure-Python one, slow on transforms documents of thousands of slices.
+    """
+    parts: list[str] = []
+    _dump(doc, 0, indent, parts)
+    return "".join(parts)
+
+
+def _has_objects(value: Any) -> bool:
+    """Whether `value` is a list of objects or of matrices: one item per line (the first tells)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    first = value[0]
+    return isinstance(first, dict) or (
+        isinstance(first, (list, tuple)) and bool(first) and isinstance(first[0], (list, tuple))
+    )
+
+
+def _dump(value: Any, depth: int, indent: int, parts: list[str]) -> None:
+    """Append `value`: the top object, objects holding objects and lists of objects indented."""
+    inner = "\n" + " " * (indent * (depth + 1))
+    if isinstance(value, dict) and value and (depth == 0 or any(
+        (isinstance(v, dict) and v) or _has_objects(v) for v in value.values()
+    )):  # fmt: skip
+        parts.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            name = key if isinstance(key, str) else json.dumps(key)  # as json names keys
+            parts.append(("," if i else "") + inner + json.dumps(name) + ": ")
+            _dump(item, depth + 1, indent, parts)
+        parts.append("\n" + " " * (indent * depth) + "}")
+    elif _has_objects(value):
+        parts.append("[")
+        for i, item in enumerate(value):
+            parts.append(("," if i else "") + inner)
+            _dump(item, depth + 1, indent, parts)
+        parts.append("\n" + " " * (indent * depth) + "]")
+    else:
+        parts.append(json.dumps(value))
+
+
 @cache
 def tensorstore_context() -> ts.Context:
     """The one TensorStore context of this process.
@@ -224,7 +268,7 @@ class Location:
 
     def write_json(self, key: str, doc: dict[str, Any]) -> None:
         """Write `doc` as the JSON object `key`, replacing it atomically where the store can."""
-        self.write_bytes(key, json.dumps(doc, indent=2, sort_keys=False).encode())
+        self.write_bytes(key, dumps_readable(doc).encode())
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write the object `key`, replacing it atomically where the store can."""
