@@ -266,8 +266,13 @@ class TensorStoreSource:
         self.ndim, self.token = len(self.shape), token
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        store = open_store(json.dumps(self.spec, sort_keys=True), self.token)
-        return store[index].read().result()
+        store = open_store(json.dumps(self.spec, sort_keys=True), self.token)[index]
+        # Into an array NumPy allocates (on huge pages where the system offers them): a
+        # buffer TensorStore allocates is faulted in 4 KiB page by page, which costs about
+        # as much system time as decoding it.
+        out = np.empty(store.shape, self.dtype)
+        ts.array(out, copy=False, write=True).write(store).result()
+        return out
 
     def __reduce__(self):
         return (type(self), (self.spec, self.shape, self.dtype.name, self.token))

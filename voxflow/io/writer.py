@@ -18,7 +18,8 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import version as _pkg_version
+from functools import cache
+from importlib.metadata import version as _distribution_version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ __all__ = [
     "copy_stored_chunks",
     "create_array",
     "derive_layout",
+    "package_version",
     "provenance",
     "writable",
     "write_blocks",
@@ -457,13 +459,19 @@ def provenance(
         Version, stage, method, parameters, input location and fingerprint, and time.
     """
     return {
-        "version": _pkg_version("voxflow"),
+        "version": package_version(),
         "stage": stage,
         "method": method,
         "parameters": json.loads(json.dumps(parameters, default=str)),
         "input": None if source is None else {"url": source.url, "fingerprint": source.fingerprint},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+@cache
+def package_version() -> str:
+    """The installed voxflow's version (read once: the package metadata is slow to parse)."""
+    return _distribution_version("voxflow")
 
 
 def _window_sample(loc: Location, multiscale: Multiscale, ngff_version: str) -> np.ndarray:

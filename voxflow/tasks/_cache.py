@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from voxflow.io import package_version
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -19,12 +20,12 @@ def code_version() -> str:
     Any edit to ``voxflow/core``, ``voxflow/io`` or ``voxflow/tasks`` changes it, so cached
     results of older code are never reused.
     """
-    h = hashlib.blake2b(version("voxflow").encode(), digest_size=8)
+    h = hashlib.blake2b(package_version().encode(), digest_size=8)
     for sub in ("core", "io", "tasks"):
         for path in sorted((_PACKAGE / sub).glob("*.py")):
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    return f"{version('voxflow')}+{h.hexdigest()}"
+    return f"{package_version()}+{h.hexdigest()}"
 
 
 def content_key(stage: str, fingerprint: str, config: Any) -> str:

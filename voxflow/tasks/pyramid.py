@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Annotated, Literal
 
 import dask.array as da
@@ -29,6 +28,7 @@ from voxflow.io import (
     create_array,
     derive_layout,
     open_image,
+    package_version,
     provenance,
     read_level,
     relocate_image_label,
@@ -318,7 +318,7 @@ def multiscale_of(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -
         type=method.value,
         metadata={
             "method": "voxflow.core.pyramid.downsample",
-            "version": version("voxflow"),
+            "version": package_version(),
             "kwargs": {"method": method.value, "factors": [list(lv.factors) for lv in plan[1:]]},
         },
     )
