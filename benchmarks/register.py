@@ -1002,7 +1002,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default="cpu", help="torch device of voxflow's steps: cpu, cuda, auto")
     add("--speed-pairs", type=int, help=f"pairs of the speed step (default {SPEED_PAIRS})")
     add("--ants-pairs", type=int, help="pairs ANTs registers per family (default: all)")
-    add("--repeat", type=int, default=3, help="timed runs of the warp and floor (fastest counts)")
+    add("--repeat", type=int, default=5, help="timed runs of the warp and floor (fastest counts)")
     add("--in-flight", type=int, default=IN_FLIGHT, help="TensorStore I/O pending in the floor")
     add("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                           "voxflow-bench-register"),
