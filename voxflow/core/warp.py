@@ -294,13 +294,19 @@ def _interior(ry, dy, rx, dx, x0, left, right, h, w):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _blend(v00, v01, v10, v11, fy, fx):  # pragma: no cover - compiled
+    """The bilinear blend of four neighbours at fractions (fy, fx)."""
+    upper = v00 + (v01 - v00) * fx
+    lower = v10 + (v11 - v10) * fx
+    return upper + (lower - upper) * fy
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _bilinear_at(image, iy, ix, iy1, ix1, fy, fx):  # pragma: no cover - compiled
     """The bilinear sample between rows `iy`, `iy1` and columns `ix`, `ix1` at (fy, fx)."""
     v00, v01 = float(image[iy, ix]), float(image[iy, ix1])
     v10, v11 = float(image[iy1, ix]), float(image[iy1, ix1])
-    upper = v00 + (v01 - v00) * fx
-    lower = v10 + (v11 - v10) * fx
-    return upper + (lower - upper) * fy
+    return _blend(v00, v01, v10, v11, fy, fx)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -364,7 +370,7 @@ def _bilinear_rows(
                 value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
                 row[j] = np.rint(value) if integer else value
             inner = row[a:z]
-            if packed:
+            if packed:  # unsigned integers: always rounded
                 for j in range(z - a):
                     k = at[j]
                     words[j] = (
@@ -374,23 +380,19 @@ def _bilinear_rows(
                     )  # fmt: skip
                 for j in range(z - a):
                     word = words[j]
-                    v00, v01 = float(word & mask), float((word >> bits) & mask)
-                    v10 = float((word >> (bits + bits)) & mask)
-                    v11 = float(word >> (bits + bits + bits))
-                    upper = v00 + (v01 - v00) * fxs[j]
-                    lower = v10 + (v11 - v10) * fxs[j]
-                    inner[j] = np.rint(upper + (lower - upper) * fys[j])
+                    inner[j] = np.rint(_blend(
+                        float(word & mask), float((word >> bits) & mask),
+                        float((word >> (bits + bits)) & mask), float(word >> (bits + bits + bits)),
+                        fys[j], fxs[j],
+                    ))  # fmt: skip
             else:
                 for j in range(z - a):
                     k = at[j]
                     near[0, j], near[1, j] = flat[k], flat[k + one]
                     near[2, j], near[3, j] = flat[k + below], flat[k + below + one]
                 for j in range(z - a):
-                    v00, v01 = float(near[0, j]), float(near[1, j])
-                    v10, v11 = float(near[2, j]), float(near[3, j])
-                    upper = v00 + (v01 - v00) * fxs[j]
-                    lower = v10 + (v11 - v10) * fxs[j]
-                    value = upper + (lower - upper) * fys[j]
+                    value = _blend(float(near[0, j]), float(near[1, j]), float(near[2, j]),
+                                   float(near[3, j]), fys[j], fxs[j])  # fmt: skip
                     inner[j] = np.rint(value) if integer else value
             for j in range(max(a, z), right):
                 value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
