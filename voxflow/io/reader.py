@@ -264,9 +264,10 @@ class TensorStoreSource:
     def __init__(self, spec: dict[str, Any], shape: tuple[int, ...], dtype: str, token: str):
         self.spec, self.shape, self.dtype = spec, tuple(shape), np.dtype(dtype)
         self.ndim, self.token = len(self.shape), token
+        self._key = json.dumps(spec, sort_keys=True)  # open_store's cache key, made once
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        store = open_store(json.dumps(self.spec, sort_keys=True), self.token)[index]
+        store = open_store(self._key, self.token)[index]
         # Into an array NumPy allocates (on huge pages where the system offers them): a
         # buffer TensorStore allocates is faulted in 4 KiB page by page, which costs about
         # as much system time as decoding it.
