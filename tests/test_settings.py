@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,49 @@ def test_unknown_key_in_file_raises(tmp_path):
     path.write_text("[storage]\nchunk = [64, 64, 64]\n")
     with pytest.raises(ValidationError, match=r"storage\.chunk\n  Extra inputs are not permitted"):
         VoxflowSettings.from_file(path)
+
+
+@pytest.mark.parametrize("use_env", [False, True])
+def test_toml_syntax_error_names_the_file(monkeypatch, tmp_path, use_env):
+    path = tmp_path / "broken.toml"
+    path.write_text('log_level = "DEBUG\n')
+    match = rf"^settings file '{path}' is not valid TOML: Illegal character"
+    if use_env:
+        monkeypatch.setenv(CONFIG_ENV_VAR, str(path))
+        with pytest.raises(ValueError, match=match):
+            VoxflowSettings()
+    else:
+        with pytest.raises(ValueError, match=match):
+            VoxflowSettings.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("VOXFLOW_CLUSTR__MODE", "did you mean VOXFLOW_CLUSTER?"),
+        ("VOXFLOW_CLUSTER_MODE", "did you mean VOXFLOW_CLUSTER?"),
+        ("VOXFLOW_LOGLEVEL", "did you mean VOXFLOW_LOG_LEVEL?"),
+        ("voxflow_storag__clevel", "did you mean VOXFLOW_STORAGE?"),
+        (
+            "VOXFLOW_XYZ",
+            "the settings are VOXFLOW_CLUSTER, VOXFLOW_LOG_LEVEL, VOXFLOW_PREFECT, "
+            "VOXFLOW_PROCESSING, VOXFLOW_STORAGE",
+        ),
+    ],
+)
+def test_env_name_of_no_setting_raises(monkeypatch, name, hint):
+    # Such a variable would otherwise be skipped, and the run would use the default silently.
+    monkeypatch.setenv(name, "1")
+    expected = f"environment variable {name} names no voxflow setting; {hint}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        VoxflowSettings()
+
+
+def test_env_names_are_case_insensitive(monkeypatch, tmp_path):
+    monkeypatch.setenv("voxflow_log_level", "warning")
+    monkeypatch.setenv("Voxflow_Storage__Clevel", "7")
+    settings = VoxflowSettings()
+    assert (settings.log_level, settings.storage.clevel) == ("WARNING", 7)
 
 
 def test_invalid_env_value_raises(monkeypatch):

@@ -27,7 +27,9 @@ Example TOML file::
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -368,13 +370,39 @@ class VoxflowSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Order the sources: keyword arguments, environment, TOML file (no .env, no secrets)."""
+        _check_env_names(settings_cls)
         path = _CONFIG_FILE.get()
         if path is None and os.environ.get(CONFIG_ENV_VAR):
             path = _validate_config_path(os.environ[CONFIG_ENV_VAR], CONFIG_ENV_VAR)
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         if path is not None:
-            sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+            try:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"settings file {str(path)!r} is not valid TOML: {err}") from err
         return sources
+
+
+def _check_env_names(settings_cls: type[BaseSettings]) -> None:
+    """Refuse a ``VOXFLOW_*`` variable that names no setting, rather than ignore it.
+
+    Nested names (``VOXFLOW_CLUSTER__MODEE``) are checked by the models themselves, which
+    forbid extra keys; this catches the top-level name (``VOXFLOW_CLUSTR__MODE``,
+    ``VOXFLOW_CLUSTER_MODE``), which the environment source would silently skip.
+    """
+    prefix = "VOXFLOW_"
+    known = {name.upper() for name in settings_cls.model_fields}
+    for var in sorted(os.environ):
+        upper = var.upper()
+        if not upper.startswith(prefix) or upper == CONFIG_ENV_VAR:
+            continue
+        top = upper[len(prefix) :].split("__", 1)[0]
+        if top in known:
+            continue
+        close = difflib.get_close_matches(top, sorted(known), n=1)
+        names = ", ".join(f"{prefix}{k}" for k in sorted(known))
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"the settings are {names}"
+        raise ValueError(f"environment variable {var} names no voxflow setting; {hint}")
 
 
 def _validate_config_path(path: str | os.PathLike[str], name: str) -> Path:

@@ -303,6 +303,46 @@ def test_unreachable_scheduler_gives_one_line_error(image, tmp_path):
     ], stderr
 
 
+def _tree(path):
+    from pathlib import Path
+
+    return sorted((str(p), p.stat().st_mtime_ns) for p in Path(path).rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"VOXFLOW_CLUSTR__MODE": "address"},
+            "error: environment variable VOXFLOW_CLUSTR__MODE names no voxflow setting; "
+            "did you mean VOXFLOW_CLUSTER?",
+        ),
+        (
+            {
+                "VOXFLOW_CLUSTER__MODE": "kubernetes",
+                "KUBECONFIG": "/nonexistent/kubeconfig",
+                "KUBERNETES_SERVICE_HOST": "",
+            },
+            "error: cannot start the Kubernetes Dask cluster 'voxflow' (cluster.mode is "
+            "'kubernetes'; credentials come from KUBECONFIG or the pod's service account): "
+            "Unable to find valid credentials",
+        ),
+    ],
+    ids=["mistyped-setting", "kubernetes-without-credentials"],
+)
+def test_settings_and_cluster_mistakes_give_one_line_and_write_nothing(image, tmp_path, env, line):
+    path, _ = image
+    before = _tree(path)
+    out = tmp_path / "out.ome.zarr"
+    env = {**env, "VOXFLOW_PREFECT__RESULT_STORAGE": str(tmp_path / "results")}
+    proc = _voxflow("pyramid", path, "-o", str(out), env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert stderr.strip().splitlines() == [line], stderr
+    assert not out.exists()
+    assert _tree(path) == before
+
+
 def test_os_errors_give_one_line_and_a_traceback_when_verbose(capsys):
     from voxflow import cli
 

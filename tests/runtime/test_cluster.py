@@ -192,12 +192,10 @@ def test_task_runner_address():
 
 
 def test_task_runner_kubernetes_without_gpus():
-    from dask_kubernetes.operator import KubeCluster
-
     kube = KUBE.model_copy(update={"gpu_workers": 0})
     runner = make_task_runner(ClusterSettings(mode="kubernetes", kubernetes=kube))
-    assert runner.cluster_class == "dask_kubernetes.operator.KubeCluster"
-    assert runner.resolved_cluster_class is KubeCluster
+    assert runner.cluster_class == "voxflow.runtime.cluster.start_kube_cluster"
+    assert runner.resolved_cluster_class is start_kube_cluster
     assert runner.cluster_kwargs == {
         "custom_cluster_spec": kubernetes_cluster_spec(kube),
         "namespace": "imaging",
@@ -222,8 +220,11 @@ class FakeKubeCluster:
 
     instances: list["FakeKubeCluster"] = []  # noqa: RUF012
     fail_worker_group = False
+    fail_start: Exception | None = None
 
     def __init__(self, **kwargs):
+        if self.fail_start is not None:
+            raise self.fail_start
         self.kwargs = kwargs
         self.worker_groups = []
         self.closed = False
@@ -276,6 +277,21 @@ def test_start_kube_cluster_closes_when_the_gpu_group_fails(fake_kube, monkeypat
         start_kube_cluster(custom_cluster_spec={}, gpu_worker_group={"replicas": 1})
     (cluster,) = fake_kube.instances
     assert cluster.closed
+
+
+@pytest.mark.parametrize("cause", [ValueError("Unable to find valid credentials"), RuntimeError()])
+def test_start_kube_cluster_failure_names_kubernetes(fake_kube, monkeypatch, cause):
+    # A user's mistake of set-up (no credentials, no operator), reported as one CLI line
+    # that says which cluster could not start, and keeps the cause.
+    monkeypatch.setattr(FakeKubeCluster, "fail_start", cause)
+    spec = kubernetes_cluster_spec(KUBE)
+    with pytest.raises(ConnectionError) as info:
+        start_kube_cluster(custom_cluster_spec=spec, namespace="imaging")
+    message = str(info.value)
+    assert message.startswith(f"cannot start the Kubernetes Dask cluster {KUBE.name!r}")
+    assert message.endswith(str(cause) or type(cause).__name__)
+    assert info.value.__cause__ is cause
+    assert fake_kube.instances == []
 
 
 @pytest.mark.parametrize("bad", [None, {"mode": "local"}, KUBE])

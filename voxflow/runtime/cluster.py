@@ -41,8 +41,7 @@ GPU_WORKER_GROUP = "gpu"
 """Name of the GPU worker group; its workers carry the Dask resource ``GPU``."""
 
 _MEMORY_FRACTION = 0.8
-_KUBE_CLUSTER = "dask_kubernetes.operator.KubeCluster"
-_KUBE_CLUSTER_WITH_GPUS = "voxflow.runtime.cluster.start_kube_cluster"
+_KUBE_CLUSTER = "voxflow.runtime.cluster.start_kube_cluster"
 _LOCAL_CLUSTER = "voxflow.runtime.cluster.start_local_cluster"
 _WORKER_PRELOAD = "voxflow.runtime.worker_signals"
 
@@ -270,11 +269,10 @@ def _kubernetes_cluster_kwargs(settings: KubernetesSettings) -> tuple[str, dict[
         "custom_cluster_spec": kubernetes_cluster_spec(settings),
         "namespace": settings.namespace,
     }
-    if not settings.gpu_workers:
-        return _KUBE_CLUSTER, kwargs
-    # KubeCluster takes no extra worker groups, so a factory adds the GPU group after start.
-    kwargs["gpu_worker_group"] = gpu_worker_group_spec(settings)
-    return _KUBE_CLUSTER_WITH_GPUS, kwargs
+    # KubeCluster takes no extra worker groups, so the factory adds the GPU group after start.
+    if settings.gpu_workers:
+        kwargs["gpu_worker_group"] = gpu_worker_group_spec(settings)
+    return _KUBE_CLUSTER, kwargs
 
 
 def start_kube_cluster(
@@ -302,10 +300,27 @@ def start_kube_cluster(
     -------
     dask_kubernetes.operator.KubeCluster
         The running cluster; closing it deletes the resources it created.
+
+    Raises
+    ------
+    ConnectionError
+        If the cluster cannot be created: no Kubernetes credentials, an API server out of
+        reach, no dask-kubernetes operator, a refused resource. The message names the
+        cluster and keeps the cause's.
     """
     from dask_kubernetes.operator import KubeCluster
 
-    cluster = KubeCluster(custom_cluster_spec=custom_cluster_spec, namespace=namespace, **kwargs)
+    try:
+        cluster = KubeCluster(
+            custom_cluster_spec=custom_cluster_spec, namespace=namespace, **kwargs
+        )
+    except Exception as err:
+        name = custom_cluster_spec.get("metadata", {}).get("name", "?")
+        raise ConnectionError(
+            f"cannot start the Kubernetes Dask cluster {name!r} (cluster.mode is "
+            f"'kubernetes'; credentials come from KUBECONFIG or the pod's service account): "
+            f"{str(err) or type(err).__name__}"
+        ) from err
     if gpu_worker_group is not None:
         try:
             cluster.add_worker_group(GPU_WORKER_GROUP, custom_spec=gpu_worker_group)
