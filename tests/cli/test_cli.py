@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -288,6 +289,42 @@ def test_ctrl_c_while_writing_stops_at_once_with_one_line(tmp_path):
     time.sleep(0.5)
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], "worker or server processes outlived the command"
+
+
+def test_killed_command_leaves_no_server_or_worker_running(image, tmp_path):
+    # SIGKILL runs no handler: the Prefect server (started by the command) must stop by itself.
+    import signal
+    import time
+
+    import psutil
+
+    path, _ = image
+    env = {"VOXFLOW_CLUSTER__N_WORKERS": "1", "VOXFLOW_CLUSTER__THREADS_PER_WORKER": "1",
+           "VOXFLOW_PREFECT__RESULT_STORAGE": str(tmp_path / "results")}  # fmt: skip
+    proc = _voxflow("pyramid", path, "-o", str(tmp_path / "out.ome.zarr"), env=env)
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        server = None
+        while server is None and proc.poll() is None and time.monotonic() < deadline:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    if "uvicorn" in child.cmdline():
+                        server = child
+            time.sleep(0.05)
+        assert server is not None, "the command started no Prefect server"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # the command only, not its process group
+        proc.wait(timeout=20)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert [c.cmdline()[:3] for c in alive] == [], "processes outlived the killed command"
+    finally:
+        proc.kill()
+        for child in children:  # first: a survivor holds the command's pipes open
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        proc.communicate(timeout=20)
 
 
 def test_unreachable_scheduler_gives_one_line_error(image, tmp_path):

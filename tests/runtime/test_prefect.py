@@ -190,3 +190,74 @@ def test_start_api_starts_the_ephemeral_server_shared_api_then_names(tmp_path):
         assert get_current_settings().api.url is None  # nothing changed outside
         with shared_api() as shared:
             assert shared == url
+
+
+def _sleeper():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the guard is a POSIX shell and pipe")
+def test_server_guard_stops_the_server_when_its_pipe_closes():
+    # The kernel closes the pipe when this process dies, however it dies; closing the write
+    # end here is what the guard then sees.
+    from voxflow.runtime import prefect as module
+
+    server = _sleeper()
+    try:
+        before = set(module._guards)  # an ephemeral server of an earlier test may have one
+        module._guard(server)
+        guarded = dict(module._guards)
+        module._guard(server)  # once per server
+        assert module._guards == guarded
+        assert set(guarded) - before == {server.pid}
+        _, guard, write = module._guards.pop(server.pid)
+        os.close(write)
+        assert server.wait(timeout=10) == -15  # SIGTERM, which Prefect's server stops on
+        assert guard.wait(timeout=10) == 0
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the guard is a POSIX shell and pipe")
+def test_dismissed_guard_leaves_the_server_to_the_orderly_stop():
+    import subprocess
+
+    from voxflow.runtime import prefect as module
+
+    server = _sleeper()
+    try:
+        module._guard(server)
+        _, guard, _ = module._guards[server.pid]
+        module._dismiss_guards()
+        assert module._guards == {}
+        assert guard.poll() is not None
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.wait(timeout=0.5)
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the guard is a POSIX shell and pipe")
+def test_guard_of_an_exited_server_is_ended_before_it_could_signal_a_reused_pid():
+    from voxflow.runtime import prefect as module
+
+    first, second = _sleeper(), _sleeper()
+    try:
+        module._guard(first)
+        _, old_guard, _ = module._guards[first.pid]
+        first.kill()
+        first.wait()
+        module._guard(second)  # as when Prefect retries its server on another port
+        assert first.pid not in module._guards
+        assert second.pid in module._guards
+        assert old_guard.poll() is not None
+    finally:
+        module._dismiss_guards()
+        for p in (first, second):
+            p.kill()
+            p.wait()

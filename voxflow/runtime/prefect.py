@@ -8,7 +8,11 @@ with the task, so the settings hold there as well.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -143,9 +147,75 @@ def _ephemeral_server() -> Any:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
+    if not server.running and hasattr(server, "_run_uvicorn_command"):
+        # Guard the server process from the moment it exists: it takes seconds to come up.
+        spawn = server._run_uvicorn_command
+
+        def spawn_guarded() -> subprocess.Popen[Any]:
+            process = spawn()
+            _guard(process)
+            return process
+
+        server._run_uvicorn_command = spawn_guarded
     with _interrupts_blocked():  # the server process leaves a Ctrl-C to this one
         server.start()  # once: later calls find it running
+    _guard(server.server_process)  # no-op when guarded at spawn
     return server
+
+
+# The guard of each server process this process started, by server pid: the server process,
+# the guard process and the write end of the pipe the guard waits on.
+_guards: dict[int, tuple[subprocess.Popen[Any], subprocess.Popen[bytes], int]] = {}
+_guards_lock = threading.Lock()
+
+
+def _guard(process: subprocess.Popen[Any] | None) -> None:
+    """Make sure the server `process` stops when this process dies, even by SIGKILL.
+
+    Prefect stops its server at exit, which a killed process never reaches; the server would
+    then run on, orphaned. A guard (``sh``, a few hundred KiB) waits on a pipe whose only
+    write end this process holds; the kernel closes it when this process dies, however it
+    dies, and the guard then sends the server SIGTERM. An orderly stop dismisses the guard
+    first (:func:`_dismiss_guards`), so it never signals a pid that may have been reused.
+    POSIX only; elsewhere nothing changes.
+    """
+    if process is None or os.name != "posix":
+        return
+    with _guards_lock:
+        if process.pid in _guards:
+            return
+        for pid, (server, guard, write) in list(_guards.items()):
+            if server.poll() is not None:  # a server that exited (Prefect retries a busy port)
+                del _guards[pid]
+                _end_guard(guard, write)
+        read, write = os.pipe()  # not inheritable: no other child holds the write end
+        try:
+            guard = subprocess.Popen(
+                ["/bin/sh", "-c", f"read _; kill -TERM {process.pid}"],
+                stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            os.close(write)
+            return
+        finally:
+            os.close(read)
+        if not _guards:
+            atexit.register(_dismiss_guards)  # runs before Prefect's own stop of the server
+        _guards[process.pid] = (process, guard, write)
+
+
+def _end_guard(guard: subprocess.Popen[bytes], write: int) -> None:
+    guard.kill()  # before the pipe closes, which would make it signal
+    guard.wait()
+    os.close(write)
+
+
+def _dismiss_guards() -> None:
+    """End every guard of :func:`_guard`, leaving the servers to the orderly stop."""
+    with _guards_lock:
+        while _guards:
+            _, (_, guard, write) = _guards.popitem()
+            _end_guard(guard, write)
 
 
 def start_api(settings: PrefectSettings) -> str | None:
@@ -174,6 +244,7 @@ def stop_api() -> None:
     """
     from prefect.server.api.server import SubprocessASGIServer
 
+    _dismiss_guards()
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
 
