@@ -44,6 +44,63 @@ def test_linear_mode_reproduces_a_linear_field_exactly(shape, sigma):
     np.testing.assert_allclose(got[near], values[near], rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["linear", "mean"])
+def test_a_last_voxel_off_the_grid_is_fitted_where_it_lies(mode):
+    # Block means of a ramp over a partial last block: the last mean belongs at the centre
+    # of the voxels it has, (f - m) / (2 f) low-resolution voxels before the regular grid.
+    shape, last = (7, 11, 13), (5.75, 10.0, 11.625)  # partial along z and x, whole along y
+    positions = [np.arange(n, dtype=float) for n in shape]
+    for p, v in zip(positions, last, strict=True):
+        p[-1] = v
+    grids = np.meshgrid(*positions, indexing="ij")
+    values = 300.0 - 4.0 * grids[0] + 0.5 * grids[1] - 2.5 * grids[2]
+    mask = np.ones(shape, bool)
+    sigma = (2.0, 3.0, 2.5)
+    got = local_fit(values, mask, sigma, mode=mode, last_position=last)
+    if mode == "linear":
+        np.testing.assert_allclose(got, values, rtol=1e-9)
+        # On the regular grid the last voxels' values sit off the plane of the rest.
+        regular = local_fit(values, mask, sigma, mode=mode)
+        assert np.abs(regular - values).max() > 0.1
+    else:  # the weights are the regular grid's; the positions change nothing
+        np.testing.assert_array_equal(got, local_fit(values, mask, sigma, mode=mode))
+
+
+@pytest.mark.parametrize(
+    ("last", "match"),
+    [
+        ((5.0, 10.0), "needs one value per axis"),
+        ((5.0, 10.0, 12.5), "along axis 2 must lie in"),
+        ((4.0, 10.0, 12.0), "along axis 0 must lie in"),
+        ((float("nan"), 10.0, 12.0), "along axis 0 must lie in"),
+    ],
+)
+def test_a_bad_last_position_is_an_error(last, match):
+    values = np.ones((6, 11, 13))
+    with pytest.raises(ValueError, match=match):
+        local_fit(values, values > 0, (2.0, 2.0, 2.0), last_position=last)
+
+
+def test_the_plugin_places_a_partial_last_block_where_its_mean_lies():
+    # End to end: a linear bias over a shape no factor divides is recovered exactly, the
+    # low-resolution field equal to the block means, the last (partial) ones included.
+    from tests.conftest import block_mean_reference
+    from voxflow.core import apply_scaled_processing
+
+    shape, factors = (22, 37, 41), (4, 4, 4)
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    data = 1000.0 - 6.0 * grids[0] + 2.0 * grids[1] - 3.0 * grids[2]
+    plugin = GaussianBiasFieldCorrection(sigma=3.0, units="voxel", mask="all", offset=0.0)
+    result = apply_scaled_processing(data, plugin, factors)
+    means = block_mean_reference(data, factors)
+    field = np.asarray(result.field, float)
+    np.testing.assert_allclose(field / field.mean(), means / means.mean(), rtol=1e-5)
+    # So the image is flat: the field upsampled is the ramp itself, up to its edge centres.
+    image = result.image.compute()
+    inner = tuple(slice(2, n - 2) for n in shape)
+    np.testing.assert_allclose(image[inner], image[inner].mean(), rtol=1e-5)
+
+
 def test_the_mean_is_pulled_inwards_at_the_edge_and_the_plane_is_not():
     shape = (16, 48, 48)
     x = np.broadcast_to(np.arange(48, dtype=float), shape)

@@ -77,6 +77,12 @@ class ScaleContext:
         the result keeps the dtype ``highres_func`` returns. A plugin may return that dtype
         directly, rounding half to even and saturating as :func:`voxflow.core.cast_to_dtype`
         does (NaN to 0), to save a pass over the image; a result of any other dtype is cast.
+    last_position : tuple of float
+        Where the centre of the last low-resolution voxel lies along each spatial axis, in
+        low-resolution voxels from the centre of the first: ``n - 1`` on the regular grid,
+        up to half a voxel less where the last block of a block mean was partial (its mean
+        sits at the centre of the voxels it has, :func:`last_block_centre`). Empty when not
+        known: the regular grid. A plugin that fits coordinates uses it to place that voxel.
     """
 
     dims: tuple[str, ...]
@@ -86,6 +92,7 @@ class ScaleContext:
     units: tuple[str | None, ...] = ()
     channel: int | None = None
     dtype: str | None = None
+    last_position: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -735,13 +742,17 @@ def _process(
     def spatial(values: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(v for v, s in zip(values, space, strict=True) if s)
 
+    # The last low-resolution voxel's centre, in its grid's voxels from the first one's.
+    last_position = tuple(
+        float((c - t) / s) for c, t, s in zip(low_last, low_trans, low_scale, strict=True)
+    )
     fields, outs, runs = [], [], []
     for index in itertools.product(*(range(n) for n in lead)):
         channel = chans[index[lead_dims.index("c")]] if "c" in lead_dims else None
         context = ScaleContext(
             dims=spatial(dims), spacing=spatial(low_scale), fullres_spacing=spatial(scale),
             factors=spatial(factors), units=spatial(units) if units else (), channel=channel,
-            dtype=_dtype_name(out_dtype),
+            dtype=_dtype_name(out_dtype), last_position=spatial(last_position),
         )  # fmt: skip
         field, run = estimate_field(low[index], plugin, context)
         outs.append(apply_field(

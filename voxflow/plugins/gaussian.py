@@ -420,6 +420,31 @@ def _block_steps(shape: tuple[int, ...], sigma: tuple[float, ...]) -> tuple[int,
     return tuple(steps)
 
 
+_POSITION_TOLERANCE = 1e-9
+
+
+def _voxel_positions(
+    shape: tuple[int, ...], last_position: tuple[float, ...] | None
+) -> list[np.ndarray]:
+    """Voxel positions per axis: ``0 .. n - 1``, the last moved to `last_position`."""
+    positions = [np.arange(n, dtype=np.float64) for n in shape]
+    if last_position is None:
+        return positions
+    last = tuple(float(v) for v in last_position)
+    if len(last) != len(shape):
+        raise ValueError(
+            f"`last_position` needs one value per axis ({len(shape)}), got {last_position}"
+        )
+    for axis, (p, n, v) in enumerate(zip(positions, shape, last, strict=True)):
+        # A position computed from physical coordinates may be off n - 1 by a rounding error.
+        if not (n - 2 < v <= n - 1 + _POSITION_TOLERANCE):
+            raise ValueError(
+                f"`last_position` along axis {axis} must lie in ({n - 2}, {n - 1}], got {v}"
+            )
+        p[-1] = min(v, n - 1)
+    return positions
+
+
 def local_fit(
     values: np.ndarray,
     mask: np.ndarray,
@@ -428,6 +453,7 @@ def local_fit(
     mode: str = "linear",
     dtype: np.dtype | type = np.float64,
     offset: float = 0.0,
+    last_position: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Smooth `values` over `mask` with a Gaussian window, by a local fit at every voxel.
 
@@ -457,18 +483,31 @@ def local_fit(
     offset : float, optional
         Subtracted from every value first (in the values' dtype, voxel by voxel, so no
         shifted copy of `values` is made): the fit is that of ``values - offset``.
+    last_position : tuple of float, optional
+        Position of the last voxel along each axis, in voxels from the first, where it is
+        not ``n - 1``: the last voxel of a block mean whose last block was partial sits up
+        to half a voxel closer (:attr:`voxflow.core.ScaleContext.last_position`). The fit
+        takes that voxel's value at that position and returns the plane's value there, so
+        a linear trend stays exact up to the array's edge. None: the regular grid.
 
     Returns
     -------
     ndarray of `dtype`, shape of `values`
         The smoothed values, everywhere.
+
+    Raises
+    ------
+    ValueError
+        If `last_position` has not one value per axis, or one does not lie after the last
+        but one voxel and at most at ``n - 1``.
     """
     ndim = values.ndim
     steps = _block_steps(values.shape, sigma)
+    positions = _voxel_positions(values.shape, last_position)
     # Coordinates in units of sigma, centred on the array: well conditioned moments.
     coords = [
-        _axis_view((np.arange(n) - (n - 1) / 2) / s, i, ndim)
-        for i, (n, s) in enumerate(zip(values.shape, sigma, strict=True))
+        _axis_view((p - (n - 1) / 2) / s, i, ndim)
+        for i, (p, n, s) in enumerate(zip(positions, values.shape, sigma, strict=True))
     ]
     m = _moments(values, mask, coords, steps, sigma, mode, offset)
     coarse_shape = m["w"].shape
@@ -573,8 +612,10 @@ class GaussianBiasFieldCorrection(ScaledProcessingPlugin):
         # reads each value once into float64 block sums, the largest arrays of the estimate.
         image = validate_lowres(lowres_array, np.float32, copy=False)  # not to be modified
         offset, mask = offset_and_mask(image, self.offset, self.mask)
+        last = self.context.last_position if self.context is not None else ()
         field = local_fit(image, mask, self.sigma_voxels(image.ndim), mode=self.mode,
-                          dtype=np.float32, offset=offset)  # fmt: skip
+                          dtype=np.float32, offset=offset,
+                          last_position=last or None)  # fmt: skip
         self.estimated_offset = offset
         return normalise_field(field, mask, self.name)
 
