@@ -216,7 +216,7 @@ def test_env_name_of_no_setting_raises(monkeypatch, name, hint):
         VoxflowSettings()
 
 
-def test_env_names_are_case_insensitive(monkeypatch, tmp_path):
+def test_env_names_are_case_insensitive(monkeypatch):
     monkeypatch.setenv("voxflow_log_level", "warning")
     monkeypatch.setenv("Voxflow_Storage__Clevel", "7")
     settings = VoxflowSettings()

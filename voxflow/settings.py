@@ -390,13 +390,14 @@ def _check_env_names(settings_cls: type[BaseSettings]) -> None:
     forbid extra keys; this catches the top-level name (``VOXFLOW_CLUSTR__MODE``,
     ``VOXFLOW_CLUSTER_MODE``), which the environment source would silently skip.
     """
-    prefix = "VOXFLOW_"
+    prefix = settings_cls.model_config["env_prefix"].upper()
+    delimiter = settings_cls.model_config["env_nested_delimiter"]
     known = {name.upper() for name in settings_cls.model_fields}
     for var in sorted(os.environ):
         upper = var.upper()
         if not upper.startswith(prefix) or upper == CONFIG_ENV_VAR:
             continue
-        top = upper[len(prefix) :].split("__", 1)[0]
+        top = upper[len(prefix) :].split(delimiter, 1)[0]
         if top in known:
             continue
         close = difflib.get_close_matches(top, sorted(known), n=1)

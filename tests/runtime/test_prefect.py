@@ -261,3 +261,25 @@ def test_guard_of_an_exited_server_is_ended_before_it_could_signal_a_reused_pid(
         for p in (first, second):
             p.kill()
             p.wait()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the guard is a POSIX shell and pipe")
+def test_spawns_are_guarded_from_the_start_and_wrapped_once():
+    from voxflow.runtime import prefect as module
+
+    class Server:  # Prefect's spawn method, as SubprocessASGIServer has it
+        def _run_uvicorn_command(self):
+            return _sleeper()
+
+    server = Server()
+    module._guard_spawns(server)
+    wrapper = server._run_uvicorn_command
+    module._guard_spawns(server)  # as when a stopped server is started again
+    assert server._run_uvicorn_command is wrapper
+    process = server._run_uvicorn_command()
+    try:
+        assert process.pid in module._guards
+    finally:
+        module._dismiss_guards()
+        process.kill()
+        process.wait()

@@ -147,20 +147,31 @@ def _ephemeral_server() -> Any:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's own clients use in this process
-    if not server.running and hasattr(server, "_run_uvicorn_command"):
-        # Guard the server process from the moment it exists: it takes seconds to come up.
-        spawn = server._run_uvicorn_command
-
-        def spawn_guarded() -> subprocess.Popen[Any]:
-            process = spawn()
-            _guard(process)
-            return process
-
-        server._run_uvicorn_command = spawn_guarded
+    _guard_spawns(server)
     with _interrupts_blocked():  # the server process leaves a Ctrl-C to this one
         server.start()  # once: later calls find it running
-    _guard(server.server_process)  # no-op when guarded at spawn
+    _guard(server.server_process)  # a server started before this call; else already guarded
     return server
+
+
+def _guard_spawns(server: Any) -> None:
+    """Guard every server process `server` spawns from the moment it exists (:func:`_guard`).
+
+    The server takes seconds to come up; guarding it only once ``start`` returns would leave
+    those seconds unguarded. The spawn is wrapped once per server object, so a server
+    stopped and started again keeps one wrapper. Without Prefect's spawn method (another
+    Prefect version), the guard starts after ``start`` instead.
+    """
+    spawn = getattr(server, "_run_uvicorn_command", None)
+    if spawn is None or "_run_uvicorn_command" in vars(server):
+        return
+
+    def spawn_guarded() -> subprocess.Popen[Any]:
+        process = spawn()
+        _guard(process)
+        return process
+
+    server._run_uvicorn_command = spawn_guarded
 
 
 # The guard of each server process this process started, by server pid: the server process,
