@@ -340,12 +340,6 @@ def test_unreachable_scheduler_gives_one_line_error(image, tmp_path):
     ], stderr
 
 
-def _tree(path):
-    from pathlib import Path
-
-    return sorted((str(p), p.stat().st_mtime_ns) for p in Path(path).rglob("*"))
-
-
 @pytest.mark.parametrize(
     ("env", "line"),
     [
@@ -369,7 +363,7 @@ def _tree(path):
 )
 def test_settings_and_cluster_mistakes_give_one_line_and_write_nothing(image, tmp_path, env, line):
     path, _ = image
-    before = _tree(path)
+    before = snapshot(path)
     out = tmp_path / "out.ome.zarr"
     env = {**env, "VOXFLOW_PREFECT__RESULT_STORAGE": str(tmp_path / "results")}
     proc = _voxflow("pyramid", path, "-o", str(out), env=env)
@@ -377,7 +371,7 @@ def test_settings_and_cluster_mistakes_give_one_line_and_write_nothing(image, tm
     assert proc.returncode == 2, stderr
     assert stderr.strip().splitlines() == [line], stderr
     assert not out.exists()
-    assert _tree(path) == before
+    assert snapshot(path) == before
 
 
 def test_os_errors_give_one_line_and_a_traceback_when_verbose(capsys):
