@@ -329,6 +329,67 @@ def test_warp_blocks_span_whole_stored_chunks(tmp_path, monkeypatch):
     np.testing.assert_array_equal(outputs[0], warp_slices(image, composed, box=box, device="cpu"))
 
 
+def _stored_layout(image, level=0):
+    doc = Location.parse(image.url).child(image.levels[level].path).read_json("zarr.json")
+    shard = doc["chunk_grid"]["configuration"]["chunk_shape"]
+    return doc["codecs"][0]["configuration"]["chunk_shape"], shard
+
+
+@pytest.mark.parametrize(
+    ("room", "depth"),
+    [
+        (256, 12),  # room for the default 256-deep shards (capped to the 12 slices): kept
+        (5, 4),  # room for 5 slices: 4-deep units, chunks wider in-plane (capped to the frame)
+        (0.5, 1),  # not even one slice fits: one-slice units
+    ],
+)
+def test_output_units_are_as_shallow_as_memory_needs(tmp_path, monkeypatch, room, depth):
+    import voxflow.tasks.register as task
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (12, 40, 48), dtype=np.uint8)
+    ref = _write(tmp_path / "a.ome.zarr", image)
+    geo = stack_geometry(ref)
+    params = RegistrationParams(crop=False, pyramid=PyramidParams(levels=2), **FAST)
+    composed = np.tile(np.eye(3), (12, 1, 1))
+    composed[:, :2, 2] = rng.uniform(-3, 3, (12, 2))
+    composed[:, 0, 1], composed[:, 1, 0] = 0.03, -0.03
+    box = ((2, 37), (1, 46))
+    per_slice = 35 * 45
+    monkeypatch.setattr(task, "_UNIT_DEPTH_BYTES", int(room * per_slice))
+    doc = transforms_document(ref, geo, params, [], composed, box)
+    out = warp_stack(ref, doc, composed, box, str(tmp_path / "w.ome.zarr"), params)
+    assert _stored_layout(out) == ([depth, 35, 45], [depth, 35, 45])
+    # Every level of the output takes the same depth; the voxels do not depend on it.
+    assert _stored_layout(out, 1)[1][0] == depth
+    np.testing.assert_array_equal(
+        read_level(out, 0).compute(), warp_slices(image, composed, box=box, device="cpu")
+    )
+
+
+def test_output_units_grow_in_plane_and_a_chosen_layout_is_kept(tmp_path, monkeypatch):
+    import voxflow.tasks.register as task
+
+    ref = _write(tmp_path / "a.ome.zarr", np.zeros((3, 5, 4, 4), np.uint16), "czyx",
+                 (1.0, *SPACING))  # fmt: skip
+    geo = stack_geometry(ref)
+    big = ref.levels[0].model_copy(update={"shape": (3, 300, 8192, 8192)})
+    huge = ref.model_copy(update={"levels": (big,)})
+    # 8192² slices of 3 uint16 channels: 384 MiB a slice, so one-slice units; a chunk keeps
+    # the 64³ voxels of the default as 1 × 512 × 512, and a shard holds 4 × 4 of them.
+    got = task._bounded_layout(PyramidParams(), huge, geo)
+    assert (got.chunks, got.shards) == ((1, 512, 512), (1, 2048, 2048))
+    monkeypatch.setattr(task, "_UNIT_DEPTH_BYTES", 8 * 2**30)
+    got = task._bounded_layout(PyramidParams(), huge, geo)  # 21 slices fit: 16-deep units
+    assert (got.chunks, got.shards) == ((16, 128, 128), (16, 512, 512))
+    got = task._bounded_layout(PyramidParams(ngff_version="0.4"), huge, geo)
+    assert (got.chunks, got.shards) == ((16, 512, 512), None)
+    chosen = PyramidParams(shards=(256, 256, 256))
+    assert task._bounded_layout(chosen, huge, geo) is chosen
+    chosen = PyramidParams(chunks=(8, 64, 64))
+    assert task._bounded_layout(chosen, huge, geo) is chosen
+
+
 def test_channels_share_the_transforms_of_the_registered_channel(tmp_path, em):
     both = np.stack([255 - em.image, em.image])
     ref = _write(tmp_path / "c.ome.zarr", both, "czyx", (1.0, *SPACING))

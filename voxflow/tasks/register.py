@@ -15,6 +15,7 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from voxflow.core.axes import spatial_mask
 from voxflow.core.pyramid import Method
 from voxflow.io import (
     ImageRef,
@@ -25,6 +26,7 @@ from voxflow.io import (
     read_level,
     write_image_metadata,
 )
+from voxflow.io.writer import DEFAULT_CHUNK, SHARD_PER_CHUNK
 from voxflow.tasks._cache import content_key
 from voxflow.tasks._compute import (
     ProgressFn,
@@ -548,7 +550,7 @@ def warp_stack(
     """
     geo = stack_geometry(source)
     like = _output_like(source, geo, box)
-    version_, plan = _plan_pyramid(like, params.pyramid)
+    version_, plan = _plan_pyramid(like, _bounded_layout(params.pyramid, like, geo))
     out = Location.parse(output)
     again = resumable(out) or _rerun(out, source, params, document)
     check_output(out, [source.url], overwrite=overwrite or again)
@@ -584,6 +586,39 @@ def warp_stack(
                          ngff_version=version_, omero=source.omero, provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)
+
+
+_UNIT_DEPTH_BYTES = 256 * 2**20
+
+
+def _bounded_layout(pyramid: PyramidParams, like: ImageRef, geo: StackGeometry) -> PyramidParams:
+    """The output's storage layout, with stored units no deeper than memory allows.
+
+    A stored unit (a shard, or a chunk without shards) is written once all of its slices
+    are warped, and the warp makes whole slices, so the slices of one unit's depth are held
+    at once: 256 of them with the default shards, 16 GiB for 8192² uint8 slices. When
+    neither `chunks` nor `shards` is set, units are made as shallow as needed (a power of
+    two, at least one slice) for that depth of output slices, every channel, to take at
+    most 256 MiB; their chunks grow in-plane to about the default's voxels per chunk. A
+    layout set by hand is kept, whatever its memory.
+    """
+    if pyramid.chunks is not None or pyramid.shards is not None:
+        return pyramid
+    version_ = pyramid.ngff_version or "0.5"
+    edge = DEFAULT_CHUNK[version_]
+    per_unit = SHARD_PER_CHUNK if version_ == "0.5" else 1
+    slice_bytes = math.prod(like.shape[-2:]) * geo.n_channels * np.dtype(like.dtype).itemsize
+    fits = _UNIT_DEPTH_BYTES // slice_bytes
+    if fits >= edge * per_unit:
+        return pyramid
+    depth = 1 << max(int(fits).bit_length() - 1, 0)
+    deep = min(edge, depth)
+    wide = edge << round(math.log2(edge // deep) / 2)
+    axes = [i for i, s in enumerate(spatial_mask(like.dims)) if s]
+    chunks = tuple(deep if i == geo.z else wide for i in axes)
+    shards = tuple(depth if i == geo.z else wide * per_unit for i in axes)
+    update = {"chunks": chunks, "shards": shards if version_ == "0.5" else None}
+    return pyramid.model_copy(update=update)
 
 
 _SLAB_BYTES = 16 * 2**20
