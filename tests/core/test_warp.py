@@ -9,6 +9,8 @@ from voxflow.core.warp import (
     _cubic,
     _sample_linear,
     _sample_linear_numba,
+    source_rows,
+    warp_rows,
     warp_slices,
 )
 
@@ -349,3 +351,58 @@ def test_compiled_linear_on_strong_transforms_and_pure_shifts():
         want = scipy_linear(slices[k], composed[k], box, -7.0)
         np.testing.assert_allclose(got[k][valid[k]], want[valid[k]], atol=1e-9, rtol=0)
         assert (got[k][far[k]] == -7.0).all()
+
+
+# -- bands of rows ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_a_band_of_rows_warps_exactly_like_whole_slices(dtype):
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        b, c = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        h, w = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+        slices = (rng.random((b, c, h, w)) * 200).astype(dtype)
+        composed = random_transforms(rng, b, (h, w), rotation=15.0, shift=8.0, scale=0.2)
+        composed[0, :2, :2], composed[0, :2, 2] = np.eye(2), rng.integers(-4, 5, 2)  # copied
+        y0, x0 = int(rng.integers(-4, h)), int(rng.integers(-4, w))
+        box = ((y0, int(rng.integers(y0 + 1, h + 5))), (x0, int(rng.integers(x0 + 1, w + 5))))
+        want = warp_slices(slices, composed, box=box, fill=3, device="cpu")
+        rows = source_rows(composed, box, (h, w))
+        used = rows[:, 1] > rows[:, 0]
+        first, stop = (rows[used, 0].min(), rows[used, 1].max()) if used.any() else (0, 1)
+        # Rows outside those reported hold garbage: the warp must not read them.
+        spoiled = slices.copy()
+        spoiled[:, :, :first] = spoiled[:, :, stop:] = 111
+        got = warp_rows(spoiled[:, :, first:stop], composed, first_row=int(first), height=h,
+                        box=box, fill=3)  # fmt: skip
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+        for k in np.flatnonzero(used):
+            # Each slice from exactly its own rows.
+            one = warp_rows(spoiled[k : k + 1, :, rows[k, 0] : rows[k, 1]], composed[k : k + 1],
+                            first_row=int(rows[k, 0]), height=h, box=box, fill=3)  # fmt: skip
+            np.testing.assert_array_equal(one, want[k : k + 1])
+
+
+def test_source_rows_of_a_known_map_and_of_a_slice_that_misses_the_box():
+    composed = np.tile(np.eye(3), (2, 1, 1))
+    composed[0, 0, 2] = 2.5  # reference row y shows slice row y − 2.5
+    composed[1, 0, 2] = 100.0  # the box sees none of slice 1
+    rows = source_rows(composed, ((10, 20), (0, 8)), (40, 8))
+    # Output rows 10 … 19 show slice rows 7.5 … 16.5: their neighbours are rows 7 … 17.
+    assert rows.tolist() == [[7, 18], [0, 0]]
+    # Output rows 39 … 41 show 36.5 … 38.5 (the rest is outside): rows 36 … 39.
+    assert source_rows(composed[:1], ((39, 42), (0, 8)), (40, 8)).tolist() == [[36, 40]]
+
+
+def test_a_window_that_lacks_a_row_is_refused():
+    rng = np.random.default_rng(2)
+    slices = rng.integers(0, 255, (2, 30, 20), dtype=np.uint8)
+    composed = random_transforms(rng, 2, (30, 20))
+    box = ((5, 15), (0, 20))
+    first, stop = source_rows(composed, box, (30, 20))[:, 0].min(), 30
+    with pytest.raises(ValueError, match="reads rows"):
+        warp_rows(slices[:, first + 1 : stop], composed, first_row=int(first) + 1, height=30,
+                  box=box)  # fmt: skip
+    with pytest.raises(ValueError, match="height"):
+        warp_rows(slices[:, first:], composed, first_row=int(first), height=29, box=box)

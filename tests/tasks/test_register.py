@@ -390,6 +390,43 @@ def test_output_units_grow_in_plane_and_a_chosen_layout_is_kept(tmp_path, monkey
     assert task._bounded_layout(chosen, huge, geo) is chosen
 
 
+@pytest.mark.parametrize("dims", ["zyx", "czyx"])
+def test_large_slices_of_deep_stored_chunks_warp_in_bands_to_the_same_stack(
+    tmp_path, monkeypatch, dims
+):
+    import voxflow.tasks.register as task
+
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 255, (2, 12, 70, 48) if dims == "czyx" else (12, 70, 48), np.uint8)
+    scale = (1.0, *SPACING) if dims == "czyx" else SPACING
+    write_image(str(tmp_path / "a.ome.zarr"), image, dims, scale, chunks=(4, 16, 16),
+                shards=(12, 32, 32))  # fmt: skip
+    ref = open_image(str(tmp_path / "a.ome.zarr"))
+    geo = stack_geometry(ref)
+    composed = np.tile(np.eye(3), (12, 1, 1))
+    composed[:, :2, 2] = rng.uniform(-3, 3, (12, 2))
+    composed[:, 0, 1], composed[:, 1, 0] = 0.1, -0.1
+    composed[3, :2, :2], composed[3, :2, 2] = np.eye(2), (2, -1)  # a whole-pixel shift
+    box = ((3, 66), (2, 45))
+    params = RegistrationParams(crop=False, device="cpu", pyramid=PyramidParams(levels=2))
+    # A stored chunk (4 slices) is more than a block may hold, and a block 16 rows × 48.
+    monkeypatch.setattr(task, "_SLAB_MAX_BYTES", 2 * 70 * 48)
+    monkeypatch.setattr(task, "_SLAB_BYTES", 4 * 16 * 48)
+    assert task._bands_needed(ref, geo, params, {})
+    cubic = params.model_copy(update={"interpolation": "cubic"})
+    assert not task._bands_needed(ref, geo, cubic, {})  # cubic warps keep whole slices
+    plan = task._plan_pyramid(task._output_like(ref, geo, box), params.pyramid)[1]
+    bands = task._warp_in_bands(ref, geo, composed, box, plan)
+    assert bands.chunks[-3:] == ((4, 4, 4), (16, 16, 16, 15), (43,))
+    doc = transforms_document(ref, geo, params, [], composed, box)
+    out = warp_stack(ref, doc, composed, box, str(tmp_path / "w.ome.zarr"), params)
+    got = read_level(out, 0).compute()
+    channels = image if dims == "czyx" else image[None]
+    want = np.stack([warp_slices(c, composed, box=box, device="cpu") for c in channels])
+    np.testing.assert_array_equal(got, want if dims == "czyx" else want[0])
+    assert read_level(out, 1).compute().shape[-3:] == (12, 32, 22)
+
+
 def test_channels_share_the_transforms_of_the_registered_channel(tmp_path, em):
     both = np.stack([255 - em.image, em.image])
     ref = _write(tmp_path / "c.ome.zarr", both, "czyx", (1.0, *SPACING))

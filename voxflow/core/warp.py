@@ -26,7 +26,7 @@ from voxflow.core._validate import validate_choice, validate_int
 from voxflow.core.predict import resolve_device
 from voxflow.core.stack import VALID_EPS, _row_intervals, _validate_matrices
 
-__all__ = ["Interpolation", "warp_slices"]
+__all__ = ["Interpolation", "source_rows", "warp_rows", "warp_slices"]
 
 _Box = tuple[tuple[int, int], tuple[int, int]]
 
@@ -310,20 +310,24 @@ def _bilinear_at(image, iy, ix, iy1, ix1, fy, fx):  # pragma: no cover - compile
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _bilinear_edge(image, ry, dy, rx, dx, x, h, w, top, last):  # pragma: no cover - compiled
-    """One bilinear sample with the preimage clamped into the frame."""
+def _bilinear_edge(image, ry, dy, rx, dx, x, h, w, top, last, row0):  # pragma: no cover
+    """One bilinear sample with the preimage clamped into the frame (`image` from `row0`)."""
     py = min(max(ry + dy * x, 0.0), h - 1.0)
     px = min(max(rx + dx * x, 0.0), w - 1.0)
     iy, ix = min(int(py), top), min(int(px), last)
     iy1, ix1 = min(iy + 1, h - 1), min(ix + 1, w - 1)
-    return _bilinear_at(image, iy, ix, iy1, ix1, py - iy, px - ix)
+    return _bilinear_at(image, iy - row0, ix, iy1 - row0, ix1, py - iy, px - ix)
 
 
 @numba.njit(cache=True, nogil=True)
 def _bilinear_rows(
-    source, inverse, y0, x0, lo, hi, fill, integer, packed, out, start, stop
+    source, inverse, y0, x0, lo, hi, fill, integer, packed, out, start, stop, row0, h
 ):  # pragma: no cover - compiled
     """Bilinear samples of (B, C, Y, X) slices for output rows ``start .. stop − 1`` of B × Yo.
+
+    `source` holds rows ``row0 .. row0 + Y − 1`` of frames `h` rows tall (all of them when
+    ``row0 = 0`` and ``h = Y``); the samples are those of the whole frames, provided the rows
+    they read are there (:func:`source_rows`).
 
     Output row ``i`` of slice ``b`` samples inside the frame between its exact bounds
     ``lo[b, i] .. hi[b, i]`` (reference x) and is `fill` elsewhere. Coordinates are float64;
@@ -336,7 +340,7 @@ def _bilinear_rows(
     `packed` unsigned 8- and 16-bit neighbours go into one 64-bit word per sample, one store
     instead of four.
     """
-    _, nc, h, w = source.shape
+    _, nc, _, w = source.shape
     ny, nx = out.shape[2], out.shape[3]
     top, last = max(h - 2, 0), max(w - 2, 0)
     one, below = np.uint64(1), np.uint64(w)
@@ -360,14 +364,15 @@ def _bilinear_rows(
             iy, ix = int(py), int(px)
             fys[j] = py - iy
             fxs[j] = px - ix
-            at[j] = np.uint64(iy * w + ix)
+            at[j] = np.uint64((iy - row0) * w + ix)
         for c in range(nc):
             image, row = source[b, c], out[b, c, i]
             flat = image.reshape(-1)
             row[:left] = fill
             row[right:] = fill
             for j in range(left, a):
-                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
+                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last,
+                                       row0)  # fmt: skip
                 row[j] = np.rint(value) if integer else value
             inner = row[a:z]
             if packed:  # unsigned integers: always rounded
@@ -395,7 +400,8 @@ def _bilinear_rows(
                                    float(near[3, j]), fys[j], fxs[j])  # fmt: skip
                     inner[j] = np.rint(value) if integer else value
             for j in range(max(a, z), right):
-                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last)
+                value = _bilinear_edge(image, ry, dy, rx, dx, float(j + x0), h, w, top, last,
+                                       row0)  # fmt: skip
                 row[j] = np.rint(value) if integer else value
 
 
@@ -404,29 +410,34 @@ _MIN_THREAD_PIXELS = 1 << 16  # output pixels worth a thread of their own
 
 
 def _sample_linear_numba(
-    source: np.ndarray, inverse: np.ndarray, box: _Box, fill: float, threads: int | None = None
-) -> np.ndarray:
+    source: np.ndarray, inverse: np.ndarray, box: _Box, fill: float, threads: int | None = None,
+    row0: int = 0, height: int | None = None,
+) -> np.ndarray:  # fmt: skip
     """Bilinear warp on the CPU: one compiled pass per output pixel, rows split over cores.
 
     The same samples as `grid_sample` (``align_corners=True``, to float32 rounding of its
     normalised grid), without converting the slices to float or the output back, which
-    costs several times the sampling on a CPU.
+    costs several times the sampling on a CPU. `source` may hold only rows ``row0 ..`` of
+    frames `height` tall (see :func:`warp_rows`).
     """
     size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
     out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
-    lo, hi = _row_bounds(inverse, box, source.shape[-2:])
+    height = source.shape[-2] if height is None else height
+    lo, hi = _row_bounds(inverse, box, (height, source.shape[-1]))
     integer = bool(np.issubdtype(source.dtype, np.integer))
     packed = source.dtype in (np.uint8, np.uint16)
     args = (np.ascontiguousarray(source), np.ascontiguousarray(inverse, np.float64), box[0][0],
             box[1][0], lo, hi, out.dtype.type(fill), integer, packed, out)  # fmt: skip
+    rest = (row0, height)
     rows = len(source) * size[0]
     parts = min(threads or os.cpu_count() or 1, max(1, out.size // _MIN_THREAD_PIXELS), rows)
     bounds = np.linspace(0, rows, parts + 1).astype(int)
     if parts == 1:
-        _bilinear_rows(*args, 0, rows)
+        _bilinear_rows(*args, 0, rows, *rest)
         return out
     with ThreadPoolExecutor(parts) as pool:
-        list(pool.map(lambda k: _bilinear_rows(*args, bounds[k], bounds[k + 1]), range(parts)))
+        list(pool.map(lambda k: _bilinear_rows(*args, bounds[k], bounds[k + 1], *rest),
+                      range(parts)))  # fmt: skip
     return out
 
 
@@ -528,18 +539,141 @@ def warp_slices(
     if threads is not None:
         threads = validate_int(threads, "threads", 1)
     device = resolve_device(device)
+    if order is Interpolation.LINEAR and device.type == "cpu":
+        out = _linear_cpu(source, composed, box, fill, threads, 0, source.shape[-2])
+        return out if np.ndim(slices) == 4 else out[:, 0]
     copied = _integer_shifts(composed)
-    if order is Interpolation.LINEAR and device.type == "cpu" and not copied.all():
-        # The compiled kernel samples every slice in place: cheaper than gathering the
-        # others into a batch and back; whole-pixel shifts are then copied over theirs.
-        out = _sample_linear_numba(source, np.linalg.inv(composed), box, fill, threads)
-    else:
-        size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
-        out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
-        if not copied.all():
-            rest = ~copied
-            sample = _sample_cubic if order is Interpolation.CUBIC else _sample_linear
-            out[rest] = sample(source[rest], np.linalg.inv(composed[rest]), box, fill, device)
+    size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
+    out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
+    if not copied.all():
+        rest = ~copied
+        sample = _sample_cubic if order is Interpolation.CUBIC else _sample_linear
+        out[rest] = sample(source[rest], np.linalg.inv(composed[rest]), box, fill, device)
     for k in np.flatnonzero(copied):
         _shift_copy(source[k], composed[k, :2, 2], box, fill, out[k])
     return out if np.ndim(slices) == 4 else out[:, 0]
+
+
+def _linear_cpu(source, composed, box, fill, threads, row0, height) -> np.ndarray:
+    """The compiled bilinear kernel, whole-pixel shifts copied (exact) over its samples.
+
+    The kernel samples every slice in place: cheaper than gathering the others into a batch
+    and back. `source` holds rows ``row0 ..`` of frames `height` tall.
+    """
+    copied = _integer_shifts(composed)
+    if copied.all():
+        size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
+        out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
+    else:
+        out = _sample_linear_numba(source, np.linalg.inv(composed), box, fill, threads, row0,
+                                   height)  # fmt: skip
+    for k in np.flatnonzero(copied):
+        shift = composed[k, :2, 2] + np.array([row0, 0])
+        _shift_copy(source[k], shift, box, fill, out[k])
+    return out
+
+
+def source_rows(
+    composed: np.ndarray, box: Sequence[Sequence[int]] | None, frame: tuple[int, int]
+) -> np.ndarray:
+    """The rows of each slice that its bilinear warp onto `box` reads.
+
+    Parameters
+    ----------
+    composed : ndarray, shape (B, 3, 3)
+        Observed → reference transforms, as in :func:`warp_slices`.
+    box : ((int, int), (int, int)) or None
+        Reference-frame box produced; None is the whole frame.
+    frame : (int, int)
+        Height and width of the observed slices.
+
+    Returns
+    -------
+    ndarray of int64, shape (B, 2)
+        Half-open rows ``[first, stop)`` per slice, exact: the neighbours of every sample
+        whose preimage lies in the frame (``(0, 0)`` when none does).
+    """
+    composed = _validate_matrices(composed, "composed")
+    h, w = (validate_int(n, "frame", 1) for n in frame)
+    box = _validate_box(box, (h, w))
+    inverse = np.linalg.inv(composed)
+    lo, hi = _row_bounds(inverse, box, (h, w))
+    left, right = np.maximum(lo, box[1][0]), np.minimum(hi, box[1][1] - 1)
+    valid = left <= right
+    # The kernel's own arithmetic: the preimage's row along an output row is linear in x, so
+    # the rows it reads are extreme at the ends of the row's valid columns.
+    y = np.arange(*box[0], dtype=np.float64)[None, :]
+    ry = inverse[:, 0, 0, None] * y + inverse[:, 0, 2, None]
+    ends = [
+        np.minimum(np.floor(np.clip(ry + inverse[:, 0, 1, None] * x, 0.0, h - 1.0)),
+                   max(h - 2, 0))
+        for x in (left.astype(np.float64), right.astype(np.float64))
+    ]  # fmt: skip
+    first = np.where(valid, np.minimum(*ends), np.inf).min(axis=1)
+    last = np.where(valid, np.minimum(np.maximum(*ends) + 1, h - 1), -np.inf).max(axis=1)
+    some = valid.any(axis=1)
+    rows = np.zeros((len(composed), 2), np.int64)
+    rows[some, 0], rows[some, 1] = first[some], last[some] + 1
+    return rows
+
+
+def warp_rows(
+    window: np.ndarray,
+    composed: np.ndarray,
+    *,
+    first_row: int,
+    height: int,
+    box: Sequence[Sequence[int]] | None = None,
+    fill: float = 0,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Bilinear warp on the CPU of slices of which only a band of rows is at hand.
+
+    Parameters
+    ----------
+    window : ndarray, shape (B, Y, X) or (B, C, Y, X)
+        Rows ``first_row .. first_row + Y − 1`` of observed slices `height` rows tall.
+    composed : ndarray, shape (B, 3, 3)
+        Observed → reference transforms of the whole slices.
+    first_row, height : int
+        Where the window starts and how tall the slices are.
+    box, fill, threads
+        As in :func:`warp_slices`; `box` defaults to the whole frame.
+
+    Returns
+    -------
+    ndarray
+        Exactly ``warp_slices(slices, composed, box=box, order="linear", fill=fill,
+        device="cpu")`` of the whole slices.
+
+    Raises
+    ------
+    ValueError
+        When the window lacks a row the warp reads (:func:`source_rows`), or as
+        :func:`warp_slices` does.
+    """
+    source = _validate_slices(window)
+    composed = _validate_matrices(composed, "composed")
+    if len(composed) != len(source):
+        raise ValueError(
+            f"`composed` needs one transform per slice ({len(source)}), got {len(composed)}"
+        )
+    first_row = validate_int(first_row, "first_row", 0)
+    height = validate_int(height, "height", first_row + source.shape[-2])
+    frame = (height, source.shape[-1])
+    box = _validate_box(box, frame)
+    fill = _validate_fill(fill, source.dtype)
+    if threads is not None:
+        threads = validate_int(threads, "threads", 1)
+    need = source_rows(composed, box, frame)
+    short = (need[:, 1] > need[:, 0]) & (
+        (need[:, 0] < first_row) | (need[:, 1] > first_row + source.shape[-2])
+    )
+    if short.any():
+        k = int(np.flatnonzero(short)[0])
+        raise ValueError(
+            f"slice {k} of the window reads rows {need[k, 0]} to {need[k, 1] - 1}; the window "
+            f"holds rows {first_row} to {first_row + source.shape[-2] - 1}"
+        )
+    out = _linear_cpu(source, composed, box, fill, threads, first_row, height)
+    return out if np.ndim(window) == 4 else out[:, 0]

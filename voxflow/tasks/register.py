@@ -554,28 +554,32 @@ def warp_stack(
     out = Location.parse(output)
     again = resumable(out) or _rerun(out, source, params, document)
     check_output(out, [source.url], overwrite=overwrite or again)
-    zc = _slab_depth(plan, source, geo)
-    chunks = tuple(
-        zc if i == geo.z else (n if i >= len(source.dims) - 2 else 1)
-        for i, n in enumerate(source.shape)
-    )  # fmt: skip
-    stack = read_level(source, 0, chunks=chunks)
-    out_chunks = (*stack.chunks[:-2], (like.shape[-2],), (like.shape[-1],))
     device = params.device
-    # Fewer blocks (slabs × channels) than cores: each block's kernel takes a share of them.
-    threads = max(1, (os.cpu_count() or 1) // stack.npartitions)
-    with dask.annotate(resources=gpu_request(device)):
-        warped = da.map_blocks(
-            _warp_block, stack, np.asarray(composed, float), box, params.interpolation, device,
-            geo.c is not None, threads, chunks=out_chunks, dtype=stack.dtype,
-            meta=np.empty((0,) * 3, stack.dtype),
+    resources = gpu_request(device)
+    if _bands_needed(source, geo, params, resources):
+        warped = _warp_in_bands(source, geo, np.asarray(composed, float), box, plan)
+    else:
+        zc = _slab_depth(plan, source, geo)
+        chunks = tuple(
+            zc if i == geo.z else (n if i >= len(source.dims) - 2 else 1)
+            for i, n in enumerate(source.shape)
         )  # fmt: skip
+        stack = read_level(source, 0, chunks=chunks)
+        out_chunks = (*stack.chunks[:-2], (like.shape[-2],), (like.shape[-1],))
+        # Fewer blocks (slabs × channels) than cores: each block's kernel takes a share of them.
+        threads = max(1, (os.cpu_count() or 1) // stack.npartitions)
+        with dask.annotate(resources=resources):
+            warped = da.map_blocks(
+                _warp_block, stack, np.asarray(composed, float), box, params.interpolation,
+                device, geo.c is not None, threads, chunks=out_chunks, dtype=stack.dtype,
+                meta=np.empty((0,) * 3, stack.dtype),
+            )  # fmt: skip
     begin_output(out, {"stage": "register"})
     record = provenance("register", document["registration"]["transform"], {
         **params.model_dump(mode="json"), "transforms": TRANSFORMS_FILE,
     }, source)  # fmt: skip
     record["transforms"] = document
-    level0 = warped.rechunk(level0_chunks(plan, stack.dtype.itemsize))
+    level0 = warped.rechunk(level0_chunks(plan, warped.dtype.itemsize))
     writes = level_writes(
         level0, out, plan, params.pyramid.method_for(), dims=source.dims, ngff_version=version_,
         compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
@@ -586,6 +590,85 @@ def warp_stack(
                          ngff_version=version_, omero=source.omero, provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)
+
+
+def _bands_needed(source: ImageRef, geo: StackGeometry, params, resources) -> bool:
+    """Whether whole-slice blocks would cut the input's stored chunks: then warp in bands.
+
+    A block of whole slices spans whole stored chunks of the input only up to
+    ``_SLAB_MAX_BYTES``; past that, every block would decode all of the chunks it cuts, up
+    to a chunk's depth times over. Bands of rows read whole chunks in depth instead. They
+    run the compiled bilinear kernel, so only linear warps on the CPU take them.
+    """
+    from voxflow.core.predict import resolve_device
+
+    if params.interpolation != "linear" or resources or resolve_device(params.device).type != "cpu":
+        return False
+    per_slice = math.prod(geo.frame) * np.dtype(source.dtype).itemsize
+    stored = min(source.levels[0].chunks[geo.z], geo.n_slices)
+    return stored > 1 and stored * per_slice > _SLAB_MAX_BYTES
+
+
+def _warp_band(composed, box, first_row, height, *windows) -> np.ndarray:
+    """Warp one block of input rows (one channel: the axes before the slices are 1 long)."""
+    from voxflow.core.warp import warp_rows
+
+    window = windows[0] if len(windows) == 1 else np.concatenate(windows, axis=-2)
+    with _WARP_SLOTS:
+        warped = warp_rows(window.reshape(window.shape[-3:]), composed, first_row=first_row,
+                           height=height, box=box, threads=1)  # fmt: skip
+    return warped.reshape(window.shape[:-3] + warped.shape)
+
+
+def _warp_in_bands(source: ImageRef, geo: StackGeometry, composed: np.ndarray, box,
+                   plan) -> da.Array:  # fmt: skip
+    """The warped stack in blocks of whole stored chunks in depth and bands of rows.
+
+    Each block reads the input blocks (a stored chunk deep, whole chunk rows, every column)
+    that hold the rows its slices read (:func:`voxflow.core.warp.source_rows`), so no stored
+    chunk is decoded twice and a block holds a band, not whole slices.
+    """
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    from voxflow.core.warp import source_rows
+
+    itemsize = np.dtype(source.dtype).itemsize
+    (y0, y1), (x0, x1) = box
+    height, width = geo.frame
+    depth = min(source.levels[0].chunks[geo.z], geo.n_slices)
+    unit = min(source.levels[0].chunks[-2], height)
+    rows = max(unit, _SLAB_BYTES // max(depth * width * itemsize, 1) // unit * unit)
+    band = max(1, min(level0_chunks(plan, itemsize)[-2], y1 - y0))
+    while band > unit and depth * band * (x1 - x0) * itemsize > _SLAB_BYTES:
+        band = -(-band // 2)
+    read_chunks = tuple(
+        depth if i == geo.z else rows if i == len(source.dims) - 2
+        else width if i == len(source.dims) - 1 else 1
+        for i in range(len(source.dims))
+    )  # fmt: skip
+    stack = read_level(source, 0, chunks=read_chunks)
+    lead = [range(len(c)) for c in stack.chunks[: geo.z]]
+    bands = [(r, min(r + band, y1 - y0)) for r in range(0, y1 - y0, band)]
+    name = f"warp-band-{tokenize(stack.name, composed, box, band)}"
+    layer = {}
+    slabs = [(z, min(z + depth, geo.n_slices)) for z in range(0, geo.n_slices, depth)]
+    for zi, (z0, z1) in enumerate(slabs):
+        for bi, (r0, r1) in enumerate(bands):
+            part = ((y0 + r0, y0 + r1), (x0, x1))
+            need = source_rows(composed[z0:z1], part, geo.frame)
+            used = need[:, 1] > need[:, 0]
+            first, stop = (need[used, 0].min(), need[used, 1].max()) if used.any() else (0, 1)
+            blocks = range(first // rows, (stop - 1) // rows + 1)
+            for index in np.ndindex(*(len(r) for r in lead)):
+                reads = [(stack.name, *index, zi, k, 0) for k in blocks]
+                layer[(name, *index, zi, bi, 0)] = (
+                    _warp_band, composed[z0:z1], part, blocks[0] * rows, height, *reads,
+                )  # fmt: skip
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[stack])
+    chunks = (*stack.chunks[: geo.z + 1], tuple(r1 - r0 for r0, r1 in bands), (x1 - x0,))
+    return da.Array(graph, name, chunks=chunks, dtype=stack.dtype,
+                    meta=np.empty((0,) * stack.ndim, stack.dtype))  # fmt: skip
 
 
 _UNIT_DEPTH_BYTES = 256 * 2**20
