@@ -527,17 +527,8 @@ def warp_slices(
         When shapes disagree, a transform is not a finite invertible affine, `box` is empty,
         `order` is unknown, `fill` does not fit an integer dtype, or `device` is unavailable.
     """
-    source = _validate_slices(slices)
-    composed = _validate_matrices(composed, "composed")
-    if len(composed) != len(source):
-        raise ValueError(
-            f"`composed` needs one transform per slice ({len(source)}), got {len(composed)}"
-        )
-    box = _validate_box(box, source.shape[-2:])
+    source, composed, box, fill, threads = _validate_warp(slices, composed, box, fill, threads)
     order = validate_choice(order, Interpolation, "order")
-    fill = _validate_fill(fill, source.dtype)
-    if threads is not None:
-        threads = validate_int(threads, "threads", 1)
     device = resolve_device(device)
     if order is Interpolation.LINEAR and device.type == "cpu":
         out = _linear_cpu(source, composed, box, fill, threads, 0, source.shape[-2])
@@ -552,6 +543,24 @@ def warp_slices(
     for k in np.flatnonzero(copied):
         _shift_copy(source[k], composed[k, :2, 2], box, fill, out[k])
     return out if np.ndim(slices) == 4 else out[:, 0]
+
+
+def _validate_warp(slices, composed, box, fill, threads, height: int | None = None):
+    """The checked (B, C, Y, X) slices, transforms, box, fill and threads of a warp.
+
+    `height` is that of the whole frames when `slices` hold only some of their rows.
+    """
+    source = _validate_slices(slices)
+    composed = _validate_matrices(composed, "composed")
+    if len(composed) != len(source):
+        raise ValueError(
+            f"`composed` needs one transform per slice ({len(source)}), got {len(composed)}"
+        )
+    box = _validate_box(box, (height or source.shape[-2], source.shape[-1]))
+    fill = _validate_fill(fill, source.dtype)
+    if threads is not None:
+        threads = validate_int(threads, "threads", 1)
+    return source, composed, box, fill, threads
 
 
 def _linear_cpu(source, composed, box, fill, threads, row0, height) -> np.ndarray:
@@ -594,10 +603,14 @@ def source_rows(
         whose preimage lies in the frame (``(0, 0)`` when none does).
     """
     composed = _validate_matrices(composed, "composed")
-    h, w = (validate_int(n, "frame", 1) for n in frame)
-    box = _validate_box(box, (h, w))
-    inverse = np.linalg.inv(composed)
-    lo, hi = _row_bounds(inverse, box, (h, w))
+    frame = tuple(validate_int(n, "frame", 1) for n in frame)
+    return _rows_read(np.linalg.inv(composed), _validate_box(box, frame), frame)
+
+
+def _rows_read(inverse: np.ndarray, box: _Box, frame: tuple[int, int]) -> np.ndarray:
+    """:func:`source_rows` from the inverse transforms, for a checked box."""
+    h = frame[0]
+    lo, hi = _row_bounds(inverse, box, frame)
     left, right = np.maximum(lo, box[1][0]), np.minimum(hi, box[1][1] - 1)
     valid = left <= right
     # The kernel's own arithmetic: the preimage's row along an output row is linear in x, so
@@ -612,7 +625,7 @@ def source_rows(
     first = np.where(valid, np.minimum(*ends), np.inf).min(axis=1)
     last = np.where(valid, np.minimum(np.maximum(*ends) + 1, h - 1), -np.inf).max(axis=1)
     some = valid.any(axis=1)
-    rows = np.zeros((len(composed), 2), np.int64)
+    rows = np.zeros((len(inverse), 2), np.int64)
     rows[some, 0], rows[some, 1] = first[some], last[some] + 1
     return rows
 
@@ -652,28 +665,20 @@ def warp_rows(
         When the window lacks a row the warp reads (:func:`source_rows`), or as
         :func:`warp_slices` does.
     """
-    source = _validate_slices(window)
-    composed = _validate_matrices(composed, "composed")
-    if len(composed) != len(source):
-        raise ValueError(
-            f"`composed` needs one transform per slice ({len(source)}), got {len(composed)}"
-        )
     first_row = validate_int(first_row, "first_row", 0)
-    height = validate_int(height, "height", first_row + source.shape[-2])
-    frame = (height, source.shape[-1])
-    box = _validate_box(box, frame)
-    fill = _validate_fill(fill, source.dtype)
-    if threads is not None:
-        threads = validate_int(threads, "threads", 1)
-    need = source_rows(composed, box, frame)
-    short = (need[:, 1] > need[:, 0]) & (
-        (need[:, 0] < first_row) | (need[:, 1] > first_row + source.shape[-2])
-    )
+    height = validate_int(height, "height", first_row + 1)
+    source, composed, box, fill, threads = _validate_warp(window, composed, box, fill, threads,
+                                                          height)  # fmt: skip
+    stop = first_row + source.shape[-2]
+    if stop > height:
+        raise ValueError(f"`height` {height} ends before the window's last row {stop - 1}")
+    need = _rows_read(np.linalg.inv(composed), box, (height, source.shape[-1]))
+    short = (need[:, 1] > need[:, 0]) & ((need[:, 0] < first_row) | (need[:, 1] > stop))
     if short.any():
         k = int(np.flatnonzero(short)[0])
         raise ValueError(
             f"slice {k} of the window reads rows {need[k, 0]} to {need[k, 1] - 1}; the window "
-            f"holds rows {first_row} to {first_row + source.shape[-2] - 1}"
+            f"holds rows {first_row} to {stop - 1}"
         )
     out = _linear_cpu(source, composed, box, fill, threads, first_row, height)
     return out if np.ndim(window) == 4 else out[:, 0]

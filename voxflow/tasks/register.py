@@ -648,7 +648,6 @@ def _warp_in_bands(source: ImageRef, geo: StackGeometry, composed: np.ndarray, b
         for i in range(len(source.dims))
     )  # fmt: skip
     stack = read_level(source, 0, chunks=read_chunks)
-    lead = [range(len(c)) for c in stack.chunks[: geo.z]]
     bands = [(r, min(r + band, y1 - y0)) for r in range(0, y1 - y0, band)]
     name = f"warp-band-{tokenize(stack.name, composed, box, band)}"
     layer = {}
@@ -660,7 +659,7 @@ def _warp_in_bands(source: ImageRef, geo: StackGeometry, composed: np.ndarray, b
             used = need[:, 1] > need[:, 0]
             first, stop = (need[used, 0].min(), need[used, 1].max()) if used.any() else (0, 1)
             blocks = range(first // rows, (stop - 1) // rows + 1)
-            for index in np.ndindex(*(len(r) for r in lead)):
+            for index in np.ndindex(*stack.numblocks[: geo.z]):
                 reads = [(stack.name, *index, zi, k, 0) for k in blocks]
                 layer[(name, *index, zi, bi, 0)] = (
                     _warp_band, composed[z0:z1], part, blocks[0] * rows, height, *reads,
