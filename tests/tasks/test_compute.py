@@ -41,12 +41,26 @@ def test_release_free_memory_returns_a_threads_freed_heap_to_the_system():
     assert held[0].sum() == 100_000
 
 
-def test_local_computes_release_free_memory_once(monkeypatch):
-    calls = []
-    monkeypatch.setattr(compute, "release_free_memory", lambda: calls.append(1) or True)
+def test_local_computes_release_free_memory_once_without_waiting_for_it(monkeypatch):
+    calls, go = [], threading.Event()
+
+    def trim() -> bool:
+        calls.append(1)
+        assert go.wait(10)  # the computes below return while this trim is still under way
+        return True
+
+    monkeypatch.setattr(compute, "release_free_memory", trim)
     arr = da.arange(100, chunks=10)
     writes = [arr.map_blocks(lambda b: np.array([b.sum()]), chunks=(1,))]
     assert compute.compute_blocks(writes) == 10
-    assert calls == [1]
+    first = compute._trim_thread
+    # A compute that ends while a trim runs starts no second one.
     np.testing.assert_array_equal(compute.compute_array(arr * 2), np.arange(100) * 2)
+    assert compute._trim_thread is first and first.is_alive()
+    go.set()
+    first.join(10)
+    assert calls == [1]
+    np.testing.assert_array_equal(compute.compute_array(arr + 1), np.arange(100) + 1)
+    compute._trim_thread.join(10)
+    assert compute._trim_thread is not first
     assert calls == [1, 1]

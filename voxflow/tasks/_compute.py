@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,7 +37,31 @@ def _compute_locally(*collections: Any) -> tuple:
     try:
         return dask.compute(*collections, num_workers=_local_threads())
     finally:
-        release_free_memory()
+        _release_in_background()
+
+
+_TRIM_LOCK = threading.Lock()
+_trim_thread: threading.Thread | None = None
+
+
+def _release_in_background() -> None:
+    """:func:`release_free_memory` on a thread of its own, unless one is under way.
+
+    The trim takes milliseconds (it walks every heap), which the caller need not wait for:
+    the C call runs without the interpreter lock, beside what the caller does next.
+    """
+    global _trim_thread
+    if not _TRIM_LOCK.acquire(blocking=False):
+        return  # the trim under way hands back what is free when it reaches each heap
+
+    def trim() -> None:
+        try:
+            release_free_memory()
+        finally:
+            _TRIM_LOCK.release()
+
+    _trim_thread = threading.Thread(target=trim, name="voxflow-malloc-trim", daemon=True)
+    _trim_thread.start()
 
 
 def release_free_memory() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -579,13 +580,19 @@ def warp_stack(
         **params.model_dump(mode="json"), "transforms": TRANSFORMS_FILE,
     }, source)  # fmt: skip
     record["transforms"] = document
-    level0 = warped.rechunk(level0_chunks(plan, warped.dtype.itemsize))
+    # Level 1 is reduced from blocks of level0_chunks; level 0 alone is written from the warped
+    # blocks as they are when they cover whole stored units (no split, one write of them).
+    level0 = warped
+    if len(plan) > 1:
+        level0 = warped.rechunk(level0_chunks(plan, warped.dtype.itemsize))
     writes = level_writes(
         level0, out, plan, params.pyramid.method_for(), dims=source.dims, ngff_version=version_,
         compressor=params.pyramid.compressor, clevel=params.pyramid.clevel,
     )  # fmt: skip
-    compute_blocks(writes, progress)
-    out.write_json(TRANSFORMS_FILE, document)
+    # transforms.json is written beside the blocks (the metadata, last, marks all of it done).
+    record_transforms = dask.delayed(functools.partial(out.write_json, TRANSFORMS_FILE, document),
+                                     pure=False)()  # fmt: skip
+    compute_blocks(writes, progress, extra=[record_transforms])
     write_image_metadata(out, multiscale_of(like, plan, params.pyramid.method_for()),
                          ngff_version=version_, omero=source.omero, provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
