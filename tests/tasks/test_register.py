@@ -430,6 +430,44 @@ def test_large_slices_of_deep_stored_chunks_warp_in_bands_to_the_same_stack(
     np.testing.assert_array_equal(read_level(out, 1).compute(), downsample_array(got, factors))
 
 
+@pytest.mark.parametrize("slab", [12, 4])
+def test_level0_alone_is_written_from_whole_unit_blocks_without_a_split(
+    tmp_path, monkeypatch, slab
+):
+    import voxflow.tasks._compute as compute
+    import voxflow.tasks.register as task
+
+    rng = np.random.default_rng(9)
+    image = rng.integers(0, 255, (12, 70, 48), np.uint8)
+    write_image(str(tmp_path / "a.ome.zarr"), image, "zyx", SPACING, chunks=(4, 16, 16),
+                shards=(12, 32, 32))  # fmt: skip
+    ref = open_image(str(tmp_path / "a.ome.zarr"))
+    composed = np.tile(np.eye(3), (12, 1, 1))
+    composed[:, :2, 2] = rng.uniform(-3, 3, (12, 2))
+    composed[:, 0, 1], composed[:, 1, 0] = 0.05, -0.05
+    box = ((3, 66), (2, 45))
+    layout = PyramidParams(levels=1, chunks=(12, 16, 16), shards=(12, 32, 32))
+    params = RegistrationParams(crop=False, device="cpu", pyramid=layout)
+    monkeypatch.setattr(task, "_SLAB_BYTES", slab * 70 * 48)  # blocks of `slab` whole slices
+    tasks = []
+    real = compute.compute_blocks
+
+    def counted(writes, *args, **kwargs):
+        tasks.append(sum(w.npartitions for w in writes))
+        return real(writes, *args, **kwargs)
+
+    monkeypatch.setattr(task, "compute_blocks", counted)
+    doc = transforms_document(ref, stack_geometry(ref), params, [], composed, box)
+    out = warp_stack(ref, doc, composed, box, str(tmp_path / "w.ome.zarr"), params)
+    np.testing.assert_array_equal(
+        read_level(out, 0).compute(), warp_slices(image, composed, box=box, device="cpu")
+    )
+    # The output (12 × 63 × 43) holds 1 × 2 × 2 stored units. One block of all 12 slices
+    # covers them whole and is written in one piece; blocks of 4 slices lie inside them, so
+    # they are gathered into one write per unit.
+    assert tasks == [1 if slab == 12 else 4]
+
+
 def test_channels_share_the_transforms_of_the_registered_channel(tmp_path, em):
     both = np.stack([255 - em.image, em.image])
     ref = _write(tmp_path / "c.ome.zarr", both, "czyx", (1.0, *SPACING))
