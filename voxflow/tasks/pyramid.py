@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -293,20 +294,29 @@ def level_writes(
     """
     fmt = 3 if ngff_version == "0.5" else 2
     itemsize = level0.dtype.itemsize
-    level, writes = level0, []
-    for i, lv in enumerate(plan):
-        if i:
-            blocks = _compute_chunks(lv.layout, lv.factors, itemsize)
-            level = downsample(level, lv.factors, method, chunks=blocks)
-        elif not write_level0:
-            continue
-        spec = create_array(
+    written = plan if write_level0 else plan[1:]
+
+    def create(lv: LevelPlan) -> dict:
+        return create_array(
             output, lv.path, shape=lv.shape, dtype=level0.dtype, dims=dims, layout=lv.layout,
             zarr_format=fmt, compressor=compressor, clevel=clevel,
         )  # fmt: skip
-        unit = lv.layout.write_chunks
-        writes.append(write_blocks(writable(level, unit), spec, unit))
-    return writes
+
+    # The arrays are created on threads of their own (a few milliseconds of file work each,
+    # which TensorStore does without the interpreter lock) while the graphs are built.
+    with ThreadPoolExecutor(max(1, len(written))) as pool:
+        specs = [pool.submit(create, lv) for lv in written]
+        level, levels = level0, []
+        for i, lv in enumerate(plan):
+            if i:
+                blocks = _compute_chunks(lv.layout, lv.factors, itemsize)
+                level = downsample(level, lv.factors, method, chunks=blocks)
+            if i or write_level0:
+                levels.append(writable(level, lv.layout.write_chunks))
+        return [
+            write_blocks(arr, spec.result(), lv.layout.write_chunks)
+            for arr, spec, lv in zip(levels, specs, written, strict=True)
+        ]
 
 
 def multiscale_of(source: ImageRef, plan: Sequence[LevelPlan], method: Method) -> Multiscale:
