@@ -706,3 +706,25 @@ def test_an_output_below_a_file_is_refused_before_anything_is_written(tmp_path):
         check_output(str(blocker), [], overwrite=True)
     assert blocker.read_text() == "not a folder"
     assert check_output(str(tmp_path / "new" / "out.ome.zarr"), []).path.endswith("out.ome.zarr")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "covers"),
+    [
+        (((8, 8, 5), (16, 6)), True),  # whole write chunks, the last blocks partial
+        (((21,), (22,)), True),  # one block, the whole array
+        (((4, 4, 8, 5), (22,)), False),  # blocks inside write chunks along y
+        (((8, 13), (16, 6)), True),
+        (((8, 8, 5), (11, 11)), False),
+    ],
+)
+def test_blocks_cover_units_when_each_block_is_written_alone(tmp_path, chunks, covers):
+    from voxflow.io.writer import blocks_cover_units
+
+    layout = ArrayLayout((4, 4), (8, 8))
+    assert blocks_cover_units(chunks, layout.write_chunks) is covers
+    if covers:  # then write_blocks has one task per block, none gathering blocks
+        spec = create_array(tmp_path, "0", shape=(21, 22), dtype="uint16", dims="yx",
+                            layout=layout)  # fmt: skip
+        arr = da.zeros((21, 22), "uint16", chunks=chunks)
+        assert write_blocks(arr, spec, layout.write_chunks).numblocks == arr.numblocks

@@ -531,7 +531,8 @@ def warp_slices(
     order = validate_choice(order, Interpolation, "order")
     device = resolve_device(device)
     if order is Interpolation.LINEAR and device.type == "cpu":
-        out = _linear_cpu(source, composed, box, fill, threads, 0, source.shape[-2])
+        inverse = np.linalg.inv(composed)
+        out = _linear_cpu(source, composed, inverse, box, fill, threads, 0, source.shape[-2])
         return out if np.ndim(slices) == 4 else out[:, 0]
     copied = _integer_shifts(composed)
     size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
@@ -563,19 +564,19 @@ def _validate_warp(slices, composed, box, fill, threads, height: int | None = No
     return source, composed, box, fill, threads
 
 
-def _linear_cpu(source, composed, box, fill, threads, row0, height) -> np.ndarray:
+def _linear_cpu(source, composed, inverse, box, fill, threads, row0, height) -> np.ndarray:
     """The compiled bilinear kernel, whole-pixel shifts copied (exact) over its samples.
 
     The kernel samples every slice in place: cheaper than gathering the others into a batch
-    and back. `source` holds rows ``row0 ..`` of frames `height` tall.
+    and back. `source` holds rows ``row0 ..`` of frames `height` tall; `inverse` is the
+    inverse of `composed`.
     """
     copied = _integer_shifts(composed)
     if copied.all():
         size = (box[0][1] - box[0][0], box[1][1] - box[1][0])
         out = np.empty((*source.shape[:2], *size), dtype=source.dtype)
     else:
-        out = _sample_linear_numba(source, np.linalg.inv(composed), box, fill, threads, row0,
-                                   height)  # fmt: skip
+        out = _sample_linear_numba(source, inverse, box, fill, threads, row0, height)
     for k in np.flatnonzero(copied):
         shift = composed[k, :2, 2] + np.array([row0, 0])
         _shift_copy(source[k], shift, box, fill, out[k])
@@ -672,7 +673,8 @@ def warp_rows(
     stop = first_row + source.shape[-2]
     if stop > height:
         raise ValueError(f"`height` {height} ends before the window's last row {stop - 1}")
-    need = _rows_read(np.linalg.inv(composed), box, (height, source.shape[-1]))
+    inverse = np.linalg.inv(composed)
+    need = _rows_read(inverse, box, (height, source.shape[-1]))
     short = (need[:, 1] > need[:, 0]) & ((need[:, 0] < first_row) | (need[:, 1] > stop))
     if short.any():
         k = int(np.flatnonzero(short)[0])
@@ -680,5 +682,5 @@ def warp_rows(
             f"slice {k} of the window reads rows {need[k, 0]} to {need[k, 1] - 1}; the window "
             f"holds rows {first_row} to {stop - 1}"
         )
-    out = _linear_cpu(source, composed, box, fill, threads, first_row, height)
+    out = _linear_cpu(source, composed, inverse, box, fill, threads, first_row, height)
     return out if np.ndim(window) == 4 else out[:, 0]

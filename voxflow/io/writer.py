@@ -42,6 +42,7 @@ __all__ = [
     "COMPRESSORS",
     "DEFAULT_CLEVEL",
     "ArrayLayout",
+    "blocks_cover_units",
     "check_output",
     "clear_output",
     "copy_stored_chunks",
@@ -294,13 +295,28 @@ def _task_edges(chunks: Sequence[Sequence[int]], write_chunks: Sequence[int]) ->
         n = int(sum(sizes))
         blocks = np.concatenate([[0], np.cumsum(sizes)])
         units = np.append(np.arange(0, n, unit), n)
-        if not np.any(blocks[1:-1] % unit):
-            edges.append(blocks)  # every block covers whole write chunks
+        if _covers_units(sizes, unit):
+            edges.append(blocks)
         elif np.isin(units, blocks).all():
             edges.append(units)  # every write chunk holds whole blocks
         else:
             return axis
     return edges
+
+
+def _covers_units(sizes: Sequence[int], unit: int) -> bool:
+    """Whether blocks of `sizes` along an axis each cover whole write chunks of `unit`."""
+    return not np.any(np.cumsum(sizes)[:-1] % unit)
+
+
+def blocks_cover_units(chunks: Sequence[Sequence[int]], write_chunks: Sequence[int]) -> bool:
+    """Whether every block of `chunks` covers whole write chunks, along every axis.
+
+    :func:`write_blocks` then writes each block alone, as it is; blocks inside write chunks
+    are gathered into one write per task, which holds all of them (and TensorStore's copy)
+    at once.
+    """
+    return all(_covers_units(s, u) for s, u in zip(chunks, write_chunks, strict=True))
 
 
 def writable(arr: da.Array, write_chunks: Sequence[int]) -> da.Array:

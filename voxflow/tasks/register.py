@@ -27,7 +27,7 @@ from voxflow.io import (
     read_level,
     write_image_metadata,
 )
-from voxflow.io.writer import DEFAULT_CHUNK, SHARD_PER_CHUNK
+from voxflow.io.writer import DEFAULT_CHUNK, SHARD_PER_CHUNK, blocks_cover_units
 from voxflow.tasks._cache import content_key
 from voxflow.tasks._compute import (
     ProgressFn,
@@ -583,7 +583,7 @@ def warp_stack(
     # Level 1 is reduced from blocks of level0_chunks. Level 0 alone is written from the warped
     # blocks as they are when each covers whole stored units: one write each, nothing split.
     level0 = warped
-    if len(plan) > 1 or not _whole_units(warped.chunks, plan[0].layout.write_chunks):
+    if len(plan) > 1 or not blocks_cover_units(warped.chunks, plan[0].layout.write_chunks):
         level0 = warped.rechunk(level0_chunks(plan, warped.dtype.itemsize))
     writes = level_writes(
         level0, out, plan, params.pyramid.method_for(), dims=source.dims, ngff_version=version_,
@@ -597,15 +597,6 @@ def warp_stack(
                          ngff_version=version_, omero=source.omero, provenance=record)  # fmt: skip
     out.delete(INCOMPLETE_MARKER)
     return open_image(out)
-
-
-def _whole_units(chunks: tuple[tuple[int, ...], ...], unit: Sequence[int]) -> bool:
-    """Whether every block of `chunks` starts and ends on the stored units of `unit`.
-
-    Such blocks are written one by one as they are. Blocks inside a unit would be gathered
-    into one write, holding the unit's blocks and TensorStore's copy of them at once.
-    """
-    return all(not (np.cumsum(sizes)[:-1] % u).any() for sizes, u in zip(chunks, unit, strict=True))
 
 
 def _bands_needed(source: ImageRef, geo: StackGeometry, params, resources) -> bool:
