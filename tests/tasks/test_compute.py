@@ -64,3 +64,40 @@ def test_local_computes_release_free_memory_once_without_waiting_for_it(monkeypa
     compute._trim_thread.join(10)
     assert compute._trim_thread is not first
     assert calls == [1, 1]
+
+
+def test_local_computes_pause_the_cyclic_collector_and_restore_it():
+    import gc
+
+    def seen(block: np.ndarray) -> np.ndarray:
+        return np.array([gc.isenabled()])
+
+    arr = da.zeros(40, chunks=10)
+    assert gc.isenabled()
+    assert not compute.compute_array(arr.map_blocks(seen, chunks=(1,))).any()
+    assert gc.isenabled()
+    # Nested and concurrent pauses share one: the collector returns when the last ends.
+    with compute.gc_paused():
+        with compute.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        inner = threading.Thread(target=lambda: compute.compute_array(arr))
+        inner.start()
+        inner.join()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+    # A collector the caller disabled stays disabled; a failing compute restores it too.
+    def fail(block: np.ndarray) -> np.ndarray:
+        raise ZeroDivisionError("a block failed")
+
+    gc.disable()
+    try:
+        with pytest.raises(ZeroDivisionError):
+            compute.compute_array(arr.map_blocks(fail, dtype=arr.dtype))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ZeroDivisionError):
+        compute.compute_array(arr.map_blocks(fail, dtype=arr.dtype))
+    assert gc.isenabled()
