@@ -405,3 +405,22 @@ def test_histogram_with_a_known_range_equals_the_computed_one(dtype):
     known = histogram(darr, value_range=(image.min(), image.max()))
     np.testing.assert_array_equal(known[0], counts)
     np.testing.assert_array_equal(known[1], centers)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uniform_bin_counts_equal_numpy_histogram(dtype):
+    from voxflow.core.threshold import uniform_bin_counts
+
+    rng = np.random.default_rng(12)
+    low, high = dtype(60.1), dtype(150.3)  # values on both sides are left out
+    for nbins in (1, 7, 96, 256):
+        values = rng.normal(100.0, 30.0, size=(20, 30, 40)).astype(dtype)
+        # Values on the bin edges, where NumPy corrects the bin its arithmetic finds.
+        edges = np.linspace(low, high, nbins + 1, dtype=dtype)
+        values.flat[:6000] = edges[rng.integers(0, nbins + 1, size=6000)]
+        values.flat[6000:6010] = np.nan
+        counts, got_edges = uniform_bin_counts(values, low, high, nbins)
+        want, want_edges = np.histogram(values, bins=nbins, range=(low, high))
+        np.testing.assert_array_equal(counts, want)
+        np.testing.assert_array_equal(got_edges, want_edges)
+        assert got_edges.dtype == want_edges.dtype

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 import skimage.filters
 
@@ -32,6 +33,7 @@ __all__ = [
     "histogram",
     "threshold_from_histogram",
     "threshold_local",
+    "uniform_bin_counts",
 ]
 
 # Above this span an integer image is binned like a float one: one bin per value would make a
@@ -161,8 +163,53 @@ def _binned_counts(block: np.ndarray, low: object, high: object, nbins: int) -> 
     """Counts of one block in `nbins` equal bins over ``[low, high]``; non-finite values drop."""
     # The range as scalars of the image dtype makes NumPy bin every block exactly as it bins
     # the whole array when it finds the range itself.
-    counts, _ = np.histogram(block, bins=nbins, range=(low, high))
+    if block.dtype in (np.float32, np.float64):
+        counts, _ = uniform_bin_counts(block, low, high, nbins)
+    else:
+        counts, _ = np.histogram(block, bins=nbins, range=(low, high))
     return counts.astype(np.int64).reshape((1,) * block.ndim + (nbins,))
+
+
+def uniform_bin_counts(
+    values: np.ndarray, low: np.floating, high: np.floating, nbins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.histogram(values, bins=nbins, range=(low, high))`` in one compiled pass.
+
+    For float32 or float64 `values` with `low` < `high`, both finite scalars of the values'
+    dtype: the same bins to the last count, since each value goes through NumPy's own
+    uniform-bin arithmetic (in the values' dtype) and its one-bin corrections against the
+    same edges; values outside the range, NaN included, are left out. NumPy's pass over
+    blocks of 65536 values takes several times longer.
+
+    Returns
+    -------
+    counts : numpy.ndarray of int64, shape (nbins,)
+    edges : numpy.ndarray of the values' dtype, shape (nbins + 1,)
+    """
+    edges = np.linspace(low, high, nbins + 1, endpoint=True, dtype=values.dtype)
+    counts = np.zeros(nbins, np.int64)
+    _bin_counts(np.ascontiguousarray(values).reshape(-1), low, high, edges, counts)
+    return counts, edges
+
+
+@numba.njit(nogil=True, cache=True)
+def _bin_counts(values, low, high, edges, counts):  # pragma: no cover - compiled
+    """Add each value in ``[low, high]`` to its bin, as NumPy's uniform-bin fast path does."""
+    nbins = counts.size
+    span = high - low
+    scale = values.dtype.type(nbins)
+    for i in range(values.size):
+        x = values[i]
+        if not (x >= low and x <= high):
+            continue
+        k = int(((x - low) / span) * scale)
+        if k == nbins:
+            k -= 1
+        if x < edges[k]:
+            k -= 1
+        elif k != nbins - 1 and x >= edges[k + 1]:
+            k += 1
+        counts[k] += 1
 
 
 def _sum_block_counts(image: da.Array, func: Callable, nbins: int, **kwargs) -> np.ndarray:

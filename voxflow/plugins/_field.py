@@ -15,6 +15,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from voxflow.core._validate import validate_dtype
+from voxflow.core.threshold import uniform_bin_counts
 from voxflow.core.upsample import cast_to_dtype, divide_upsampled, upsample_recipe
 
 __all__ = [
@@ -198,41 +199,22 @@ def foreground_mask(image: np.ndarray, mask: str | float | np.ndarray) -> np.nda
 def otsu_threshold(image: np.ndarray) -> float:
     """``skimage.filters.threshold_otsu(image)``, its histogram made in one compiled pass.
 
-    For a floating-point image with finite values, the 256 bins are counted as
-    :func:`numpy.histogram` counts them (the same arithmetic in the image's dtype, the same
-    corrections against the same edges) and handed to scikit-image, so the threshold is
-    the same to the bit; NumPy's blockwise pass takes several times longer on a large
-    low-resolution image. Other images go to scikit-image as they are.
+    For a floating-point image with finite values, the 256 bins are those of
+    :func:`numpy.histogram` (:func:`voxflow.core.threshold.uniform_bin_counts`), handed to
+    scikit-image with its bin centres, so the threshold is the same to the bit; NumPy's
+    own pass takes several times longer on a large low-resolution image. Other images go
+    to scikit-image as they are.
     """
     if image.dtype not in (np.float32, np.float64) or image.size == 0:
         return threshold_otsu(image)
     low, high = image.min(), image.max()
     if not (np.isfinite(low) and np.isfinite(high)) or low == high:
         return threshold_otsu(image)
-    edges = np.linspace(low, high, _OTSU_BINS + 1, endpoint=True, dtype=image.dtype)
-    counts = np.zeros(_OTSU_BINS, np.int64)
-    _bin_counts(np.ascontiguousarray(image).reshape(-1), low, high - low, edges, counts)
+    counts, edges = uniform_bin_counts(image, low, high, _OTSU_BINS)
     return threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0))
 
 
 _OTSU_BINS = 256  # scikit-image's default for floating-point images
-
-
-@numba.njit(nogil=True, cache=True)
-def _bin_counts(values, low, span, edges, counts):  # pragma: no cover - compiled
-    """Add each value's bin to `counts`: NumPy's uniform-bin arithmetic and edge checks."""
-    nbins = counts.size
-    scale = values.dtype.type(nbins)
-    for i in range(values.size):
-        x = values[i]
-        k = int(((x - low) / span) * scale)
-        if k == nbins:
-            k -= 1
-        if x < edges[k]:
-            k -= 1
-        elif k != nbins - 1 and x >= edges[k + 1]:
-            k += 1
-        counts[k] += 1
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -295,16 +277,8 @@ def _fill_outside(state, faces_z):  # pragma: no cover - compiled
                     while x1 < nx - 1 and not state[z, y, x1 + 1]:
                         x1 += 1
                     state[z, y, x0 : x1 + 1] = True
-                    for side in range(4):
-                        zz, yy = z, y
-                        if side == 0:
-                            yy = y - 1
-                        elif side == 1:
-                            yy = y + 1
-                        elif side == 2:
-                            zz = z - 1
-                        else:
-                            zz = z + 1
+                    for dz, dy in ((0, -1), (0, 1), (-1, 0), (1, 0)):
+                        zz, yy = z + dz, y + dy
                         if yy < 0 or yy >= ny or zz < 0 or zz >= nz:
                             continue
                         x = x0
